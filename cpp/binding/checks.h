@@ -1,0 +1,77 @@
+// kvengine — binding layer: input checks (every op validates here, once) and dtype/device helpers.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "kvengine/common.h"
+
+#ifdef KVENGINE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace kvengine::binding {
+
+// A ValueError naming the argument.
+#define KVE_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "kvengine.", __VA_ARGS__)
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK_VALUE(false, "kvengine: unsupported dtype ", t);
+  }
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  KVE_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
+            ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
+  KVE_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but the other inputs are on ", dev);
+}
+
+inline void check_supported_device(const char* op, const at::Tensor& t) {
+#ifdef KVENGINE_WITH_CUDA
+  KVE_CHECK(t.is_cpu() || t.is_cuda(), op, ": tensors must be on CPU or CUDA, got ", t.device());
+#else
+  KVE_CHECK(t.is_cpu(), op, ": this build of kvengine has no CUDA support; tensors must be on CPU, got ",
+            t.device(), " (rebuild with KVENGINE_CUDA=ON)");
+#endif
+}
+
+inline void check_nonempty(const char* op, const char* name, const at::Tensor& t) {
+  KVE_CHECK(t.numel() > 0, op, ": ", name, " is empty (shape ", t.sizes(), ")");
+}
+
+inline void check_bits(const char* op, int64_t bits) {
+  KVE_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, op, ": bits must be 1, 2, 4 or 8, got ", bits);
+}
+
+inline QuantMode parse_mode(const char* op, const std::string& mode) {
+  if (mode == "per_channel") return QuantMode::PerChannel;
+  if (mode == "per_token") return QuantMode::PerToken;
+  KVE_CHECK(false, op, ": mode must be 'per_channel' or 'per_token', got '", mode, "'");
+  return QuantMode::PerChannel;
+}
+
+// x viewed as [-1, *inner] with unit stride along the last dim (a copy only when no such view exists).
+// Kernels take the remaining strides; CUDA launchers pick vector or scalar loads from the actual alignment.
+inline at::Tensor flatten_lead(const at::Tensor& x, at::IntArrayRef inner) {
+  at::Tensor t = x.stride(-1) == 1 ? x : x.contiguous();
+  std::vector<int64_t> shape{-1};
+  shape.insert(shape.end(), inner.begin(), inner.end());
+  t = t.reshape(shape);
+  if (t.stride(-1) != 1) t = t.contiguous();
+  return t;
+}
+
+#ifdef KVENGINE_WITH_CUDA
+inline cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+#endif
+
+}  // namespace kvengine::binding

@@ -1,0 +1,15 @@
+// kvengine — every op's schema, in one place.  Implementations register per capability in the files beside this
+// one (TORCH_LIBRARY_IMPL for CPU and CUDA); fakes and autograd live in python/kvengine/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(kvengine, m) {
+  // ---- rotation -------------------------------------------------------------------------------------------------
+  m.def("fwht(Tensor x, float? scale=None, Tensor? perm=None) -> Tensor");
+  // ---- quantization + packing --------------------------------------------------------------------------------------
+  m.def("quantize_pack(Tensor x, int bits, int group_size, str mode, ScalarType? meta_dtype=None) "
+        "-> (Tensor codes, Tensor scale, Tensor zero)");
+  m.def("rotate_quantize_pack(Tensor x, int bits, int group_size, str mode, float? scale=None, Tensor? perm=None, "
+        "ScalarType? meta_dtype=None) -> (Tensor codes, Tensor scale, Tensor zero)");
+  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, str mode, ScalarType dtype) "
+        "-> Tensor");
+}

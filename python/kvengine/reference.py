@@ -1,0 +1,93 @@
+"""Pure-PyTorch reference of every kvengine op — the test oracle.  Slow and simple on purpose.
+
+Same semantics as the kernels (see README.md).  Quantization uses exactly the kernels' fp32 formula, so codes are
+bit-identical for identical inputs; fwht is computed in float64 (the kernels use fp32).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@lru_cache(maxsize=32)
+def _hadamard_cpu(n: int) -> Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard(n: int, dtype=torch.float64, device="cpu") -> Tensor:
+    """Sylvester-ordered Hadamard matrix H_n (entries ±1)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard: n must be a power of two, got {n}")
+    return _hadamard_cpu(n).to(dtype=dtype, device=device)
+
+
+def fwht(x: Tensor, scale: Optional[float] = None, perm: Optional[Tensor] = None) -> Tensor:
+    n = x.shape[-1]
+    s = 1.0 / math.sqrt(n) if scale is None else scale
+    xd = x.double()
+    if perm is not None:
+        xd = xd[..., perm.long()]
+    return ((xd @ hadamard(n, device=x.device)) * s).to(x.dtype)
+
+
+def _groups(xf: Tensor, group_size: int, mode: str) -> Tensor:
+    *lead, T, D = xf.shape
+    if mode == "per_channel":
+        return xf.reshape(*lead, T // group_size, group_size, D), -2
+    return xf.reshape(*lead, T, D // group_size, group_size), -1
+
+
+def quantize(x: Tensor, bits: int, group_size: int, mode: str, meta_dtype=None):
+    """Unpacked codes (uint8 [..., T, D]) + scale + zero."""
+    md = meta_dtype or x.dtype
+    qmax = float(2**bits - 1)
+    xg, ax = _groups(x.float(), group_size, mode)
+    lo, hi = xg.amin(ax, keepdim=True), xg.amax(ax, keepdim=True)
+    scale = ((hi - lo) / qmax).to(md)
+    zero = lo.to(md)
+    s, z = scale.float(), zero.float()
+    code = torch.floor((xg - z) / s + 0.5).clamp(0, qmax)
+    code = torch.where(s == 0, torch.zeros_like(code), code)
+    return code.to(torch.uint8).reshape(x.shape), scale.squeeze(ax), zero.squeeze(ax)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes [..., D] → [..., D*bits/8], first element in the lowest bits."""
+    if bits == 8:
+        return codes.clone()
+    per = 8 // bits
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    if bits == 8:
+        return packed.clone()
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per).to(torch.uint8)
+
+
+def quantize_pack(x: Tensor, bits: int, group_size: int, mode: str, meta_dtype=None):
+    c, s, z = quantize(x, bits, group_size, mode, meta_dtype)
+    return pack(c, bits), s, z
+
+
+def rotate_quantize_pack(x, bits, group_size, mode, scale=None, perm=None, meta_dtype=None):
+    return quantize_pack(fwht(x, scale, perm), bits, group_size, mode, meta_dtype)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int, mode: str, dtype) -> Tensor:
+    c = unpack(codes, bits).float()
+    cg, ax = _groups(c, group_size, mode)
+    y = cg * scale.float().unsqueeze(ax) + zero.float().unsqueeze(ax)
+    return y.reshape(c.shape).to(dtype)
