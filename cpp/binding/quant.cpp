@@ -25,12 +25,13 @@ QuantParams check_quant_params(const char* op, int64_t bits, int64_t group_size,
   qp.mode = parse_mode(op, mode);
   KVE_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
   qp.group_size = static_cast<int>(group_size);
-  if (qp.mode == QuantMode::PerChannel)
+  if (qp.mode == QuantMode::PerChannel) {
     KVE_CHECK(T % group_size == 0, op, ": group_size (", group_size,
               ") must divide the token axis (dim -2, size ", T, ") for mode='per_channel'");
-  else
+  } else {
     KVE_CHECK(D % group_size == 0, op, ": group_size (", group_size,
               ") must divide the channel axis (dim -1, size ", D, ") for mode='per_token'");
+  }
   KVE_CHECK(D * bits % 8 == 0, op, ": the channel axis (dim -1, size ", D, ") times bits (", bits,
             ") must be a multiple of 8 to pack whole bytes");
   return qp;

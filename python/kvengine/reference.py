@@ -34,7 +34,17 @@ def fwht(x: Tensor, scale: Optional[float] = None, perm: Optional[Tensor] = None
     xd = x.double()
     if perm is not None:
         xd = xd[..., perm.long()]
-    return ((xd @ hadamard(n, device=x.device)) * s).to(x.dtype)
+    if n <= 256:
+        return ((xd @ hadamard(n, device=x.device)) * s).to(x.dtype)
+    # O(n log n) butterflies in float64 (the dense matrix would be n² doubles)
+    lead = xd.shape[:-1]
+    y = xd.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(-1, n // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
+        h *= 2
+    return (y.reshape(*lead, n) * s).to(x.dtype)
 
 
 def _groups(xf: Tensor, group_size: int, mode: str) -> Tensor:

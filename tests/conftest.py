@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+import kvengine
+
+HAS_CUDA = torch.cuda.is_available() and kvengine.build_info()["cuda"]
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]),
+]
+
+
+def outlier_randn(*shape, dtype=torch.float32, device="cpu", generator=None, outlier_scale=20.0):
+    """Fresh heavy-tailed data: student-t-like body, a few outlier channels, a few huge single values."""
+    g = generator
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x = x / torch.rand(*shape, generator=g, dtype=torch.float64).clamp_min(0.05).sqrt()  # heavy tails
+    if shape[-1] >= 4:
+        nch = max(1, shape[-1] // 16)
+        ch = torch.randperm(shape[-1], generator=g)[:nch]
+        x[..., ch] = x[..., ch] * outlier_scale + 3.0  # outlier channels with an offset
+    x = x + 0.5 * torch.randn(shape[-1], generator=g, dtype=torch.float64)  # per-channel bias
+    return x.to(dtype=dtype, device=device)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded freshly per test run (seed printed on failure through the test id's output)."""
+    seed = torch.randint(0, 2**31 - 1, (1,)).item()
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
