@@ -134,3 +134,26 @@ def test_reference_fwht_paths_agree(gen):
     x = torch.randn(3, 512, generator=gen, dtype=torch.float64)
     dense = (x @ ref.hadamard(512)) / math.sqrt(512)
     torch.testing.assert_close(ref.fwht(x), dense)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [64, 128, 2048])
+def test_fwht_inplace(device, n, gen):
+    x = outlier_randn(5, 3, n, generator=gen).to(device)
+    perm = torch.randperm(n, generator=gen).to(device)
+    expect = kvengine.fwht(x, 0.7, perm)
+    y = x.clone()
+    out = kvengine.fwht_(y, 0.7, perm)
+    assert out.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, expect, rtol=0, atol=0)
+    # a non-contiguous view is updated in place too
+    base = outlier_randn(3, 16, 4, n, generator=gen).to(device)
+    v = base.transpose(1, 2)
+    expect = kvengine.fwht(v)
+    kvengine.fwht_(v)
+    torch.testing.assert_close(base.transpose(1, 2), expect, rtol=0, atol=0)
+
+
+def test_fwht_inplace_opcheck(gen):
+    x = outlier_randn(3, 4, 64, generator=gen)
+    torch.library.opcheck(torch.ops.kvengine.fwht_.default, (x, None, torch.randperm(64)))

@@ -39,8 +39,11 @@ void check_fwht_n(const char* op, int64_t n, const char* what) {
             "], got ", n);
 }
 
-at::Tensor fwht(const at::Tensor& x, std::optional<double> scale, const std::optional<at::Tensor>& perm) {
-  const char* op = "fwht";
+namespace {
+
+// y may alias x (in place) when x is viewable as rows with unit inner stride.
+void fwht_into(const char* op, const at::Tensor& x, std::optional<double> scale, const std::optional<at::Tensor>& perm,
+               at::Tensor* out_or_null, at::Tensor& result) {
   check_supported_device(op, x);
   check_float(op, "x", x);
   KVE_CHECK(x.dim() >= 1, op, ": x must have at least one dim");
@@ -49,26 +52,54 @@ at::Tensor fwht(const at::Tensor& x, std::optional<double> scale, const std::opt
   check_fwht_n(op, n, "the last dim of x (n)");
   at::Tensor p = check_perm(op, perm, n, x.device());
   const float s = scale.has_value() ? static_cast<float>(*scale) : 1.0f / std::sqrt(static_cast<float>(n));
+  const int32_t* pp = p.defined() ? p.data_ptr<int32_t>() : nullptr;
+  const DType dt = to_dtype(x.scalar_type());
 
   at::Tensor xr = flatten_lead(x, {n});
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor yr;
+  if (out_or_null == nullptr) {
+    result = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    yr = result.view({-1, n});
+  } else {
+    result = *out_or_null;
+    // in place: transform the rows view directly when it aliases x, else compute into a temporary and copy back
+    yr = xr.is_alias_of(x) && xr.data_ptr() == x.data_ptr() ? xr : at::empty_like(xr);
+  }
   const int64_t rows = xr.size(0);
-  const int32_t* pp = p.defined() ? p.data_ptr<int32_t>() : nullptr;
 #ifdef KVENGINE_WITH_CUDA
   if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(x.device());
-    cuda::fwht(xr.data_ptr(), y.data_ptr(), to_dtype(x.scalar_type()), rows, n, xr.stride(0), n, s, pp,
-               stream_of(x));
-    return y;
-  }
+    cuda::fwht(xr.data_ptr(), yr.data_ptr(), dt, rows, n, xr.stride(0), yr.stride(0), s, pp, stream_of(x));
+  } else
 #endif
-  fwht_cpu(xr.data_ptr(), y.data_ptr(), to_dtype(x.scalar_type()), rows, n, xr.stride(0), n, s, pp);
+  {
+    fwht_cpu(xr.data_ptr(), yr.data_ptr(), dt, rows, n, xr.stride(0), yr.stride(0), s, pp);
+  }
+  if (out_or_null != nullptr && yr.data_ptr() != x.data_ptr()) result.copy_(yr.view(x.sizes()));
+}
+
+}  // namespace
+
+at::Tensor fwht(const at::Tensor& x, std::optional<double> scale, const std::optional<at::Tensor>& perm) {
+  at::Tensor y;
+  fwht_into("fwht", x, scale, perm, nullptr, y);
   return y;
 }
 
-TORCH_LIBRARY_IMPL(kvengine, CPU, m) { m.impl("fwht", &fwht); }
+void fwht_(at::Tensor x, std::optional<double> scale, const std::optional<at::Tensor>& perm) {
+  at::Tensor y;
+  fwht_into("fwht_", x, scale, perm, &x, y);
+}
+
+TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
+  m.impl("fwht", &fwht);
+  m.impl("fwht_", &fwht_);
+}
 #ifdef KVENGINE_WITH_CUDA
-TORCH_LIBRARY_IMPL(kvengine, CUDA, m) { m.impl("fwht", &fwht); }
+TORCH_LIBRARY_IMPL(kvengine, CUDA, m) {
+  m.impl("fwht", &fwht);
+  m.impl("fwht_", &fwht_);
+}
 #endif
 
 }  // namespace kvengine::binding

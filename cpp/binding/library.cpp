@@ -5,6 +5,7 @@
 TORCH_LIBRARY(kvengine, m) {
   // ---- rotation -------------------------------------------------------------------------------------------------
   m.def("fwht(Tensor x, float? scale=None, Tensor? perm=None) -> Tensor");
+  m.def("fwht_(Tensor(a!) x, float? scale=None, Tensor? perm=None) -> ()");  // in place
   // ---- quantization + packing --------------------------------------------------------------------------------------
   m.def("quantize_pack(Tensor x, int bits, int group_size, str mode, ScalarType? meta_dtype=None) "
         "-> (Tensor codes, Tensor scale, Tensor zero)");

@@ -273,7 +273,7 @@ __device__ __forceinline__ void warp_fwht(const T* row, int off, const int32_t* 
 // 256-element chunks one warp loads at once in block_fwht_to_smem (vector mode): 32 bytes in flight per thread,
 // the most that stays within 64 registers (1024-thread blocks) without spilling.
 template <typename T>
-constexpr int chunks_in_flight() {
+__host__ __device__ constexpr int chunks_in_flight() {
   return sizeof(T) == 4 ? 1 : 2;
 }
 

@@ -36,12 +36,13 @@ def build_info() -> dict:
 
 
 from . import ops, reference  # noqa: E402  (ops registers fakes and autograd)
-from .ops import fwht, rotate  # noqa: E402
+from .ops import fwht, fwht_, rotate  # noqa: E402
 from .quant import QuantizedTensor, dequantize, quantize_pack, rotate_quantize_pack  # noqa: E402
 
 __all__ = [
     "build_info",
     "fwht",
+    "fwht_",
     "rotate",
     "quantize_pack",
     "rotate_quantize_pack",

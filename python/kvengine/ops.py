@@ -26,6 +26,17 @@ def fwht(x: Tensor, scale: Optional[float] = None, perm: Optional[Tensor] = None
     return _ops.fwht(x, scale, perm)
 
 
+def fwht_(x: Tensor, scale: Optional[float] = None, perm: Optional[Tensor] = None) -> Tensor:
+    """In-place fwht (no allocation; not differentiable).  Returns x."""
+    _ops.fwht_(x, scale, perm)
+    return x
+
+
+@torch.library.register_fake("kvengine::fwht_")
+def _fwht__fake(x, scale=None, perm=None):
+    return None
+
+
 @torch.library.register_fake("kvengine::fwht")
 def _fwht_fake(x, scale=None, perm=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,106 @@
+"""kvengine benchmarks: each compares a kernel with its baselines side by side in one process, prints a table
+with ratios and returns rows for JSON.  Run them with ``kvengine bench`` or ``python bench/bench_<name>.py``."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Iterable
+
+import torch
+
+import kvengine
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], device: str = "cpu", repeat: int = 15, min_time: float = 0.02) -> float:
+    """Median seconds per call.  Warm-up first; each sample runs enough calls to last ``min_time``; CUDA timed with
+    events."""
+    fn()
+    sync(device)
+    # calibrate the number of calls per sample
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, int(min_time / one))
+    samples = []
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(number):
+                fn()
+            b.record()
+            b.synchronize()
+            samples.append(a.elapsed_time(b) / 1e3 / number)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples.append((time.perf_counter() - t0) / number)
+    return statistics.median(samples)
+
+
+def environment(device: str) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine()),
+        "device_kind": "cuda" if device.startswith("cuda") else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "kvengine": kvengine.build_info(),
+        "python": platform.python_version(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        info["commit"] = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        timeout=5).stdout.strip() or None
+    except Exception:
+        info["commit"] = None
+    return info
+
+
+def print_table(title: str, rows: list[dict], cols: Iterable[str]) -> None:
+    cols = list(cols)
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def write_json(path: str | None, name: str, device: str, rows: list[dict]) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"benchmark": name, "environment": environment(device), "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() and kvengine.build_info()["cuda"] else "cpu"

@@ -1,0 +1,59 @@
+"""quantize_pack and the fused rotate_quantize_pack vs their unfused torch compositions, and vs memcpy of the input."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from kvengine import ops
+from kvengine import reference as ref
+
+from . import default_device, print_table, timeit, write_json
+
+
+def run(device: str, shapes=((8, 8192, 128), (32, 2048, 64)), bits=(2, 4), quick: bool = False,
+        dtype=torch.float32) -> list[dict]:
+    rows = []
+    rep = 5 if quick else 11
+    for (b, T, D) in shapes:
+        x = torch.randn(b, T, D, device=device).to(dtype)
+        ybuf = torch.empty_like(x)
+        t_copy = timeit(lambda: ybuf.copy_(x), device, repeat=rep)
+        H = ref.hadamard(D, dtype=dtype, device=device) * D ** -0.5
+        for nb in bits:
+            for mode, G in (("per_channel", 32), ("per_token", 32)):
+                t_q = timeit(lambda: ops.quantize_pack(x, nb, G, mode), device, repeat=rep)
+                t_qt = timeit(lambda: ref.quantize_pack(x, nb, G, mode), device, repeat=max(3, rep // 3))
+                t_f = timeit(lambda: ops.rotate_quantize_pack(x, nb, G, mode), device, repeat=rep)
+                t_ft = timeit(lambda: ref.quantize_pack(x @ H, nb, G, mode), device, repeat=max(3, rep // 3))
+                t_un = timeit(lambda: ops.quantize_pack(ops.fwht(x), nb, G, mode), device, repeat=rep)
+                rows.append({
+                    "shape": f"{b}x{T}x{D}", "bits": nb, "mode": mode, "G": G,
+                    "quant_us": t_q * 1e6, "torch_quant_us": t_qt * 1e6, "quant_speedup": t_qt / t_q,
+                    "fused_us": t_f * 1e6, "unfused_ops_us": t_un * 1e6, "torch_fused_us": t_ft * 1e6,
+                    "fused_speedup_vs_torch": t_ft / t_f, "fused_vs_unfused_ops": t_un / t_f,
+                    "fused_x_memcpy": t_f / t_copy,
+                })
+    print_table(f"quantize_pack / rotate_quantize_pack on {device}, {dtype} (speedups: torch time / kvengine time; "
+                "fused_x_memcpy: fused time / memcpy time of the input)", rows,
+                ["shape", "bits", "mode", "quant_us", "torch_quant_us", "quant_speedup", "fused_us",
+                 "unfused_ops_us", "torch_fused_us", "fused_speedup_vs_torch", "fused_vs_unfused_ops",
+                 "fused_x_memcpy"])
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--json", default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
+    shapes = ((4, 2048, 128),) if a.quick else ((8, 8192, 128), (32, 2048, 64))
+    rows = run(a.device, shapes=shapes, quick=a.quick, dtype=dtype)
+    write_json(a.json, "quant", a.device, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
