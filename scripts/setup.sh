@@ -20,7 +20,8 @@ echo "[setup] torch==$TORCH and build tools into $VENV"
 $PIP install -q "torch==$TORCH" "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy
 # CUTLASS/CuTe headers for the CUDA build (headers only: its Python dependencies are not needed)
 $PIP install -q --no-deps "nvidia-cutlass==4.2.0.0"
-echo "[setup] building kvengine (CUDA=${KVENGINE_CUDA:-AUTO})"
+export SKBUILD_BUILD_DIR="build/$(basename "$VENV")"  # one build tree per venv (each its own torch)
+echo "[setup] building kvengine (CUDA=${KVENGINE_CUDA:-AUTO}) in $SKBUILD_BUILD_DIR"
 $PIP install -q --no-build-isolation ".[test,models]"
 if [ "${KVENGINE_MODELS:-1}" = "1" ]; then
   echo "[setup] offline model + text wheels"

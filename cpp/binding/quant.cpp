@@ -86,9 +86,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_impl(const char* op, const 
     if (rp.enabled && !cuda::quantize_pack_fused_supported(dt, D, qp)) {
       // the tile does not fit in shared memory: rotate into a temporary, then quantize (identical results)
       at::Tensor r = at::empty({batch, T, D}, x.options());
-      cuda::fwht(x3.data_ptr(), r.data_ptr(), dt, batch * T, D, x3.stride(1), D, rp.scale, rp.perm, st);
-      if (x3.stride(0) != T * x3.stride(1)) {  // rows of different batches not evenly spaced: per batch
-        for (int64_t b = 1; b < batch; ++b)
+      if (x3.stride(0) == T * x3.stride(1)) {  // rows evenly spaced across batches: one launch
+        cuda::fwht(x3.data_ptr(), r.data_ptr(), dt, batch * T, D, x3.stride(1), D, rp.scale, rp.perm, st);
+      } else {
+        for (int64_t b = 0; b < batch; ++b)
           cuda::fwht(static_cast<char*>(x3.data_ptr()) + b * x3.stride(0) * x.element_size(),
                      static_cast<char*>(r.data_ptr()) + b * T * D * x.element_size(), dt, T, D, x3.stride(1), D,
                      rp.scale, rp.perm, st);

@@ -6,7 +6,7 @@
 //                    types, two for fp32), 3 butterfly stages in registers, log2(n)-3 across lanes with shuffles,
 //                    then a direct coalesced store.  No shared memory.
 //   n in (256, 32K]  one block per row: the warp step above on each 256-element chunk, written to an fp32 row in
-//                    dynamic shared memory; the stages for bits 8.. in phases of <= 5 bits; final 16-byte stores.
+//                    dynamic shared memory; the stages for bits 8.. in phases of <= 4 bits; final 16-byte stores.
 // All kernels loop over their work grid-stride, so any row count is safe; in-place (x == y) works because a row is
 // read completely (by one thread, one warp, or one block before a __syncthreads) before any of it is written.
 #include <cuda_runtime.h>

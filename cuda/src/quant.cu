@@ -5,8 +5,9 @@
 //   quant_token_warp_kernel  per-token groups of G = 8·2^k <= 256 channels (D % 8 == 0): a lane holds 8 contiguous
 //                            channels, a group is G/8 adjacent lanes, min/max by xor-shuffles; rotation for
 //                            8 <= D <= 256 happens in registers (the warp FWHT).  No shared memory.
-//   quant_tile_kernel        everything else: a block loads a tile (rows × channel slice) into shared memory as the
-//                            data dtype (rotating rows on the way in, which is the rounding to x's dtype), then
+//   quant_tile_kernel        everything else: a block stages a tile (rows × channel slice) in shared memory as the
+//                            data dtype with cp.async (all of it in flight at once), rotates it in place when asked
+//                            (writing the rotated rows back as the data dtype is the rounding to x's dtype), then
 //                            quantizes from it:
 //                              per-channel: a unit = (group, cpt channels), its G rows split over P lanes whose
 //                                           partial min/max are combined by shuffles;
@@ -49,6 +50,7 @@ struct QuantArgs {
   int64_t code_row_bytes;  // D * bits / 8
   bool codes_aligned;      // codes base is 8-byte aligned (packed words are stored whole)
   int bits, G, meta;       // meta: DType of scale/zero as int
+  int log2G;               // log2(G) when G is a power of two (per-token lane groups)
   float qmax;
   // rotation
   bool rotate;
@@ -200,7 +202,7 @@ __device__ __forceinline__ void token_lane_quant(const QuantArgs& a, const float
   float sc, zr;
   group_params(lo, hi, a.qmax, a.meta, sc, zr);
   if ((lane & (L - 1)) == 0) {
-    const int64_t mi = fr * (a.D / a.G) + off / a.G;
+    const int64_t mi = fr * (a.D >> a.log2G) + (off >> a.log2G);
     store_meta(a.scale, mi, a.meta, sc);
     store_meta(a.zero, mi, a.meta, zr);
   }
@@ -484,7 +486,7 @@ __device__ void quant_token_view_general(const QuantArgs& a, const T* view, int6
 
 // ---- kernel: tile in shared memory (or global view), then quantize ------------------------------------------------
 template <typename T>
-__global__ void __launch_bounds__(kThreads) quant_tile_kernel(QuantArgs a, TileArgs g) {
+__global__ void __launch_bounds__(kThreads, 2) quant_tile_kernel(QuantArgs a, TileArgs g) {
   extern __shared__ float4 quant_smem[];
   T* tile = reinterpret_cast<T*>(quant_smem);
   float* scratch = reinterpret_cast<float*>(reinterpret_cast<char*>(quant_smem) + g.tile_bytes);
@@ -632,6 +634,7 @@ void launch_quant(const void* x, int64_t batch, int64_t T_, int64_t D, int64_t x
   a.codes_aligned = aligned_to(codes, 8);
   a.bits = qp.bits;
   a.G = G;
+  a.log2G = log2i(G);
   a.meta = static_cast<int>(qp.meta_dtype);
   a.qmax = static_cast<float>((1 << qp.bits) - 1);
   a.rotate = rp.enabled;
