@@ -13,4 +13,9 @@ TORCH_LIBRARY(kvengine, m) {
         "ScalarType? meta_dtype=None) -> (Tensor codes, Tensor scale, Tensor zero)");
   m.def("dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, str mode, ScalarType dtype) "
         "-> Tensor");
+  // ---- attention over the quantized cache -------------------------------------------------------------------------
+  m.def("quant_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
+        "Tensor v_scale, Tensor v_zero, Tensor k_fp, Tensor v_fp, Tensor lens, int bits_k, int bits_v, int k_group, "
+        "int v_group, float? softmax_scale=None, bool rotate_k=False, bool rotate_v=False, Tensor? k_perm=None, "
+        "Tensor? v_perm=None) -> Tensor");
 }

@@ -37,6 +37,7 @@ def build_info() -> dict:
 
 from . import ops, reference  # noqa: E402  (ops registers fakes and autograd)
 from .ops import fwht, fwht_, rotate  # noqa: E402
+from .cache import QuantizedKVCache, detect_sinks  # noqa: E402
 from .quant import QuantizedTensor, dequantize, quantize_pack, rotate_quantize_pack  # noqa: E402
 
 __all__ = [
@@ -48,6 +49,8 @@ __all__ = [
     "rotate_quantize_pack",
     "dequantize",
     "QuantizedTensor",
+    "QuantizedKVCache",
+    "detect_sinks",
     "ops",
     "reference",
 ]

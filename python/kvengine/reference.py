@@ -101,3 +101,53 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size
     cg, ax = _groups(c, group_size, mode)
     y = cg * scale.float().unsqueeze(ax) + zero.float().unsqueeze(ax)
     return y.reshape(c.shape).to(dtype)
+
+
+def gather_kv(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v, k_group,
+              v_group, b: int, dtype=torch.float64):
+    """Keys and values of sequence b in time order (sinks, quantized, residual), dequantized: [Hkv, N, D] each."""
+    ns, nq, nr = (int(v) for v in lens[b].tolist())
+    kq = _dequant_partial_k(k_codes, k_scale, k_zero, bits_k, k_group, b, nq, dtype)
+    vq = dequantize(v_codes[b : b + 1, :, :nq], v_scale[b : b + 1, :, :nq], v_zero[b : b + 1, :, :nq], bits_v, v_group,
+                    "per_token", dtype)[0]
+    K = torch.cat([k_fp[b, :, :ns].to(dtype), kq, k_fp[b, :, ns : ns + nr].to(dtype)], dim=1)
+    V = torch.cat([v_fp[b, :, :ns].to(dtype), vq, v_fp[b, :, ns : ns + nr].to(dtype)], dim=1)
+    return K, V
+
+
+def _dequant_partial_k(k_codes, k_scale, k_zero, bits_k, k_group, b, nq, dtype):
+    if nq == 0:
+        return torch.zeros(k_codes.shape[1], 0, k_scale.shape[-1], dtype=dtype, device=k_codes.device)
+    ng = -(-nq // k_group)
+    full = dequantize(k_codes[b : b + 1, :, : ng * k_group], k_scale[b : b + 1, :, :ng], k_zero[b : b + 1, :, :ng],
+                      bits_k, k_group, "per_channel", dtype)[0]
+    return full[:, :nq]
+
+
+def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v,
+                           k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False, k_perm=None,
+                           v_perm=None):
+    B, Hq, Tq, D = q.shape
+    Hkv = k_codes.shape[1]
+    g = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    qd = q.double()
+    if rotate_k:
+        qd = fwht(qd, None, k_perm)
+    out = torch.empty(B, Hq, Tq, D, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        K, V = gather_kv(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v,
+                         k_group, v_group, b)
+        N = K.shape[1]
+        K = K.repeat_interleave(g, dim=0)
+        V = V.repeat_interleave(g, dim=0)
+        s = (qd[b] @ K.transpose(-1, -2)) * scale  # [Hq, Tq, N]
+        pos = torch.arange(N, device=q.device)
+        lim = N - Tq + torch.arange(Tq, device=q.device)
+        s = s.masked_fill(pos[None, None, :] > lim[None, :, None], float("-inf"))
+        out[b] = torch.softmax(s, dim=-1) @ V
+    if rotate_v:
+        out = fwht(out)
+        if v_perm is not None:
+            out = out[..., torch.argsort(v_perm.long())]
+    return out.to(q.dtype)

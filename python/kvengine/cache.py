@@ -1,0 +1,328 @@
+"""QuantizedKVCache — one layer's KV cache stored in 2/4 bits (KIVI layout, optional RotateKV rotation, sinks),
+attended directly in packed form by ``quant_decode_attention``.
+
+Storage (per sequence b and KV head h, all tensors preallocated with capacity that grows in chunks):
+  * full-precision segment ``k_fp/v_fp [B, H, f_cap, D]``: slots [0, n_sink) are attention sinks (the first
+    ``sinks`` tokens and any extra sink positions), slots [n_sink, n_sink + n_res) the most recent tokens;
+  * quantized segment: keys ``k_codes [B, H, q_cap, D·bits_k/8]`` with per-channel scale/zero per group of
+    ``group_size`` tokens, values ``v_codes [B, H, q_cap, D·bits_v/8]`` with per-token scale/zero per group of
+    ``v_group`` channels.
+New tokens enter the recent window; once it holds ``residual + group_size`` tokens its oldest ``group_size`` tokens
+are quantized (KIVI flush).  With rotation, everything stored (all segments) lives in the rotated space
+fwht(x[..., perm]); the attention op rotates the query and rotates the output back, so callers never see it.
+Logical (time) order seen by attention and by ``dequantize()``: sinks, quantized tokens, recent tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from . import reference as ref
+
+RotateSpec = Union[bool, str]
+
+
+def _parse_rotate(rotate: RotateSpec) -> tuple[bool, bool]:
+    if rotate is True or rotate == "kv":
+        return True, True
+    if rotate is False or rotate == "none":
+        return False, False
+    if rotate == "k":
+        return True, False
+    if rotate == "v":
+        return False, True
+    raise ValueError(f"QuantizedKVCache: rotate must be True, False, 'k', 'v', 'kv' or 'none', got {rotate!r}")
+
+
+def detect_sinks(x: Tensor, top: int = 4, min_ratio: float = 4.0, exclude_last: int = 0) -> Tensor:
+    """Token positions with massive activations (KVSink / RotateKV): x is [..., T, C] (hidden states or keys);
+    a token's score is its max |x| over channels (max over leading dims); returns a bool mask [T] of at most ``top``
+    tokens whose score is >= ``min_ratio`` × the median token score.  The last ``exclude_last`` tokens are never
+    chosen (they stay in the full-precision recent window anyway)."""
+    if x.dim() < 2:
+        raise ValueError(f"detect_sinks: x must be [..., T, C], got shape {tuple(x.shape)}")
+    score = x.detach().abs().amax(-1)
+    score = score.reshape(-1, score.shape[-1]).amax(0).float()
+    T = score.shape[0]
+    mask = torch.zeros(T, dtype=torch.bool, device=x.device)
+    limit = T - exclude_last
+    if limit <= 0 or top <= 0:
+        return mask
+    s = score[:limit]
+    med = score.median()
+    k = min(top, limit)
+    vals, idx = s.topk(k)
+    mask[idx[vals >= min_ratio * med]] = True
+    return mask
+
+
+class QuantizedKVCache:
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        bits_k: int = 2,
+        bits_v: int = 2,
+        group_size: int = 32,
+        residual: int = 128,
+        sinks: int = 4,
+        rotate: RotateSpec = True,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        k_perm: Optional[Tensor] = None,
+        v_perm: Optional[Tensor] = None,
+        v_group: Optional[int] = None,
+        meta_dtype: Optional[torch.dtype] = None,
+        chunk: int = 1024,
+    ):
+        if bits_k not in ops.BITS or bits_v not in ops.BITS:
+            raise ValueError(f"QuantizedKVCache: bits_k/bits_v must be in {ops.BITS}, got {bits_k}/{bits_v}")
+        if num_kv_heads < 1 or batch_size < 1:
+            raise ValueError("QuantizedKVCache: num_kv_heads and batch_size must be >= 1")
+        if head_dim % 16 or head_dim > 256:
+            raise ValueError(f"QuantizedKVCache: head_dim must be a multiple of 16 up to 256, got {head_dim}")
+        if group_size < 1 or residual < 0 or sinks < 0:
+            raise ValueError("QuantizedKVCache: group_size >= 1, residual >= 0, sinks >= 0 required")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"QuantizedKVCache: dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.rotate_k, self.rotate_v = _parse_rotate(rotate)
+        if (self.rotate_k or self.rotate_v) and head_dim & (head_dim - 1):
+            raise ValueError(f"QuantizedKVCache: rotation needs a power-of-two head_dim, got {head_dim}")
+        self.H, self.D, self.B = num_kv_heads, head_dim, batch_size
+        self.bits_k, self.bits_v, self.G, self.R, self.S = bits_k, bits_v, group_size, residual, sinks
+        self.v_group = v_group or min(group_size, head_dim)
+        if self.v_group % 16 or head_dim % self.v_group:
+            raise ValueError(f"QuantizedKVCache: v_group ({self.v_group}) must be a multiple of 16 dividing "
+                             f"head_dim ({head_dim})")
+        self.dtype, self.device = dtype, torch.device(device)
+        # fp16 scale/zero (32/G bits per element) unless the data is bf16
+        self.meta_dtype = meta_dtype or (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+        self.k_perm = None if k_perm is None else k_perm.to(self.device, torch.long)
+        self.v_perm = None if v_perm is None else v_perm.to(self.device, torch.long)
+        if self.k_perm is not None and not self.rotate_k:
+            raise ValueError("QuantizedKVCache: k_perm needs key rotation")
+        if self.v_perm is not None and not self.rotate_v:
+            raise ValueError("QuantizedKVCache: v_perm needs value rotation")
+        self.chunk = max(group_size, (chunk // group_size) * group_size)
+        self.n_sink = self.n_quant = self.n_res = 0
+        self.n_seen = 0  # tokens appended so far
+        self.q = self._new_q(0)
+        self._alloc_fp(self.S + self.R + self.G + 8)
+        self._lens = torch.zeros(self.B, 3, dtype=torch.int32, device=self.device)
+
+    # ---- storage -----------------------------------------------------------------------------------------------------
+    def _alloc_fp(self, cap: int):
+        self.k_fp = torch.zeros(self.B, self.H, cap, self.D, dtype=self.dtype, device=self.device)
+        self.v_fp = torch.zeros_like(self.k_fp)
+
+    @property
+    def q_cap(self) -> int:
+        return self.q["k_codes"].shape[2]
+
+    # ---- public API --------------------------------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.n_sink + self.n_quant + self.n_res
+
+    def _rot(self, x: Tensor, rotate: bool, perm: Optional[Tensor]) -> Tensor:
+        return ops.fwht(x, None, perm) if rotate else x
+
+    def _check(self, name: str, x: Tensor, T: Optional[int] = None):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"QuantizedKVCache: {name} must be a tensor")
+        if x.dim() != 4 or x.shape[0] != self.B or x.shape[1] != self.H or x.shape[3] != self.D:
+            raise ValueError(f"QuantizedKVCache: {name} must be [B={self.B}, H_kv={self.H}, T, D={self.D}], "
+                             f"got {tuple(x.shape)}")
+        if T is not None and x.shape[2] != T:
+            raise ValueError(f"QuantizedKVCache: {name} has {x.shape[2]} tokens but k has {T}")
+        if x.shape[2] < 1:
+            raise ValueError(f"QuantizedKVCache: {name} has no tokens")
+        if x.dtype != self.dtype:
+            raise ValueError(f"QuantizedKVCache: {name} must be {self.dtype}, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"QuantizedKVCache: {name} is on {x.device}, the cache is on {self.device}")
+
+    def append(self, k: Tensor, v: Tensor, sink_mask: Optional[Tensor] = None) -> None:
+        """Append T new tokens: k, v [B, H_kv, T, D].  ``sink_mask`` ([T] bool, shared by the batch) marks extra
+        attention-sink tokens among them (kept in full precision; see ``detect_sinks``).  On any error the cache is
+        left exactly as it was."""
+        self._check("k", k)
+        T = k.shape[2]
+        self._check("v", v, T)
+        if sink_mask is not None:
+            if sink_mask.shape != (T,) or sink_mask.dtype != torch.bool:
+                raise ValueError(f"QuantizedKVCache: sink_mask must be a bool tensor of shape [{T}]")
+            sink_mask = sink_mask.to(self.device)
+        # ---- compute everything into temporaries (nothing visible changes until the commit below) -------------
+        is_sink = torch.zeros(T, dtype=torch.bool, device=self.device)
+        n_first = min(T, max(0, self.S - self.n_seen))  # the first `sinks` tokens of the sequence
+        is_sink[:n_first] = True
+        if sink_mask is not None:
+            is_sink |= sink_mask
+        new_sink_idx = is_sink.nonzero().flatten()
+        stream_idx = (~is_sink).nonzero().flatten()
+        ns_new, nt_stream = int(new_sink_idx.numel()), int(stream_idx.numel())
+        kr = self._rot(k, self.rotate_k, self.k_perm)
+        vr = self._rot(v, self.rotate_v, self.v_perm)
+        n_res_all = self.n_res + nt_stream
+        F = max(0, (n_res_all - self.R) // self.G * self.G)  # tokens flushed to the quantized segment
+        q_parts = None
+        if F > 0:
+            k_old, v_old = self.k_fp[:, :, self.n_sink : self.n_sink + self.n_res], self.v_fp[:, :, self.n_sink : self.n_sink + self.n_res]
+            take_old = min(F, self.n_res)
+            take_new = F - take_old
+            if take_old == 0:
+                # bulk path (prefill): the flushed tokens come straight from the input — fused rotate + quantize
+                idx = stream_idx[:take_new]
+                kq = self._quant_k(k.index_select(2, idx), fused=self.rotate_k)
+                vq = self._quant_v(v.index_select(2, idx), fused=self.rotate_v)
+            else:
+                kf = torch.cat([k_old[:, :, :take_old], kr.index_select(2, stream_idx[:take_new])], 2)
+                vf = torch.cat([v_old[:, :, :take_old], vr.index_select(2, stream_idx[:take_new])], 2)
+                kq, vq = self._quant_k(kf, fused=False), self._quant_v(vf, fused=False)
+            q_parts = (kq, vq)
+        # new full-precision contents: sinks then the remaining recent tokens
+        res_all_k = torch.cat([self.k_fp[:, :, self.n_sink : self.n_sink + self.n_res], kr.index_select(2, stream_idx)], 2)
+        res_all_v = torch.cat([self.v_fp[:, :, self.n_sink : self.n_sink + self.n_res], vr.index_select(2, stream_idx)], 2)
+        res_k, res_v = res_all_k[:, :, F:], res_all_v[:, :, F:]
+        n_sink2, n_res2, n_quant2 = self.n_sink + ns_new, n_res_all - F, self.n_quant + F
+        # capacity (new buffers are made before anything is overwritten)
+        q_new = None
+        if n_quant2 > self.q_cap:
+            cap = max(n_quant2, self.q_cap + max(self.chunk, self.q_cap // 4))
+            cap = -(-cap // self.G) * self.G
+            q_new = self._new_q(cap, self._q_used())
+        f_need = n_sink2 + n_res2
+        fp_new = None
+        if f_need > self.k_fp.shape[2]:
+            cap = f_need + self.R + self.G + 8
+            kf_new = torch.zeros(self.B, self.H, cap, self.D, dtype=self.dtype, device=self.device)
+            fp_new = (kf_new, torch.zeros_like(kf_new))
+        # ---- commit --------------------------------------------------------------------------------------------
+        sinks_k = torch.cat([self.k_fp[:, :, : self.n_sink], kr.index_select(2, new_sink_idx)], 2)
+        sinks_v = torch.cat([self.v_fp[:, :, : self.n_sink], vr.index_select(2, new_sink_idx)], 2)
+        if q_new is not None:
+            self.q = q_new
+        if q_parts is not None:
+            (kc, ks, kz), (vc, vs, vz) = q_parts
+            a, b = self.n_quant, n_quant2
+            self.q["k_codes"][:, :, a:b] = kc
+            self.q["k_scale"][:, :, a // self.G : b // self.G] = ks
+            self.q["k_zero"][:, :, a // self.G : b // self.G] = kz
+            self.q["v_codes"][:, :, a:b] = vc
+            self.q["v_scale"][:, :, a:b] = vs
+            self.q["v_zero"][:, :, a:b] = vz
+        if fp_new is not None:
+            self.k_fp, self.v_fp = fp_new
+        self.k_fp[:, :, :n_sink2] = sinks_k
+        self.v_fp[:, :, :n_sink2] = sinks_v
+        self.k_fp[:, :, n_sink2 : n_sink2 + n_res2] = res_k
+        self.v_fp[:, :, n_sink2 : n_sink2 + n_res2] = res_v
+        self.n_sink, self.n_quant, self.n_res = n_sink2, n_quant2, n_res2
+        self.n_seen += T
+        self._lens.copy_(torch.tensor([[n_sink2, n_quant2, n_res2]] * self.B, dtype=torch.int32), non_blocking=True)
+
+    def _new_q(self, cap: int, old: Optional[dict] = None) -> dict:
+        B, H, D, G = self.B, self.H, self.D, self.G
+        dev, md = self.device, self.meta_dtype
+        new = {
+            "k_codes": torch.zeros(B, H, cap, D * self.bits_k // 8, dtype=torch.uint8, device=dev),
+            "k_scale": torch.zeros(B, H, cap // G, D, dtype=md, device=dev),
+            "k_zero": torch.zeros(B, H, cap // G, D, dtype=md, device=dev),
+            "v_codes": torch.zeros(B, H, cap, D * self.bits_v // 8, dtype=torch.uint8, device=dev),
+            "v_scale": torch.zeros(B, H, cap, D // self.v_group, dtype=md, device=dev),
+            "v_zero": torch.zeros(B, H, cap, D // self.v_group, dtype=md, device=dev),
+        }
+        if old is not None:
+            for name, t in old.items():
+                new[name][:, :, : t.shape[2]] = t
+        return new
+
+    def _q_used(self) -> dict:
+        """Views of the filled part of the quantized buffers."""
+        n, ng = self.n_quant, self.n_quant // self.G
+        return {name: t[:, :, : (ng if name in ("k_scale", "k_zero") else n)] for name, t in self.q.items()}
+
+    def _quant_k(self, x: Tensor, fused: bool):
+        if fused:
+            return ops.rotate_quantize_pack(x, self.bits_k, self.G, "per_channel", None, self.k_perm, self.meta_dtype)
+        return ops.quantize_pack(x, self.bits_k, self.G, "per_channel", self.meta_dtype)
+
+    def _quant_v(self, x: Tensor, fused: bool):
+        if fused:
+            return ops.rotate_quantize_pack(x, self.bits_v, self.v_group, "per_token", None, self.v_perm,
+                                            self.meta_dtype)
+        return ops.quantize_pack(x, self.bits_v, self.v_group, "per_token", self.meta_dtype)
+
+    def attend(self, q: Tensor, scale: Optional[float] = None) -> Tensor:
+        """Attention of the newest Tq tokens' queries q [B, H_q, Tq, D] over everything cached (which must already
+        include those Tq tokens); causal among them.  Returns [B, H_q, Tq, D] in q's dtype."""
+        if q.dim() != 4 or q.shape[0] != self.B or q.shape[3] != self.D:
+            raise ValueError(f"QuantizedKVCache.attend: q must be [B={self.B}, H_q, Tq, D={self.D}], got "
+                             f"{tuple(q.shape)}")
+        if q.shape[1] % self.H:
+            raise ValueError(f"QuantizedKVCache.attend: the query head count ({q.shape[1]}) must be a multiple of "
+                             f"the KV head count ({self.H})")
+        if q.device != self.device:
+            raise ValueError(f"QuantizedKVCache.attend: q is on {q.device}, the cache is on {self.device}")
+        if q.shape[2] > self.seq_len:
+            raise ValueError(f"QuantizedKVCache.attend: {q.shape[2]} query tokens but only {self.seq_len} cached; "
+                             "append the new keys/values first")
+        qq = q.to(self.dtype)
+        out = ops.quant_decode_attention(
+            qq, self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"], self.q["v_scale"],
+            self.q["v_zero"], self.k_fp, self.v_fp, self._lens, self.bits_k, self.bits_v, self.G, self.v_group,
+            scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm)
+        return out.to(q.dtype)
+
+    def dequantize(self) -> tuple[Tensor, Tensor]:
+        """(k, v) [B, H_kv, N, D] in full precision, original (unrotated) space, in the cache's logical order
+        (sinks, then quantized, then recent tokens) — the order attention uses for its causal rule."""
+        ks, vs = [], []
+        for b in range(self.B):
+            K, V = ref.gather_kv(self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"],
+                                 self.q["v_scale"], self.q["v_zero"], self.k_fp, self.v_fp, self._lens.cpu(),
+                                 self.bits_k, self.bits_v, self.G, self.v_group, b, dtype=torch.float32)
+            ks.append(K)
+            vs.append(V)
+        k, v = torch.stack(ks), torch.stack(vs)
+        if self.rotate_k:
+            k = _unrotate(k, self.k_perm)
+        if self.rotate_v:
+            v = _unrotate(v, self.v_perm)
+        return k.to(self.dtype), v.to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the data the cache holds (codes, scales/zeros, full-precision sinks and recent tokens)."""
+        def per_tok(t):
+            return t.shape[-1] * t.element_size() * self.B * self.H
+        nq = self.n_quant
+        b = (per_tok(self.q["k_codes"]) + per_tok(self.q["v_codes"]) + 2 * per_tok(self.q["v_scale"])) * nq
+        b += 2 * per_tok(self.q["k_scale"]) * (nq // self.G)
+        b += 2 * per_tok(self.k_fp) * (self.n_sink + self.n_res)
+        return b
+
+    @property
+    def nbytes_allocated(self) -> int:
+        ts = list(self.q.values()) + [self.k_fp, self.v_fp]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @property
+    def effective_bits(self) -> float:
+        n = self.seq_len
+        return self.nbytes * 8 / (2 * self.B * self.H * n * self.D) if n else 0.0
+
+
+def _unrotate(x: Tensor, perm: Optional[Tensor]) -> Tensor:
+    y = ops.fwht(x)
+    if perm is not None:
+        out = torch.empty_like(y)
+        out[..., perm] = y
+        y = out
+    return y
