@@ -2,9 +2,10 @@
 //
 // Work item = (sequence b, KV head h, chunk of the logical token range).  Each item keeps the g·Tq query rows of
 // its KV head (GQA: K/V are unpacked once per token and used by every query head of the group), walks its tokens
-// in blocks of ≤ 32, and keeps an online softmax state (m, l, acc).  Quantized keys: per K group the query is
-// folded with the group's per-channel scale (qs = q·s, qz = q·z), so a score is dot(qs, codes) + qz — codes are
-// unpacked in registers 16 at a time and never dequantized to memory.  Quantized values: acc += (p·s)·codes + p·z.
+// in blocks of ≤ 32, and keeps an online softmax state (m, l, acc).  Packed keys and values are unpacked 16 codes at
+// a time and dequantized in registers (x̂ = code·scale + zero, the same fp32 operations as dequantize — folding the
+// scale into q instead would be cheaper but loses precision to cancellation against large zero points), once per
+// token, then used by every query row.  Nothing dequantized is ever written to memory.
 // Chunks are merged by the usual log-sum-exp rule (flash-decoding split-K).
 #include <algorithm>
 #include <cmath>
@@ -66,16 +67,14 @@ inline vf unpack16(const uint8_t* row, int64_t d) {
 
 struct State {  // per work item: query rows, online softmax state
   int R = 0, D = 0;
-  std::vector<float> q, acc, m, l, qs, qz, s, p, tmp;
+  std::vector<float> q, acc, m, l, s, p, tmp;
   void init(int rows, int d) {
     R = rows;
     D = d;
     q.assign(size_t(R) * D, 0.f);
     acc.assign(size_t(R) * D, 0.f);
-    qs.assign(size_t(R) * D, 0.f);
     m.assign(R, -std::numeric_limits<float>::infinity());
     l.assign(R, 0.f);
-    qz.assign(R, 0.f);
     s.assign(size_t(R) * BT, 0.f);
     p.assign(size_t(R) * BT, 0.f);
     tmp.assign(size_t(BT) * D, 0.f);
@@ -240,59 +239,48 @@ class Worker {
       const int64_t gid = j0 / G;
       const int64_t gend = (gid + 1) * G + ns;         // logical end of this K group
       const int nt = int(std::min<int64_t>({int64_t(BT), hi - p0, gend - p0}));
-      if (gid != cur_group) {  // fold the group's scale/zero into the queries
+      if (gid != cur_group) {  // this K group's per-channel scale / zero
         cur_group = gid;
         for (int d = 0; d < D; ++d) {
           kv[d] = load_as_float(a.k_scale, kmeta0 + gid * D + d, a.meta_dtype);
           kv[D + d] = load_as_float(a.k_zero, kmeta0 + gid * D + d, a.meta_dtype);
         }
-        for (int r = 0; r < st.R; ++r) {
-          const float* q = st.q.data() + size_t(r) * D;
-          float* qs = st.qs.data() + size_t(r) * D;
-          vf z = {};
-          for (int d = 0; d < D; d += W) {
-            stv(qs + d, ld(q + d) * ld(kv.data() + d));
-            z += ld(q + d) * ld(kv.data() + D + d);
-          }
-          st.qz[r] = hsum(z);
-        }
       }
-      // scores: codes unpacked once per token, used by every query row
-      vf cbuf[256 / W];
+      // scores: each key row is dequantized once in registers (k̂ = code·scale + zero, exactly as dequantize
+      // computes it) and used by every query row of the GQA group
+      vf kbuf[256 / W];
       for (int t = 0; t < nt; ++t) {
         const uint8_t* row = kc + (j0 + t) * krow_bytes;
-        for (int i = 0; i < D / W; ++i) cbuf[i] = unpack16<BK>(row, int64_t(i) * W);
+        for (int i = 0; i < D / W; ++i)
+          kbuf[i] = unpack16<BK>(row, int64_t(i) * W) * ld(kv.data() + i * W) + ld(kv.data() + D + i * W);
         for (int r = 0; r < st.R; ++r) {
-          const float* qs = st.qs.data() + size_t(r) * D;
+          const float* q = st.q.data() + size_t(r) * D;
           vf acc0 = {}, acc1 = {};
           int i = 0;
           for (; i + 1 < D / W; i += 2) {
-            acc0 += ld(qs + i * W) * cbuf[i];
-            acc1 += ld(qs + (i + 1) * W) * cbuf[i + 1];
+            acc0 += ld(q + i * W) * kbuf[i];
+            acc1 += ld(q + (i + 1) * W) * kbuf[i + 1];
           }
-          if (i < D / W) acc0 += ld(qs + i * W) * cbuf[i];
-          st.s[size_t(r) * BT + t] = hsum(acc0 + acc1) + st.qz[r];
+          if (i < D / W) acc0 += ld(q + i * W) * kbuf[i];
+          st.s[size_t(r) * BT + t] = hsum(acc0 + acc1);
         }
       }
       softmax_block(st, p0, nt);
-      // values: acc += (p·scale)·codes + p·zero, per V group of channels
+      // values: v̂ = code·scale + zero per V group of channels, dequantized once, acc += p·v̂ for every row
       for (int t = 0; t < nt; ++t) {
         const uint8_t* row = vc + (j0 + t) * vrow_bytes;
-        for (int i = 0; i < D / W; ++i) cbuf[i] = unpack16<BV>(row, int64_t(i) * W);
         const int64_t vm = vmeta0 + (j0 + t) * (D / VG);
-        float vs[256 / 16], vz[256 / 16];
-        for (int gv = 0; gv < D / VG; ++gv) {
-          vs[gv] = load_as_float(a.v_scale, vm + gv, a.meta_dtype);
-          vz[gv] = load_as_float(a.v_zero, vm + gv, a.meta_dtype);
+        for (int i = 0; i < D / W; ++i) {
+          const int64_t gv = i * W / VG;
+          kbuf[i] = unpack16<BV>(row, int64_t(i) * W) * splat(load_as_float(a.v_scale, vm + gv, a.meta_dtype)) +
+                    splat(load_as_float(a.v_zero, vm + gv, a.meta_dtype));
         }
         for (int r = 0; r < st.R; ++r) {
           const float pr = st.p[size_t(r) * BT + t];
           if (pr == 0.f) continue;
           float* acc = st.acc.data() + size_t(r) * D;
-          for (int i = 0; i < D / W; ++i) {
-            const int gv = i * W / VG;
-            stv(acc + i * W, ld(acc + i * W) + splat(pr * vs[gv]) * cbuf[i] + splat(pr * vz[gv]));
-          }
+          const vf pv = splat(pr);
+          for (int i = 0; i < D / W; ++i) stv(acc + i * W, ld(acc + i * W) + pv * kbuf[i]);
         }
       }
       p0 += nt;

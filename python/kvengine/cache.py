@@ -280,9 +280,10 @@ class QuantizedKVCache:
             scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm)
         return out.to(q.dtype)
 
-    def dequantize(self) -> tuple[Tensor, Tensor]:
-        """(k, v) [B, H_kv, N, D] in full precision, original (unrotated) space, in the cache's logical order
-        (sinks, then quantized, then recent tokens) — the order attention uses for its causal rule."""
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """(k, v) [B, H_kv, N, D] in full precision (``dtype``, default the cache's), original (unrotated) space, in
+        the cache's logical order (sinks, then quantized, then recent tokens) — the order attention uses for its
+        causal rule."""
         ks, vs = [], []
         for b in range(self.B):
             K, V = ref.gather_kv(self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"],
@@ -295,7 +296,7 @@ class QuantizedKVCache:
             k = _unrotate(k, self.k_perm)
         if self.rotate_v:
             v = _unrotate(v, self.v_perm)
-        return k.to(self.dtype), v.to(self.dtype)
+        return k.to(dtype or self.dtype), v.to(dtype or self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -177,4 +177,4 @@ def quant_decode_attention(
 def _quant_decode_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
                                  bits_v, k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False,
                                  k_perm=None, v_perm=None):
-    return q.new_empty(q.shape, memory_format=torch.contiguous_format)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kvengine/attention.h"
 #include "kvengine/common.h"
 #include "kvengine/quant.h"
 
@@ -27,5 +28,14 @@ void quantize_pack(const void* x, DType dtype, int64_t batch, int64_t T, int64_t
 
 void dequantize(const uint8_t* codes, const void* scale, const void* zero, DType out_dtype, int64_t batch, int64_t T,
                 int64_t D, const QuantParams& qp, void* y, cudaStream_t stream);
+
+// Fused decode attention over the quantized cache (semantics: kvengine/attention.h; all pointers in `a`, lens
+// included, are device pointers).  Split-K over the context: a split kernel writes per-split partial softmax states
+// into `workspace` and a merge kernel writes `out`.  The workspace size depends only on shapes and capacities
+// (B, Hq, Hkv, Tq, D, q_cap, f_cap, bits), never on lens, so the launcher is CUDA-graph capturable.
+// Supports D in {32, 64, 128, 256}, bits in {1, 2, 4, 8}, v_group % 16 == 0 dividing D, any k_group dividing q_cap;
+// k_codes, v_codes, k_fp, v_fp 16-byte aligned.
+size_t quant_decode_attention_workspace_bytes(const DecodeAttentionArgs& a);
+void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_t stream);
 
 }  // namespace kvengine::cuda

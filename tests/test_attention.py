@@ -1,0 +1,127 @@
+"""quant_decode_attention vs the reference, built directly from random packed segments (incl. varlen)."""
+import pytest
+import torch
+
+import kvengine
+from kvengine import ops
+from kvengine import reference as ref
+
+from conftest import DEVICES, HAS_CUDA, outlier_randn
+
+
+def make_inputs(B, Hkv, g, Tq, D, bits_k, bits_v, G, VG, lens, qcap, fcap, dtype, meta_dtype, gen, device):
+    """Random cache segments of the given capacities; lens [B, 3] = (n_sink, n_quant, n_res)."""
+    kq = outlier_randn(B, Hkv, qcap, D, generator=gen)
+    vq = outlier_randn(B, Hkv, qcap, D, generator=gen)
+    kc, ks, kz = ref.quantize_pack(kq, bits_k, G, "per_channel", meta_dtype)
+    vc, vs, vz = ref.quantize_pack(vq, bits_v, VG, "per_token", meta_dtype)
+    k_fp = outlier_randn(B, Hkv, fcap, D, generator=gen).to(dtype)
+    v_fp = outlier_randn(B, Hkv, fcap, D, generator=gen).to(dtype)
+    q = outlier_randn(B, Hkv * g, Tq, D, generator=gen).to(dtype)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    args = [q, kc, ks, kz, vc, vs, vz, k_fp, v_fp, lens_t]
+    return [a.to(device) for a in args]
+
+
+CASES = [
+    # B, Hkv, g, Tq, D, bits_k, bits_v, G, VG, lens, qcap, fcap
+    (1, 2, 1, 1, 64, 2, 2, 32, 32, [(4, 64, 20)], 96, 40),
+    (2, 3, 3, 1, 64, 2, 4, 32, 32, [(4, 128, 7), (0, 32, 1)], 128, 24),        # varlen, GQA 3
+    (1, 1, 8, 4, 128, 4, 2, 32, 64, [(4, 96, 3)], 128, 16),                     # MQA 8, Tq=4 crossing into quant
+    (2, 2, 4, 8, 128, 4, 4, 64, 32, [(2, 128, 6), (4, 0, 9)], 192, 16),         # Tq=8, empty quantized part
+    (1, 2, 1, 2, 256, 2, 2, 16, 128, [(3, 48, 0)], 64, 8),                       # D=256, no residual
+    (1, 2, 2, 1, 128, 1, 8, 32, 16, [(1, 64, 5)], 64, 8),                        # 1-bit K, 8-bit V
+    (3, 1, 1, 3, 32, 2, 2, 32, 16, [(3, 0, 0), (1, 32, 2), (0, 64, 31)], 64, 40),  # tiny heads, sinks only
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference(device, case, dtype, gen):
+    B, Hkv, g, Tq, D, bk, bv, G, VG, lens, qcap, fcap = case
+    args = make_inputs(B, Hkv, g, Tq, D, bk, bv, G, VG, lens, qcap, fcap, dtype, torch.float16, gen, device)
+    out = ops.quant_decode_attention(*args, bk, bv, G, VG)
+    expect = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    tol = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(out.cpu().float(), expect.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotation_and_perms(device, gen):
+    B, Hkv, g, Tq, D = 2, 2, 2, 2, 64
+    args = make_inputs(B, Hkv, g, Tq, D, 2, 2, 32, 32, [(4, 64, 10), (2, 32, 3)], 64, 16, torch.float32,
+                       torch.float32, gen, device)
+    kp, vp = torch.randperm(D, generator=gen).to(device), torch.randperm(D, generator=gen).to(device)
+    for rk, rv, kpp, vpp in ((True, False, None, None), (False, True, None, vp), (True, True, kp, vp)):
+        out = ops.quant_decode_attention(*args, 2, 2, 32, 32, 0.2, rk, rv, kpp, vpp)
+        e = ref.quant_decode_attention(*[a.cpu() for a in args], 2, 2, 32, 32, 0.2, rk, rv,
+                                       None if kpp is None else kpp.cpu(), None if vpp is None else vpp.cpu())
+        torch.testing.assert_close(out.cpu(), e, rtol=1e-3, atol=1e-3)
+
+
+def test_opcheck(gen):
+    args = make_inputs(2, 2, 2, 2, 64, 2, 4, 32, 32, [(4, 64, 10), (1, 32, 3)], 64, 16, torch.float32,
+                       torch.float16, gen, "cpu")
+    torch.library.opcheck(torch.ops.kvengine.quant_decode_attention.default,
+                          (*args, 2, 4, 32, 32, None, False, False, None, None))
+    torch.library.opcheck(torch.ops.kvengine.quant_decode_attention.default,
+                          (*args, 2, 4, 32, 32, 0.1, True, True, None, torch.randperm(64)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_opcheck_cuda_and_graph_capture(gen):
+    args = make_inputs(2, 2, 4, 1, 128, 2, 2, 32, 32, [(4, 256, 10), (1, 128, 3)], 256, 160, torch.bfloat16,
+                       torch.bfloat16, gen, "cuda")
+    torch.library.opcheck(torch.ops.kvengine.quant_decode_attention.default,
+                          (*args, 2, 2, 32, 32, None, False, False, None, None))
+    # capturable in a CUDA graph: replay after changing lens on the device gives the new answer
+    static = ops.quant_decode_attention(*args, 2, 2, 32, 32)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out = ops.quant_decode_attention(*args, 2, 2, 32, 32)
+    args[-1].copy_(torch.tensor([[4, 224, 9], [0, 96, 2]], dtype=torch.int32))
+    graph.replay()
+    expect = ref.quant_decode_attention(*[a.cpu() for a in args], 2, 2, 32, 32)
+    torch.testing.assert_close(out.cpu().float(), expect.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.equal(out, static)
+
+
+def test_bad_inputs(gen):
+    args = make_inputs(1, 2, 2, 1, 64, 2, 2, 32, 32, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cpu")
+    q, kc, ks, kz, vc, vs, vz, kf, vf, lens = args
+
+    def call(*a, bk=2, bv=2, G=32, VG=32, **kw):
+        return ops.quant_decode_attention(*a, bk, bv, G, VG, **kw)
+
+    with pytest.raises(ValueError, match=r"query head count Hq \(3\) must be a multiple of the KV head count Hkv \(2\)"):
+        call(q[:, :3], *args[1:])
+    with pytest.raises(ValueError, match="head_dim D .* multiple of 16"):
+        call(q[..., :40], *args[1:])
+    with pytest.raises(ValueError, match=r"k_scale must have shape"):
+        call(q, kc, ks[:, :, :1], kz, vc, vs, vz, kf, vf, lens)
+    with pytest.raises(ValueError, match=r"v_fp must be"):
+        call(q, kc, ks, kz, vc, vs, vz, kf, vf.double(), lens)
+    with pytest.raises(ValueError, match=r"lens\[0\] = \(4, 96, 10\) exceeds the capacities"):
+        call(q, kc, ks, kz, vc, vs, vz, kf, vf, torch.tensor([[4, 96, 10]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="fewer than the 2 new query tokens"):
+        call(torch.cat([q, q], 2), kc, ks, kz, vc, vs, vz, kf, vf, torch.tensor([[1, 0, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"Tq .* must be in \[1, 8\]"):
+        call(q.expand(-1, -1, 9, -1), *args[1:])
+    with pytest.raises(ValueError, match="bits must be 1, 2, 4 or 8"):
+        call(*args, bk=3)
+    with pytest.raises(ValueError, match="k_group .* must be >= 1 and divide"):
+        call(*args, G=48)
+    with pytest.raises(ValueError, match="v_group .* multiple of 16"):
+        call(*args, VG=24)
+    with pytest.raises(ValueError, match="lens must be Int"):
+        call(q, kc, ks, kz, vc, vs, vz, kf, vf, lens.long())
+    with pytest.raises(ValueError, match="k_perm given but rotate_k is false"):
+        call(*args, k_perm=torch.randperm(64))
+    with pytest.raises(ValueError, match="must be a power of two"):
+        qq = torch.randn(1, 4, 1, 48)
+        a2 = make_inputs(1, 2, 2, 1, 48, 2, 2, 32, 16, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cpu")
+        ops.quant_decode_attention(*a2, 2, 2, 32, 16, None, True, False)
