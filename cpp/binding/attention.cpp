@@ -39,6 +39,8 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   check_nonempty(op, "q", q);
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   KVE_CHECK(D % 16 == 0 && D <= 256, op, ": head_dim D (last dim of q) must be a multiple of 16 up to 256, got ", D);
+  KVE_CHECK(!q.is_cuda() || D == 32 || D == 64 || D == 128 || D == 256, op,
+            ": on CUDA head_dim D must be 32, 64, 128 or 256, got ", D);
   KVE_CHECK(Tq >= 1 && Tq <= 8, op, ": Tq (dim 2 of q, new tokens per step) must be in [1, 8], got ", Tq);
   KVE_CHECK(k_codes.dim() == 4, op, ": k_codes must be [B, Hkv, capacity, D*bits_k/8], got shape ", k_codes.sizes());
   const int64_t Hkv = k_codes.size(1), qcap = k_codes.size(2);

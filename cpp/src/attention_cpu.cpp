@@ -3,9 +3,10 @@
 // Work item = (sequence b, KV head h, chunk of the logical token range).  Each item keeps the g·Tq query rows of
 // its KV head (GQA: K/V are unpacked once per token and used by every query head of the group), walks its tokens
 // in blocks of ≤ 32, and keeps an online softmax state (m, l, acc).  Packed keys and values are unpacked 16 codes at
-// a time and dequantized in registers (x̂ = code·scale + zero, the same fp32 operations as dequantize — folding the
-// scale into q instead would be cheaper but loses precision to cancellation against large zero points), once per
-// token, then used by every query row.  Nothing dequantized is ever written to memory.
+// a time and dequantized (x̂ = code·scale + zero — folding the scale into q would be cheaper but loses precision to
+// cancellation against large zero points) into a 32-token block that stays in L1, then used by every query row
+// (scores four tokens at a time with one combined horizontal reduction; P·V with the accumulators in registers).
+// Nothing dequantized is ever written to the cache or to main memory.  Built with FMA contraction allowed.
 // Chunks are merged by the usual log-sum-exp rule (flash-decoding split-K).
 #include <algorithm>
 #include <cmath>
@@ -39,6 +40,43 @@ inline float hsum(vf v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// the four sums of a0..a3 (transpose-and-add: 13 shuffles/adds instead of 4 separate reductions)
+inline void hsum4(vf a0, vf a1, vf a2, vf a3, float* out) {
+  const vf x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const vf w = z + __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  const vf u = w + __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  out[0] = u[0];
+  out[1] = u[4];
+  out[2] = u[8];
+  out[3] = u[12];
+}
+
+// e^x for 16 lanes: 2^(x·log2 e) split into 2^n · 2^f, f in [-0.5, 0.5], degree-6 polynomial (rel. err < 2e-7);
+// -inf -> 0, x < -87 -> 0.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.0f);
+  const vi below = x < lo;  // lanes that underflow (or are -inf)
+  x = x < lo ? lo : x;
+  const vf y = x * splat(1.44269504088896341f);
+  const vf n = __builtin_convertvector(__builtin_convertvector(y + (y < 0 ? splat(-0.5f) : splat(0.5f)), vi), vf);
+  const vf f = (y - n) * splat(0.693147180559945309f);  // f·ln2 in [-ln2/2, ln2/2]
+  vf p = splat(1.0f / 720);
+  p = p * f + splat(1.0f / 120);
+  p = p * f + splat(1.0f / 24);
+  p = p * f + splat(1.0f / 6);
+  p = p * f + splat(0.5f);
+  p = p * f + splat(1.0f);
+  p = p * f + splat(1.0f);
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf r = p * (vf)e;
+  return below ? splat(0.0f) : r;
+}
+
 // 16 codes starting at element d (d % 16 == 0) of a row packed as quantize_pack does, as floats
 template <int BITS>
 inline vf unpack16(const uint8_t* row, int64_t d) {
@@ -65,9 +103,9 @@ inline vf unpack16(const uint8_t* row, int64_t d) {
   }
 }
 
-struct State {  // per work item: query rows, online softmax state
+struct State {  // per work item: query rows, online softmax state, one block of dequantized K / V rows
   int R = 0, D = 0;
-  std::vector<float> q, acc, m, l, s, p, tmp;
+  std::vector<float> q, acc, m, l, s, kblk, vblk, meta;
   void init(int rows, int d) {
     R = rows;
     D = d;
@@ -76,8 +114,9 @@ struct State {  // per work item: query rows, online softmax state
     m.assign(R, -std::numeric_limits<float>::infinity());
     l.assign(R, 0.f);
     s.assign(size_t(R) * BT, 0.f);
-    p.assign(size_t(R) * BT, 0.f);
-    tmp.assign(size_t(BT) * D, 0.f);
+    kblk.resize(size_t(BT) * D);
+    vblk.resize(size_t(BT) * D);
+    meta.resize(2 * size_t(D) + 2 * size_t(BT) * (D / 16));
   }
 };
 
@@ -114,13 +153,10 @@ class Worker {
     N_ = N;
     const int esz = dtype_size(a.dtype);
     const char* kf = static_cast<const char*>(a.k_fp) + (b * a.Hkv + h) * a.f_cap * a.D * esz;
-    const char* vf_ = static_cast<const char*>(a.v_fp) + (b * a.Hkv + h) * a.f_cap * a.D * esz;
-    // sinks: logical [0, ns) = fp slots [0, ns)
-    fp_range(st, kf, vf_, 0, ns, 0, c0, c1);
-    // quantized: logical [ns, ns + nq)
-    quant_range(st, b, h, ns, nq, c0, c1);
-    // residual: logical [ns + nq, N) = fp slots [ns, ns + nr)
-    fp_range(st, kf, vf_, ns, nr, int64_t(ns) + nq, c0, c1);
+    const char* vfp = static_cast<const char*>(a.v_fp) + (b * a.Hkv + h) * a.f_cap * a.D * esz;
+    fp_range(st, kf, vfp, 0, ns, 0, c0, c1);                        // sinks: logical [0, ns)
+    quant_range(st, b, h, ns, nq, c0, c1);                          // quantized: logical [ns, ns + nq)
+    fp_range(st, kf, vfp, ns, nr, int64_t(ns) + nq, c0, c1);        // recent: logical [ns + nq, N)
     for (int r = 0; r < c_.R; ++r) {
       out[r * (a.D + 2)] = st.m[r];
       out[r * (a.D + 2) + 1] = st.l[r];
@@ -146,38 +182,79 @@ class Worker {
       }
   }
 
-  // the last visible logical position of row r
-  int64_t limit(int r) const { return N_ - a_.Tq + (r % a_.Tq); }
+  // One block of nt (<= BT) tokens at logical positions p0.. whose K and V rows are in st.kblk / st.vblk (fp32):
+  // scores, causal mask, online-softmax update and P·V for every query row.
+  void process_block(State& st, int64_t p0, int nt) {
+    switch (st.D / W) {
+      case 2: return process_block_nv<2>(st, p0, nt);
+      case 4: return process_block_nv<4>(st, p0, nt);
+      case 8: return process_block_nv<8>(st, p0, nt);
+      case 16: return process_block_nv<16>(st, p0, nt);
+      default: return process_block_nv<0>(st, p0, nt);
+    }
+  }
 
-  // scores st.s[r][0..nt) are set for tokens at logical positions p0..p0+nt: mask, softmax update, fill st.p
-  void softmax_block(State& st, int64_t p0, int nt) {
+  // NV = D / 16 known at compile time (0: run time) so that query rows and accumulators live in registers
+  template <int NV>
+  void process_block_nv(State& st, int64_t p0, int nt) {
+    const int nv = NV ? NV : st.D / W, D = nv * W;
+    constexpr float NEG = -std::numeric_limits<float>::infinity();
+    alignas(64) float p[BT];
+    for (int t = nt; t < BT; ++t) std::memset(st.kblk.data() + size_t(t) * D, 0, D * sizeof(float));
     for (int r = 0; r < st.R; ++r) {
+      const float* q = st.q.data() + size_t(r) * D;
       float* s = st.s.data() + size_t(r) * BT;
-      float* p = st.p.data() + size_t(r) * BT;
-      const int64_t lim = limit(r);
-      float bm = -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < nt; t += 4) {  // four tokens at a time: one combined horizontal reduction
+        const float* k = st.kblk.data() + size_t(t) * D;
+        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int i = 0; i < nv; ++i) {
+          const vf qi = ld(q + i * W);
+          a0 += qi * ld(k + i * W);
+          a1 += qi * ld(k + D + i * W);
+          a2 += qi * ld(k + 2 * D + i * W);
+          a3 += qi * ld(k + 3 * D + i * W);
+        }
+        hsum4(a0, a1, a2, a3, s + t);
+      }
+      // causal limit of this row (only the newest Tq tokens can be masked)
+      const int64_t lim = N_ - a_.Tq + (r % a_.Tq);
+      float bm = NEG;
       for (int t = 0; t < nt; ++t) {
-        if (p0 + t > lim) s[t] = -std::numeric_limits<float>::infinity();
+        if (p0 + t > lim) s[t] = NEG;
         bm = std::max(bm, s[t]);
       }
-      if (bm == -std::numeric_limits<float>::infinity()) {
-        std::fill(p, p + nt, 0.f);
-        continue;
-      }
+      for (int t = nt; t < BT; ++t) s[t] = NEG;
+      if (bm == NEG) continue;  // every token of the block is masked for this row
       const float mn = std::max(st.m[r], bm);
       const float alpha = std::exp(st.m[r] - mn);  // 0 when m was -inf
-      float sum = 0.f;
-      for (int t = 0; t < nt; ++t) {
-        p[t] = std::exp(s[t] - mn);
-        sum += p[t];
+      vf sum = {};
+      for (int t = 0; t < BT; t += W) {
+        const vf e = vexp(ld(s + t) - splat(mn));
+        stv(p + t, e);
+        sum += e;
       }
-      if (alpha != 1.f) {
-        float* acc = st.acc.data() + size_t(r) * st.D;
-        const vf va = splat(alpha);
-        for (int d = 0; d < st.D; d += W) stv(acc + d, ld(acc + d) * va);
-      }
-      st.l[r] = st.l[r] * alpha + sum;
+      st.l[r] = st.l[r] * alpha + hsum(sum);
       st.m[r] = mn;
+      float* acc = st.acc.data() + size_t(r) * D;
+      // P·V with up to 8 accumulator vectors (128 channels) held in registers across the block's tokens
+      for (int i0 = 0; i0 < nv; i0 += 8) {
+        constexpr int C = NV ? (NV < 8 ? NV : 8) : 8;
+        const int n8 = NV ? C : std::min(8, nv - i0);
+        vf a8[C];
+#pragma GCC unroll 8
+        for (int i = 0; i < C; ++i)
+          if (i < n8) a8[i] = ld(acc + (i0 + i) * W) * splat(alpha);
+        for (int t = 0; t < nt; ++t) {
+          const vf pv = splat(p[t]);
+          const float* v = st.vblk.data() + size_t(t) * D + i0 * W;
+#pragma GCC unroll 8
+          for (int i = 0; i < C; ++i)
+            if (i < n8) a8[i] += pv * ld(v + i * W);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < C; ++i)
+          if (i < n8) stv(acc + (i0 + i) * W, a8[i]);
+      }
     }
   }
 
@@ -192,97 +269,59 @@ class Worker {
       const int nt = int(std::min<int64_t>(BT, hi - p0));
       const int64_t slot0 = s0 + (p0 - lp0);
       for (int t = 0; t < nt; ++t) {
-        float* krow = st.tmp.data() + size_t(t) * D;
-        detail::load_row(kf + (slot0 + t) * D * esz, a.dtype, D, nullptr, krow);
+        detail::load_row(kf + (slot0 + t) * D * esz, a.dtype, D, nullptr, st.kblk.data() + size_t(t) * D);
+        detail::load_row(vfp + (slot0 + t) * D * esz, a.dtype, D, nullptr, st.vblk.data() + size_t(t) * D);
       }
-      for (int r = 0; r < st.R; ++r) {
-        const float* q = st.q.data() + size_t(r) * D;
-        for (int t = 0; t < nt; ++t) {
-          const float* k = st.tmp.data() + size_t(t) * D;
-          vf acc = {};
-          for (int d = 0; d < D; d += W) acc += ld(q + d) * ld(k + d);
-          st.s[size_t(r) * BT + t] = hsum(acc);
-        }
-      }
-      softmax_block(st, p0, nt);
-      for (int t = 0; t < nt; ++t) {
-        float* vrow = st.tmp.data() + size_t(t) * D;
-        detail::load_row(vfp + (slot0 + t) * D * esz, a.dtype, D, nullptr, vrow);
-      }
-      for (int r = 0; r < st.R; ++r) {
-        float* acc = st.acc.data() + size_t(r) * D;
-        const float* p = st.p.data() + size_t(r) * BT;
-        for (int t = 0; t < nt; ++t) {
-          if (p[t] == 0.f) continue;
-          const vf pv = splat(p[t]);
-          const float* v = st.tmp.data() + size_t(t) * D;
-          for (int d = 0; d < D; d += W) stv(acc + d, ld(acc + d) + pv * ld(v + d));
-        }
-      }
+      process_block(st, p0, nt);
     }
   }
 
+  // packed tokens: blocks never straddle a K group, so one per-channel scale/zero serves the whole block
   void quant_range(State& st, int64_t b, int64_t h, int64_t ns, int64_t nq, int64_t c0, int64_t c1) {
     const DecodeAttentionArgs& a = a_;
     const int64_t lo = std::max(ns, c0), hi = std::min(ns + nq, c1);
     if (lo >= hi) return;
-    const int D = int(a.D), G = a.k_group, VG = a.v_group;
+    const int D = int(a.D), G = a.k_group, VG = a.v_group, nv = D / W;
     const int64_t bh = b * a.Hkv + h;
     const int64_t krow_bytes = D * BK / 8, vrow_bytes = D * BV / 8;
     const uint8_t* kc = a.k_codes + bh * a.q_cap * krow_bytes;
     const uint8_t* vc = a.v_codes + bh * a.q_cap * vrow_bytes;
     const int64_t kmeta0 = bh * (a.q_cap / G) * D, vmeta0 = bh * a.q_cap * (D / VG);
+    float* ks = st.meta.data();
+    float* kz = st.meta.data() + D;
     int64_t cur_group = -1;
-    std::vector<float>& kv = st.tmp;  // scratch: K group scale / zero (2·D floats)
     for (int64_t p0 = lo; p0 < hi;) {
-      const int64_t j0 = p0 - ns;                      // quantized index
+      const int64_t j0 = p0 - ns;  // index in the quantized segment
       const int64_t gid = j0 / G;
-      const int64_t gend = (gid + 1) * G + ns;         // logical end of this K group
-      const int nt = int(std::min<int64_t>({int64_t(BT), hi - p0, gend - p0}));
-      if (gid != cur_group) {  // this K group's per-channel scale / zero
+      const int nt = int(std::min<int64_t>({int64_t(BT), hi - p0, (gid + 1) * G + ns - p0}));
+      if (gid != cur_group) {
         cur_group = gid;
-        for (int d = 0; d < D; ++d) {
-          kv[d] = load_as_float(a.k_scale, kmeta0 + gid * D + d, a.meta_dtype);
-          kv[D + d] = load_as_float(a.k_zero, kmeta0 + gid * D + d, a.meta_dtype);
-        }
+        detail::load_row(static_cast<const char*>(a.k_scale) + (kmeta0 + gid * D) * dtype_size(a.meta_dtype),
+                         a.meta_dtype, D, nullptr, ks);
+        detail::load_row(static_cast<const char*>(a.k_zero) + (kmeta0 + gid * D) * dtype_size(a.meta_dtype),
+                         a.meta_dtype, D, nullptr, kz);
       }
-      // scores: each key row is dequantized once in registers (k̂ = code·scale + zero, exactly as dequantize
-      // computes it) and used by every query row of the GQA group
-      vf kbuf[256 / W];
+      // this block's per-token V scales / zeros, converted to fp32 in one vectorized pass each
+      const int gpr = D / VG;
+      float* vs = st.meta.data() + 2 * D;
+      float* vz = vs + BT * gpr;
+      detail::load_row(static_cast<const char*>(a.v_scale) + (vmeta0 + j0 * gpr) * dtype_size(a.meta_dtype),
+                       a.meta_dtype, int64_t(nt) * gpr, nullptr, vs);
+      detail::load_row(static_cast<const char*>(a.v_zero) + (vmeta0 + j0 * gpr) * dtype_size(a.meta_dtype),
+                       a.meta_dtype, int64_t(nt) * gpr, nullptr, vz);
+      // dequantize in registers, k̂ = code·scale + zero / v̂ likewise — the same fp32 operations as dequantize
       for (int t = 0; t < nt; ++t) {
-        const uint8_t* row = kc + (j0 + t) * krow_bytes;
-        for (int i = 0; i < D / W; ++i)
-          kbuf[i] = unpack16<BK>(row, int64_t(i) * W) * ld(kv.data() + i * W) + ld(kv.data() + D + i * W);
-        for (int r = 0; r < st.R; ++r) {
-          const float* q = st.q.data() + size_t(r) * D;
-          vf acc0 = {}, acc1 = {};
-          int i = 0;
-          for (; i + 1 < D / W; i += 2) {
-            acc0 += ld(q + i * W) * kbuf[i];
-            acc1 += ld(q + (i + 1) * W) * kbuf[i + 1];
-          }
-          if (i < D / W) acc0 += ld(q + i * W) * kbuf[i];
-          st.s[size_t(r) * BT + t] = hsum(acc0 + acc1);
+        const uint8_t* krow = kc + (j0 + t) * krow_bytes;
+        float* kd = st.kblk.data() + size_t(t) * D;
+        for (int i = 0; i < nv; ++i) stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * ld(ks + i * W) + ld(kz + i * W));
+        const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
+        float* vd = st.vblk.data() + size_t(t) * D;
+        for (int i = 0; i < nv; ++i) {
+          const int gv = t * gpr + i * W / VG;
+          stv(vd + i * W, unpack16<BV>(vrow, int64_t(i) * W) * splat(vs[gv]) + splat(vz[gv]));
         }
       }
-      softmax_block(st, p0, nt);
-      // values: v̂ = code·scale + zero per V group of channels, dequantized once, acc += p·v̂ for every row
-      for (int t = 0; t < nt; ++t) {
-        const uint8_t* row = vc + (j0 + t) * vrow_bytes;
-        const int64_t vm = vmeta0 + (j0 + t) * (D / VG);
-        for (int i = 0; i < D / W; ++i) {
-          const int64_t gv = i * W / VG;
-          kbuf[i] = unpack16<BV>(row, int64_t(i) * W) * splat(load_as_float(a.v_scale, vm + gv, a.meta_dtype)) +
-                    splat(load_as_float(a.v_zero, vm + gv, a.meta_dtype));
-        }
-        for (int r = 0; r < st.R; ++r) {
-          const float pr = st.p[size_t(r) * BT + t];
-          if (pr == 0.f) continue;
-          float* acc = st.acc.data() + size_t(r) * D;
-          const vf pv = splat(pr);
-          for (int i = 0; i < D / W; ++i) stv(acc + i * W, ld(acc + i * W) + pv * kbuf[i]);
-        }
-      }
+      process_block(st, p0, nt);
       p0 += nt;
     }
   }

@@ -37,7 +37,8 @@
 //
 // Supported: D in {32, 64, 128, 256}; bits_k, bits_v in {1, 2, 4, 8} (fast paths (2,2), (4,4), (2,4), (4,2), the
 // others through one runtime-bits kernel); v_group % 16 == 0 and D % v_group == 0; any k_group >= 1; any g, Tq.
-// k_codes/v_codes/k_fp/v_fp must be 16-byte aligned, metadata aligned to its element size.
+// k_codes/v_codes/k_fp/v_fp must be 16-byte aligned, metadata aligned to its element size, workspace 8-byte aligned.
+// Registers: __launch_bounds__(128, 3) for 4/8 rows (<= 168 regs), (128, 4) for 1/2 rows (<= 128 regs).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -159,6 +160,7 @@ __device__ __forceinline__ void stage_copy(uint8_t* dst, const uint8_t* src, int
     if (ca >= a && ca + 16 <= e) {
       cp_async16(dst + 16 * i, reinterpret_cast<const void*>(ca));
     } else {
+#pragma unroll 1
       for (int k = 0; k < 16; ++k) {
         const uintptr_t x = ca + k;
         if (x >= a && x < e) dst[16 * i + k] = *reinterpret_cast<const uint8_t*>(x);
@@ -439,7 +441,7 @@ struct SplitCta {
   __device__ __forceinline__ void dot1_fp(int64_t off, int cp, float (&pa)[RB]) const {
 #pragma unroll
     for (int r = 0; r < RB; ++r) pa[r] = 0.f;
-#pragma unroll
+#pragma unroll 1
     for (int i = 0; i < 4; ++i) {
       float v[8];
       load8(p.kf, off + 8 * i, p.dtype, v);
@@ -491,18 +493,12 @@ struct SplitCta {
     const int g0 = j0 / p.kg, nsl = (j0 + nt - 1) / p.kg - g0 + 1;
     const int sa = min((j0 + tA) / p.kg - g0, nsl - 1), sb = min((j0 + tB) / p.kg - g0, nsl - 1);
     float ra[RB], rb[RB];
-    int slot = sa;
-    for (;;) {  // one pass, or two when the pair straddles a K group boundary (odd k_group)
-      float pa[RB], pb[RB];
-      dot2(qs_s + slot * RB * p.D, cp, wA, wB, pa, pb);
-      if (slot == sa) {
+    dot2(qs_s + sa * RB * p.D, cp, wA, wB, ra, rb);
+    if (sb != sa) {  // the pair straddles a K group boundary (odd k_group): token B again with its own slot
+      float t0[RB], t1[RB];
+      dot2(qs_s + sb * RB * p.D, cp, wB, wB, t0, t1);
 #pragma unroll
-        for (int r = 0; r < RB; ++r) ra[r] = pa[r];
-      }
-#pragma unroll
-      for (int r = 0; r < RB; ++r) rb[r] = pb[r];
-      if (slot == sb) break;
-      slot = sb;
+      for (int r = 0; r < RB; ++r) rb[r] = t0[r];
     }
     const bool vA = tA < nt && j0 + tA >= jlo, vB = tB < nt && j0 + tB >= jlo;
     store_scores(ra, rb, cp, tA, nt, vA, vB, ns + j0 + tA, qz_s + sa * RB, qz_s + sb * RB);
@@ -513,7 +509,7 @@ struct SplitCta {
     const int tA = 2 * pi, tB = tA + 1;
     const int64_t row0 = (bh * p.f_cap + slot0) * p.D + 32 * cp;
     float ra[RB], rb[RB];
-    // (both calls are made by every lane: rows past the tile end read slot 0 of this sequence, never used)
+    // every lane makes both calls (shuffles follow); a token past the tile end reads the tile's first row instead
     dot1_fp(row0 + static_cast<int64_t>(tA < nt ? tA : 0) * p.D, cp, ra);
     dot1_fp(row0 + static_cast<int64_t>(tB < nt ? tB : 0) * p.D, cp, rb);
     store_scores(ra, rb, cp, tA, nt, tA < nt, tB < nt, pos0 + tA, nullptr, nullptr);
@@ -596,7 +592,7 @@ struct SplitCta {
     for (int c = 0; c < CV; ++c) finv[c] = pow2i(bits_v * code_pos(bits_v, c));
     rescale();
     const int64_t row0 = (bh * p.f_cap + slot0) * p.D + cs * CV;
-#pragma unroll 2
+#pragma unroll 1
     for (int t = ts; t < nt; t += nts) {
       float pr[RB];
       load_rows<RB>(p_s + t * RB, pr);
@@ -767,8 +763,9 @@ struct SplitCta {
   }
 };
 
+// at most 168 registers for 4 and 8 rows (3 CTAs / SM), 128 for 1 and 2 rows (4 CTAs / SM)
 template <int BK, int BV, int RB>
-__global__ void __launch_bounds__(kThreads) attn_split_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, RB >= 4 ? 3 : 4) attn_split_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   SplitCta<BK, BV, RB> c{p};
   c.smem = smem_raw;

@@ -1,0 +1,87 @@
+"""Decode step over a quantized cache: kvengine INT2/INT4 fused attention vs (a) torch SDPA over full-precision K/V
+and (b) dequantize-then-SDPA (what an unfused quantized cache does), side by side, GQA 4:1, D=128."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from kvengine import QuantizedKVCache, ops
+
+from . import default_device, print_table, timeit, write_json
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def run(device: str, contexts=(1024, 4096, 16384, 32768), batches=(1, 8), bits=(2, 4), hkv=8, g=4, D=128,
+        group=32, residual=128, sinks=4, quick=False, max_fp_gb=4.0) -> list[dict]:
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    esz = torch.finfo(dtype).bits // 8
+    rows = []
+    rep = 5 if quick else 11
+    for B in batches:
+        for N in contexts:
+            fp_bytes = 2 * B * hkv * N * D * esz
+            if fp_bytes / 2**30 > max_fp_gb:
+                continue
+            gen = torch.Generator(device="cpu").manual_seed(N + B)
+            k = torch.randn(B, hkv, N, D, generator=gen).to(device, dtype)
+            v = torch.randn(B, hkv, N, D, generator=gen).to(device, dtype)
+            q = torch.randn(B, hkv * g, 1, D, generator=gen).to(device, dtype)
+            t_sdpa = timeit(lambda: _sdpa(q, k, v), device, repeat=rep)
+            for nb in bits:
+                cache = QuantizedKVCache(hkv, D, bits_k=nb, bits_v=nb, group_size=group, residual=residual,
+                                         sinks=sinks, rotate=True, batch_size=B, dtype=dtype, device=device)
+                cache.append(k, v)
+                qd = cache.q
+
+                def deq_sdpa():
+                    kd = ops.dequantize(qd["k_codes"], qd["k_scale"], qd["k_zero"], nb, group, "per_channel", dtype)
+                    vd = ops.dequantize(qd["v_codes"], qd["v_scale"], qd["v_zero"], nb, cache.v_group,
+                                        "per_token", dtype)
+                    kk = torch.cat([cache.k_fp[:, :, : cache.n_sink], kd[:, :, : cache.n_quant],
+                                    cache.k_fp[:, :, cache.n_sink : cache.n_sink + cache.n_res]], 2)
+                    vv = torch.cat([cache.v_fp[:, :, : cache.n_sink], vd[:, :, : cache.n_quant],
+                                    cache.v_fp[:, :, cache.n_sink : cache.n_sink + cache.n_res]], 2)
+                    return _sdpa(ops.fwht(q), kk, vv)
+
+                t_k = timeit(lambda: cache.attend(q), device, repeat=rep)
+                t_deq = timeit(deq_sdpa, device, repeat=max(3, rep // 2))
+                rows.append({
+                    "B": B, "context": N, "bits": nb, "eff_bits": cache.effective_bits,
+                    "kvengine_us": t_k * 1e6, "sdpa_us": t_sdpa * 1e6, "deq_sdpa_us": t_deq * 1e6,
+                    "kvengine_GBps": cache.nbytes / t_k / 1e9, "sdpa_GBps": fp_bytes / t_sdpa / 1e9,
+                    "speedup_vs_sdpa": t_sdpa / t_k, "speedup_vs_deq_sdpa": t_deq / t_k,
+                })
+                del cache
+            del k, v
+    print_table(f"decode attention on {device} ({dtype}, Hkv={hkv}, GQA {g}:1, D={D}, G={group}, R={residual}, "
+                f"S={sinks}, rotated); speedups = baseline time / kvengine time; GB/s = bytes held / time", rows,
+                ["B", "context", "bits", "eff_bits", "kvengine_us", "sdpa_us", "deq_sdpa_us", "kvengine_GBps",
+                 "sdpa_GBps", "speedup_vs_sdpa", "speedup_vs_deq_sdpa"])
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--json", default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.device == "cpu":
+        ctx = (1024, 4096) if a.quick else (1024, 4096, 16384, 32768)
+        batches = (1,) if a.quick else (1, 8)
+    else:
+        ctx = (4096, 32768) if a.quick else (1024, 4096, 16384, 32768, 131072)
+        batches = (1, 8, 32)
+    rows = run(a.device, contexts=ctx, batches=batches, quick=a.quick,
+               max_fp_gb=4.0 if a.device == "cpu" else 40.0)
+    write_json(a.json, "attention", a.device, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
