@@ -13,13 +13,18 @@
 namespace kvengine {
 namespace {
 
+// min / max that propagate NaN (as torch.amin / amax do): a NaN anywhere in a group makes its scale and zero NaN
+inline float nan_min(float a, float b) { return (b < a || b != b) ? b : a; }
+inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
 inline float qmax_of(int bits) { return static_cast<float>((1 << bits) - 1); }
 
 // code of one value; identical formula in reference.py and the CUDA kernels
 inline uint8_t quant_code(float x, float s, float z, float qmax) {
   if (s == 0.0f) return 0;
   float c = std::floor((x - z) / s + 0.5f);
-  c = std::min(std::max(c, 0.0f), qmax);
+  if (!(c >= 0.0f)) c = 0.0f;  // also NaN -> 0 (a NaN group has NaN scale/zero, so it dequantizes to NaN anyway)
+  if (c > qmax) c = qmax;
   return static_cast<uint8_t>(c);
 }
 
@@ -87,8 +92,8 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
         for (int r = 1; r < G; ++r) {
           const float* row = buf.data() + static_cast<int64_t>(r) * D;
           for (int64_t d = 0; d < D; ++d) {
-            lo[d] = std::min(lo[d], row[d]);
-            hi[d] = std::max(hi[d], row[d]);
+            lo[d] = nan_min(lo[d], row[d]);
+            hi[d] = nan_max(hi[d], row[d]);
           }
         }
         const int64_t moff = (b * groups + g) * D;
@@ -118,7 +123,7 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
         for (int64_t g = 0; g < gpr; ++g) {
           const float* v = buf.data() + g * G;
           float lo = v[0], hi = v[0];
-          for (int i = 1; i < G; ++i) { lo = std::min(lo, v[i]); hi = std::max(hi, v[i]); }
+          for (int i = 1; i < G; ++i) { lo = nan_min(lo, v[i]); hi = nan_max(hi, v[i]); }
           const float sc = round_to((hi - lo) / qmax, md), zz = round_to(lo, md);
           store_from_float(scale, rr * gpr + g, md, sc);
           store_from_float(zero, rr * gpr + g, md, zz);

@@ -120,6 +120,10 @@ __device__ __forceinline__ float load_meta(const void* p, int64_t i, int meta) {
   return static_cast<const float*>(p)[i];
 }
 
+// min / max that propagate NaN (as torch.amin / amax and the CPU kernel do): a NaN poisons its group
+__device__ __forceinline__ float nan_min(float a, float b) { return (b < a || b != b) ? b : a; }
+__device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // scale / zero of a group from its fp32 min / max (rounded to the metadata dtype)
 __device__ __forceinline__ void group_params(float lo, float hi, float qmax, int meta, float& sc, float& zr) {
   sc = round_meta(__fdiv_rn(__fsub_rn(hi, lo), qmax), meta);
@@ -130,7 +134,7 @@ __device__ __forceinline__ void group_params(float lo, float hi, float qmax, int
 __device__ __forceinline__ uint32_t quant_code(float x, float sc, float zr, float qmax) {
   if (sc == 0.0f) return 0u;
   float c = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(x, zr), sc), 0.5f));
-  c = fminf(fmaxf(c, 0.0f), qmax);
+  c = fminf(fmaxf(c, 0.0f), qmax);  // fmaxf(NaN, 0) == 0: a NaN code becomes 0, as on the CPU
   return static_cast<uint32_t>(c);
 }
 
@@ -187,16 +191,16 @@ __device__ __forceinline__ void token_lane_quant(const QuantArgs& a, const float
   float lo = v[0], hi = v[0];
 #pragma unroll
   for (int j = 1; j < 8; ++j) {
-    lo = fminf(lo, v[j]);
-    hi = fmaxf(hi, v[j]);
+    lo = nan_min(lo, v[j]);
+    hi = nan_max(hi, v[j]);
   }
   if (!active) {
     lo = __int_as_float(0x7f800000);   // +inf
     hi = __int_as_float(0xff800000);   // -inf
   }
   for (int m = 1; m < L; m <<= 1) {
-    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, m));
-    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, m));
+    lo = nan_min(lo, __shfl_xor_sync(0xffffffffu, lo, m));
+    hi = nan_max(hi, __shfl_xor_sync(0xffffffffu, hi, m));
   }
   if (!active) return;
   float sc, zr;
@@ -390,16 +394,16 @@ __device__ void quant_channel_view(const QuantArgs& a, const TileArgs& g, const 
         load_vals(base + r * vrs, v, cpt, g.view_vec);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          lo[i] = fminf(lo[i], v[i]);
-          hi[i] = fmaxf(hi[i], v[i]);
+          lo[i] = nan_min(lo[i], v[i]);
+          hi[i] = nan_max(hi[i], v[i]);
         }
       }
     }
     for (int m = UPW; m < 32; m <<= 1) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        lo[i] = fminf(lo[i], __shfl_xor_sync(0xffffffffu, lo[i], m));
-        hi[i] = fmaxf(hi[i], __shfl_xor_sync(0xffffffffu, hi[i], m));
+        lo[i] = nan_min(lo[i], __shfl_xor_sync(0xffffffffu, lo[i], m));
+        hi[i] = nan_max(hi[i], __shfl_xor_sync(0xffffffffu, hi[i], m));
       }
     }
     if (!active) continue;
@@ -460,8 +464,8 @@ __device__ void quant_token_view_general(const QuantArgs& a, const T* view, int6
     float lo = Storage<T>::to_float(p[0]), hi = lo;
     for (int e = 1; e < G; ++e) {
       const float v = Storage<T>::to_float(p[e]);
-      lo = fminf(lo, v);
-      hi = fmaxf(hi, v);
+      lo = nan_min(lo, v);
+      hi = nan_max(hi, v);
     }
     float sc, zr;
     group_params(lo, hi, a.qmax, a.meta, sc, zr);
