@@ -54,8 +54,3 @@ __all__ = [
     "ops",
     "reference",
 ]
-
-# ---- 1-bit QK attention (BinaryAttention)
-from .ops import binary_attention, binary_attention_packed, sign_pack  # noqa: E402
-
-__all__ += ["sign_pack", "binary_attention", "binary_attention_packed"]

@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include "kvengine/attention.h"
-#include "kvengine/binary_attention.h"
 #include "kvengine/common.h"
 #include "kvengine/quant.h"
 
@@ -38,14 +37,5 @@ void dequantize(const uint8_t* codes, const void* scale, const void* zero, DType
 // k_codes, v_codes, k_fp, v_fp 16-byte aligned.
 size_t quant_decode_attention_workspace_bytes(const DecodeAttentionArgs& a);
 void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_t stream);
-
-// ---- 1-bit QK attention (semantics: kvengine/binary_attention.h) ------------------------------------------------
-// sign_pack: x [batch, L, D] (element strides, D contiguous, D a multiple of 32) -> bits [batch, L, D/32], scale
-// [batch, L]; with `center`, `mean_ws` (fp32 [batch, D], device) receives the per-channel means (else may be null).
-void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, int64_t x_stride_b,
-               int64_t x_stride_t, bool center, uint32_t* bits, float* scale, float* mean_ws, cudaStream_t stream);
-// Fused binary attention over packed keys (all pointers in `a` device pointers); D in {32, 64, 128, 256};
-// q and v rows 4-byte aligned.  One kernel, no workspace.
-void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream);
 
 }  // namespace kvengine::cuda

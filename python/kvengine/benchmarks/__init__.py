@@ -104,3 +104,17 @@ def write_json(path: str | None, name: str, device: str, rows: list[dict]) -> No
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() and kvengine.build_info()["cuda"] else "cpu"
+
+
+def bench_main(name: str, doc: str, body: Callable, argv=None) -> list[dict]:
+    """The command line every benchmark shares: --device, --json, --quick; body(device, quick) -> rows."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--json", default=None, help="write the rows and the environment (device, torch, commit) here")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    a = p.parse_args(argv)
+    rows = body(a.device, a.quick)
+    write_json(a.json, name, a.device, rows)
+    return rows

@@ -2,14 +2,12 @@
 and (b) dequantize-then-SDPA (what an unfused quantized cache does), side by side, GQA 4:1, D=128."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from kvengine import QuantizedKVCache, ops
 
-from . import default_device, print_table, timeit, write_json
+from . import bench_main, print_table, timeit
 
 
 def _sdpa(q, k, v):
@@ -65,22 +63,20 @@ def run(device: str, contexts=(1024, 4096, 16384, 32768), batches=(1, 8), bits=(
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--json", default=None)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    if a.device == "cpu":
-        ctx = (1024, 4096) if a.quick else (1024, 4096, 16384, 32768)
-        batches = (1,) if a.quick else (1, 8)
+def _body(device: str, quick: bool) -> list[dict]:
+    if device == "cpu":
+        ctx = (1024, 4096) if quick else (1024, 4096, 16384, 32768)
+        batches = (1,) if quick else (1, 8, 32)
     else:
-        ctx = (4096, 32768) if a.quick else (1024, 4096, 16384, 32768, 131072)
+        ctx = (4096, 32768) if quick else (1024, 4096, 16384, 32768, 131072)
         batches = (1, 8, 32)
-    rows = run(a.device, contexts=ctx, batches=batches, quick=a.quick,
-               max_fp_gb=4.0 if a.device == "cpu" else 40.0)
-    write_json(a.json, "attention", a.device, rows)
+    rows = run(device, contexts=ctx, batches=batches, quick=quick,
+               max_fp_gb=4.0 if device == "cpu" else 40.0)
     return rows
+
+
+def main(argv=None):
+    return bench_main("attention", __doc__, _body, argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,12 @@
 """fwht vs a dense matmul with H_n and vs a memcpy of the same bytes (the headline: time / memcpy time)."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import kvengine
 from kvengine import reference as ref
 
-from . import default_device, print_table, timeit, write_json
+from . import bench_main, print_table, timeit
 
 
 def run(device: str, dtypes=("float32", "bfloat16"), sizes=(64, 128, 256, 1024, 8192), total_mb: float = 32.0,
@@ -48,15 +46,13 @@ def run(device: str, dtypes=("float32", "bfloat16"), sizes=(64, 128, 256, 1024, 
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--json", default=None)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    rows = run(a.device, quick=a.quick, total_mb=8.0 if a.quick else 32.0)
-    write_json(a.json, "fwht", a.device, rows)
+def _body(device: str, quick: bool) -> list[dict]:
+    rows = run(device, quick=quick, total_mb=8.0 if quick else 32.0)
     return rows
+
+
+def main(argv=None):
+    return bench_main("fwht", __doc__, _body, argv)
 
 
 if __name__ == "__main__":

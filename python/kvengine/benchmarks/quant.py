@@ -1,14 +1,12 @@
 """quantize_pack and the fused rotate_quantize_pack vs their unfused torch compositions, and vs memcpy of the input."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from kvengine import ops
 from kvengine import reference as ref
 
-from . import default_device, print_table, timeit, write_json
+from . import bench_main, print_table, timeit
 
 
 def run(device: str, shapes=((8, 8192, 128), (32, 2048, 64)), bits=(2, 4), quick: bool = False,
@@ -42,17 +40,15 @@ def run(device: str, shapes=((8, 8192, 128), (32, 2048, 64)), bits=(2, 4), quick
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--json", default=None)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
-    shapes = ((4, 2048, 128),) if a.quick else ((8, 8192, 128), (32, 2048, 64))
-    rows = run(a.device, shapes=shapes, quick=a.quick, dtype=dtype)
-    write_json(a.json, "quant", a.device, rows)
+def _body(device: str, quick: bool) -> list[dict]:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    shapes = ((4, 2048, 128),) if quick else ((8, 8192, 128), (32, 2048, 64))
+    rows = run(device, shapes=shapes, quick=quick, dtype=dtype)
     return rows
+
+
+def main(argv=None):
+    return bench_main("quant", __doc__, _body, argv)
 
 
 if __name__ == "__main__":
