@@ -214,3 +214,69 @@ def test_constructor_errors():
         QuantizedKVCache(2, 64, rotate="q")
     with pytest.raises(ValueError, match="v_group"):
         QuantizedKVCache(2, 64, v_group=24)
+
+
+@pytest.mark.parametrize("where", ["quantize", "grow", "fwht"])
+def test_failure_inside_append_leaves_the_cache_unchanged(where, monkeypatch, gen):
+    """Simulated failures (allocation during growth, a kernel error) in the middle of append: nothing changes."""
+    import kvengine.cache as cache_mod
+
+    c = QuantizedKVCache(2, 64, group_size=32, residual=16, chunk=32)
+    c.append(torch.randn(1, 2, 60, 64, generator=gen), torch.randn(1, 2, 60, 64, generator=gen))
+    before = [t.clone() for t in c.dequantize()]
+    state = (c.n_sink, c.n_quant, c.n_res, c.n_seen, c.q_cap)
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure")
+
+    if where == "quantize":
+        monkeypatch.setattr(cache_mod.ops, "quantize_pack", boom)
+        monkeypatch.setattr(cache_mod.ops, "rotate_quantize_pack", boom)
+    elif where == "grow":
+        monkeypatch.setattr(QuantizedKVCache, "_new_q", boom)
+    else:
+        monkeypatch.setattr(cache_mod.ops, "fwht", boom)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        c.append(torch.randn(1, 2, 100, 64, generator=gen), torch.randn(1, 2, 100, 64, generator=gen))
+    monkeypatch.undo()
+    assert (c.n_sink, c.n_quant, c.n_res, c.n_seen, c.q_cap) == state
+    for a, b in zip(before, c.dequantize()):
+        assert torch.equal(a, b)
+    c.append(torch.randn(1, 2, 100, 64, generator=gen), torch.randn(1, 2, 100, 64, generator=gen))
+    assert c.seq_len == 160
+
+
+def test_distinct_caches_from_several_threads(gen):
+    """Caches share nothing: concurrent appends/attends from threads give the same results as running alone."""
+    import threading
+
+    data = [(torch.randn(1, 2, 300, 64, generator=gen), torch.randn(1, 2, 300, 64, generator=gen),
+             torch.randn(1, 4, 1, 64, generator=gen)) for _ in range(4)]
+
+    def work(k, v, q):
+        c = QuantizedKVCache(2, 64, group_size=32, residual=32, rotate=True)
+        outs = []
+        for t0 in range(0, 300, 50):
+            c.append(k[:, :, t0 : t0 + 50], v[:, :, t0 : t0 + 50])
+            outs.append(c.attend(q))
+        return torch.stack(outs)
+
+    alone = [work(*d) for d in data]
+    results = [None] * len(data)
+    errors = []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                results[i] = work(*data[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(data))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for a, b in zip(alone, results):
+        assert torch.equal(a, b)
