@@ -1,0 +1,240 @@
+"""Per-layer automatic configuration: measure each candidate scheme's attention-output error on a layer's real
+queries/keys/values and choose, per layer, the scheme with the lowest error such that the model's average effective
+bits meets a budget (mixed precision across layers: sensitive layers get more bits).
+
+No single scheme is best for every model (rotating keys helps SmolLM2's per-channel keys, hurts models whose keys
+are normalized per head), so the choice is measured, never assumed.  The error of a scheme on a layer is
+
+    ‖softmax(q k̂ᵀ) v̂ − softmax(q kᵀ) v‖ / ‖softmax(q kᵀ) v‖     (causal, GQA, all heads and positions)
+
+with (k̂, v̂) what a ``QuantizedKVCache`` built with that scheme holds after a prefill of the calibration tokens
+(the same kernels, the same sinks/recent-window handling as at run time).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import QuantizedKVCache
+
+ROTATIONS = ("none", "k", "v", "kv")
+# Without a plan, rotate only the values: measured on SmolLM2 (2-bit, G=32, R=128, 4 sinks; PPL ratio to fp32)
+# none 1.029, values 1.027, keys 1.013, both 1.014; on a model with per-head-normalized keys (head_dim 256) rotating
+# keys raised the ratio far more than it ever helped and rotating only the values was best.  "v" is never much worse
+# than the best choice on either; "k"/"kv" can be much worse.
+DEFAULT_ROTATE = "v"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits_k: int = 2
+    bits_v: int = 2
+    group_size: int = 32
+    rotate: str = "kv"  # none | k | v | kv
+    reorder: bool = False  # outlier-aware key channel reorder before the rotation
+
+    def effective_bits(self, head_dim: int, meta_bits: int = 16) -> float:
+        """Bits per element of the packed part (codes + scale/zero), K and V averaged (the recent window and
+        sinks add the same amount to every scheme)."""
+        vg = min(self.group_size, head_dim)
+        k = self.bits_k + 2 * meta_bits / self.group_size
+        v = self.bits_v + 2 * meta_bits / vg
+        return (k + v) / 2
+
+    def cache_kwargs(self) -> dict:
+        return dict(bits_k=self.bits_k, bits_v=self.bits_v, group_size=self.group_size,
+                    rotate={"none": False, "k": "k", "v": "v", "kv": True}[self.rotate])
+
+
+def default_candidates(bits=(2, 4), groups=(32, 64, 128), rotations=ROTATIONS, reorder=(False, True)) -> list[Scheme]:
+    out = []
+    for b, g, r, ro in itertools.product(bits, groups, rotations, reorder):
+        if ro and r not in ("k", "kv"):
+            continue  # a reorder only matters before a key rotation
+        out.append(Scheme(b, b, g, r, ro))
+    return out
+
+
+def outlier_perm(k: Tensor) -> Tensor:
+    """RotateKV-style outlier-aware channel order for keys k [..., T, D]: channels ranked by max |k| dealt out in
+    bit-reversed order, so that consecutive outliers fall into Hadamard sub-blocks as far apart as possible."""
+    D = k.shape[-1]
+    rank = k.detach().abs().reshape(-1, D).amax(0).argsort(descending=True)
+    bits = max(1, int(math.log2(D)))
+    rev = torch.tensor([int(format(i, f"0{bits}b")[::-1], 2) for i in range(D)])
+    perm = torch.empty(D, dtype=torch.long)
+    perm[rev] = rank
+    return perm
+
+
+def attention_error(q: Tensor, k: Tensor, v: Tensor, kq: Tensor, vq: Tensor) -> float:
+    """Relative error of causal attention with (kq, vq) instead of (k, v); q [B, Hq, T, D], k/v [B, Hkv, T, D]."""
+    g = q.shape[1] // k.shape[1]
+
+    def att(kk, vv):
+        return F.scaled_dot_product_attention(q.float(), kk.float().repeat_interleave(g, 1),
+                                              vv.float().repeat_interleave(g, 1), is_causal=True)
+
+    ref = att(k, v)
+    return ((att(kq, vq) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def scheme_error(q: Tensor, k: Tensor, v: Tensor, s: Scheme, residual: int = 128, sinks: int = 4) -> float:
+    """Attention-output error of scheme s on one layer (k, v [B, Hkv, T, D] as the model produced them)."""
+    B, H, T, D = k.shape
+    perm = outlier_perm(k) if s.reorder else None
+    c = QuantizedKVCache(H, D, residual=residual, sinks=sinks, batch_size=B, dtype=torch.float32, k_perm=perm,
+                         **s.cache_kwargs())
+    c.append(k.float(), v.float())
+    kq, vq = c.dequantize(torch.float32)
+    # the cache stores sinks first; calibration tokens have no extra sinks, so the order is the time order
+    return attention_error(q, k, v, kq, vq)
+
+
+@dataclass
+class LayerChoice:
+    scheme: Scheme
+    error: float
+    eff_bits: float
+    k_perm: Optional[list] = None
+
+
+@dataclass
+class AutoPlan:
+    budget_bits: float
+    head_dim: int
+    residual: int
+    sinks: int
+    layers: list  # [LayerChoice]
+    table: list  # per layer: {scheme name: (error, bits)}
+
+    @property
+    def effective_bits(self) -> float:
+        return sum(c.eff_bits for c in self.layers) / len(self.layers)
+
+    def cache_kwargs(self, layer: int) -> dict:
+        c = self.layers[layer]
+        kw = c.scheme.cache_kwargs()
+        if c.k_perm is not None:
+            kw["k_perm"] = torch.tensor(c.k_perm)
+        return dict(kw, residual=self.residual, sinks=self.sinks)
+
+    def to_dict(self) -> dict:
+        return {"version": 1, "budget_bits": self.budget_bits, "head_dim": self.head_dim, "residual": self.residual,
+                "sinks": self.sinks,
+                "layers": [dict(asdict(c.scheme), error=c.error, eff_bits=c.eff_bits, k_perm=c.k_perm)
+                           for c in self.layers]}
+
+    def save(self, path: str) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+        return path
+
+    @staticmethod
+    def from_dict(d: dict) -> "AutoPlan":
+        if d.get("version") != 1:
+            raise ValueError(f"kvengine: auto plan version {d.get('version')} is not supported (expected 1)")
+        layers = []
+        for L in d["layers"]:
+            s = Scheme(L["bits_k"], L["bits_v"], L["group_size"], L["rotate"], L["reorder"])
+            layers.append(LayerChoice(s, L["error"], L["eff_bits"], L.get("k_perm")))
+        return AutoPlan(d["budget_bits"], d["head_dim"], d["residual"], d["sinks"], layers, [])
+
+    @staticmethod
+    def load(path: str) -> "AutoPlan":
+        with open(path) as f:
+            return AutoPlan.from_dict(json.load(f))
+
+    def format_table(self) -> str:
+        rows = [f"{'layer':>5}  {'bits K/V':>8}  {'G':>4}  {'rotate':>6}  {'reorder':>7}  {'error':>9}  {'eff bits':>8}"]
+        for i, c in enumerate(self.layers):
+            s = c.scheme
+            rows.append(f"{i:>5}  {s.bits_k:>4}/{s.bits_v:<3}  {s.group_size:>4}  {s.rotate:>6}  {str(s.reorder):>7}  "
+                        f"{c.error:>9.4f}  {c.eff_bits:>8.3f}")
+        rows.append(f"average effective bits {self.effective_bits:.3f} (budget {self.budget_bits})")
+        return "\n".join(rows)
+
+
+def choose(errors: Sequence[dict], budget_bits: float) -> list:
+    """Multiple-choice knapsack by Lagrangian relaxation: for a price λ per bit every layer takes
+    argmin(error + λ·bits); λ is bisected to the smallest price whose average bits meet the budget.
+    errors: per layer {Scheme: (error, bits)}.  Returns one Scheme per layer."""
+    def pick(lam):
+        return [min(e, key=lambda s: (e[s][0] + lam * e[s][1], e[s][1])) for e in errors]
+
+    def avg_bits(sel):
+        return sum(errors[i][s][1] for i, s in enumerate(sel)) / len(sel)
+
+    cheapest = [min(e, key=lambda s: (e[s][1], e[s][0])) for e in errors]
+    if avg_bits(cheapest) > budget_bits + 1e-9:
+        raise ValueError(f"kvengine: no candidate fits a budget of {budget_bits} bits "
+                         f"(the cheapest plan needs {avg_bits(cheapest):.3f})")
+    sel = pick(0.0)
+    if avg_bits(sel) <= budget_bits + 1e-9:
+        return sel
+    lo, hi = 0.0, 1.0
+    while avg_bits(pick(hi)) > budget_bits + 1e-9:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if avg_bits(pick(mid)) > budget_bits + 1e-9:
+            lo = mid
+        else:
+            hi = mid
+    sel = pick(hi)
+    # spend what is left of the budget greedily on the best error gain per extra bit
+    improved = True
+    while improved:
+        improved = False
+        best = None
+        for i, e in enumerate(errors):
+            for s, (err, bits) in e.items():
+                cur_err, cur_bits = e[sel[i]]
+                if err < cur_err and bits > cur_bits:
+                    new = sel[:i] + [s] + sel[i + 1:]
+                    if avg_bits(new) <= budget_bits + 1e-9:
+                        gain = (cur_err - err) / (bits - cur_bits)
+                        if best is None or gain > best[0]:
+                            best = (gain, i, s)
+        if best:
+            sel[best[1]] = best[2]
+            improved = True
+    return sel
+
+
+def plan_from_captures(captures: Iterable[tuple[Tensor, Tensor, Tensor]], budget_bits: float,
+                       candidates: Optional[Sequence[Scheme]] = None, residual: int = 128, sinks: int = 4,
+                       progress: bool = False) -> AutoPlan:
+    """captures: per layer (q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]) from calibration text."""
+    caps = list(captures)
+    if not caps:
+        raise ValueError("kvengine: plan_from_captures needs at least one layer")
+    D = caps[0][1].shape[-1]
+    cands = list(candidates or default_candidates())
+    if D & (D - 1):
+        cands = [s for s in cands if s.rotate == "none"]
+    errors, perms = [], []
+    it = caps
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(caps, desc="calibrating layers", unit="layer")
+    for q, k, v in it:
+        e = {s: (scheme_error(q, k, v, s, residual, sinks), s.effective_bits(D)) for s in cands}
+        errors.append(e)
+        perms.append(outlier_perm(k).tolist())
+    sel = choose(errors, budget_bits)
+    layers = [LayerChoice(s, errors[i][s][0], errors[i][s][1], perms[i] if s.reorder else None)
+              for i, s in enumerate(sel)]
+    table = [{f"{s.bits_k}b G{s.group_size} rot={s.rotate}{' +reorder' if s.reorder else ''}": v
+              for s, v in e.items()} for e in errors]
+    return AutoPlan(budget_bits, D, residual, sinks, layers, table)
