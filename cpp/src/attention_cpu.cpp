@@ -16,66 +16,13 @@
 #include "kvengine/attention.h"
 #include "kvengine/parallel.h"
 #include "rowio.h"
+#include "simd.h"
 
 namespace kvengine {
 namespace {
 
-constexpr int W = 16;   // lanes of the vector type
+using namespace simd;
 constexpr int BT = 32;  // tokens per block
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint8_t vb __attribute__((vector_size(16)));
-
-inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void stv(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-
-inline float hsum(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-// the four sums of a0..a3 (transpose-and-add: 13 shuffles/adds instead of 4 separate reductions)
-inline void hsum4(vf a0, vf a1, vf a2, vf a3, float* out) {
-  const vf x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const vf y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const vf z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  const vf w = z + __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  const vf u = w + __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  out[0] = u[0];
-  out[1] = u[4];
-  out[2] = u[8];
-  out[3] = u[12];
-}
-
-// e^x for 16 lanes: 2^(x·log2 e) split into 2^n · 2^f, f in [-0.5, 0.5], degree-6 polynomial (rel. err < 2e-7);
-// -inf -> 0, x < -87 -> 0.
-inline vf vexp(vf x) {
-  const vf lo = splat(-87.0f);
-  const vi below = x < lo;  // lanes that underflow (or are -inf)
-  x = x < lo ? lo : x;
-  const vf y = x * splat(1.44269504088896341f);
-  const vf n = __builtin_convertvector(__builtin_convertvector(y + (y < 0 ? splat(-0.5f) : splat(0.5f)), vi), vf);
-  const vf f = (y - n) * splat(0.693147180559945309f);  // f·ln2 in [-ln2/2, ln2/2]
-  vf p = splat(1.0f / 720);
-  p = p * f + splat(1.0f / 120);
-  p = p * f + splat(1.0f / 24);
-  p = p * f + splat(1.0f / 6);
-  p = p * f + splat(0.5f);
-  p = p * f + splat(1.0f);
-  p = p * f + splat(1.0f);
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf r = p * (vf)e;
-  return below ? splat(0.0f) : r;
-}
 
 // 16 codes starting at element d (d % 16 == 0) of a row packed as quantize_pack does, as floats
 template <int BITS>

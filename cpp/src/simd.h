@@ -1,0 +1,101 @@
+// kvengine — internal: 16-lane fp32/int32 vectors (GCC vector extensions: AVX-512 where compiled for it, two AVX2
+// halves otherwise) and the small reductions and transcendental the CPU attention kernels share.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace kvengine::simd {
+
+constexpr int W = 16;  // lanes
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint8_t vb __attribute__((vector_size(16)));
+
+inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vu ldu(const uint32_t* p) { vu v; std::memcpy(&v, p, sizeof v); return v; }
+inline void stv(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+
+// a·b + c, fused even where the translation unit is built with -ffp-contract=off
+inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  typedef float v8 __attribute__((vector_size(32)));
+  const v8 lo = (v8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+  const v8 hi = (v8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float hsum(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline float hmax(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 x = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8 y = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8 a = x > y ? x : y;
+  const v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4 e = c > d ? c : d;
+  return std::max(std::max(e[0], e[1]), std::max(e[2], e[3]));
+}
+
+// the four sums of a0..a3 (transpose-and-add: 13 shuffles/adds instead of four separate reductions)
+inline void hsum4(vf a0, vf a1, vf a2, vf a3, float* out) {
+  const vf x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const vf w = z + __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  const vf u = w + __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  out[0] = u[0];
+  out[1] = u[4];
+  out[2] = u[8];
+  out[3] = u[12];
+}
+
+// 2^x for 16 lanes: 2^n · e^(f·ln2), f in [-0.5, 0.5], degree-6 polynomial (rel. err < 2e-7); x < -126 (and -inf)
+// -> 0.
+inline vf vexp2(vf x) {
+  const vf lo = splat(-126.0f);
+  const vi below = x < lo;
+  x = below ? lo : x;
+  const vf n = __builtin_convertvector(__builtin_convertvector(x + (x < 0 ? splat(-0.5f) : splat(0.5f)), vi), vf);
+  const vf f = (x - n) * splat(0.693147180559945309f);
+  vf p = splat(1.0f / 720);
+  p = fmadd(p, f, splat(1.0f / 120));
+  p = fmadd(p, f, splat(1.0f / 24));
+  p = fmadd(p, f, splat(1.0f / 6));
+  p = fmadd(p, f, splat(0.5f));
+  p = fmadd(p, f, splat(1.0f));
+  p = fmadd(p, f, splat(1.0f));
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vf r = p * (vf)e;
+  return below ? splat(0.0f) : r;
+}
+
+inline vf vexp(vf x) { return vexp2(x * splat(1.44269504088896341f)); }
+
+}  // namespace kvengine::simd
