@@ -18,4 +18,17 @@ TORCH_LIBRARY(kvengine, m) {
         "Tensor v_scale, Tensor v_zero, Tensor k_fp, Tensor v_fp, Tensor lens, int bits_k, int bits_v, int k_group, "
         "int v_group, float? softmax_scale=None, bool rotate_k=False, bool rotate_v=False, Tensor? k_perm=None, "
         "Tensor? v_perm=None) -> Tensor");
+  // ---- 1-bit QK attention (BinaryAttention) ---------------------------------------------------------------------
+  m.def("sign_pack(Tensor x, bool center=False) -> (Tensor bits, Tensor scale)");
+  m.def("binary_attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, Tensor? rel_bias=None, bool causal=False, "
+        "bool center_k=True, float? softmax_scale=None) -> Tensor");
+  m.def("binary_attention_packed(Tensor q, Tensor k_bits, Tensor k_scale, Tensor v, Tensor? bias=None, "
+        "Tensor? rel_bias=None, bool causal=False, float? softmax_scale=None) -> Tensor");
+  // ---- hash-based top-k KV retrieval (Spotlight Attention) ---------------------------------------------------------
+  m.def("hash_encode(Tensor x, Tensor w1, Tensor? b1=None, Tensor? w2=None, Tensor? b2=None, int? nbits=None) "
+        "-> Tensor");
+  m.def("hamming_topk(Tensor q_codes, Tensor k_codes, int k, Tensor? seq_lens=None, int[]? keep=None) "
+        "-> (Tensor indices, Tensor scores)");
+  m.def("sparse_decode_attention(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? seq_lens=None, "
+        "float? softmax_scale=None) -> Tensor");
 }

@@ -54,3 +54,15 @@ __all__ = [
     "ops",
     "reference",
 ]
+
+# ---- 1-bit QK attention (BinaryAttention)
+from .ops import binary_attention, binary_attention_packed, sign_pack  # noqa: E402
+
+__all__ += ["sign_pack", "binary_attention", "binary_attention_packed"]
+
+# ---- hash-based top-k KV retrieval (Spotlight Attention)
+from .ops import hamming_topk, hash_encode, sparse_decode_attention  # noqa: E402
+from .retrieval import HashCodeCache, RetrievalAttention, SpotlightHash  # noqa: E402
+
+__all__ += ["hash_encode", "hamming_topk", "sparse_decode_attention", "HashCodeCache", "RetrievalAttention",
+            "SpotlightHash"]

@@ -178,3 +178,141 @@ def _quant_decode_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, 
                                  bits_v, k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False,
                                  k_perm=None, v_perm=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ---- 1-bit QK attention (BinaryAttention) ---------------------------------------------------------------------------
+def sign_pack(x: Tensor, center: bool = False) -> tuple[Tensor, Tensor]:
+    """Packed signs of x [..., L, D] (D a multiple of 32) → (bits int32 [..., L, D/32], scale fp32 [..., L]).
+
+    Bit j of word w (read as uint32) is 1 iff x[..., 32w + j] < 0 (sign(0) = +1); scale = mean |x| over D.  With
+    ``center`` the mean over the token axis (dim −2) is subtracted first (per channel).
+    """
+    return _ops.sign_pack(x, center)
+
+
+def binary_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+                     causal: bool = False, center_k: bool = True, softmax_scale: Optional[float] = None) -> Tensor:
+    """1-bit QK attention (BinaryAttention), one fused flash-style kernel: scores from popcounts of packed signs,
+
+    ``score[i, j] = softmax_scale · α_i · β_j · (D − 2·popcount(sign(q_i) ^ sign(k_j))) + bias[.., i, j]
+    + rel_bias[h, R − 1 + i + Lk − Lq − j]``, α = mean|q_i|, β = mean|k_j| (keys centered over tokens first when
+    ``center_k``), causal: j ≤ i + Lk − Lq; out = softmax(score) · v in fp32, in v's dtype.  q [B, Hq, Lq, D],
+    k/v [B, Hkv, Lk, D], D a multiple of 32, Hq a multiple of Hkv.  bias: [Hq, Lq, Lk] or [B, Hq, Lq, Lk] (B, Hq may
+    be 1); rel_bias: [Hq, 2R − 1], R ≥ max(Lq, Lk).  Differentiable (straight-through sign, reference-speed backward).
+    """
+    return _ops.binary_attention(q, k, v, bias, rel_bias, causal, center_k, softmax_scale)
+
+
+def binary_attention_packed(q: Tensor, k_bits: Tensor, k_scale: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                            rel_bias: Optional[Tensor] = None, causal: bool = False,
+                            softmax_scale: Optional[float] = None) -> Tensor:
+    """binary_attention over a cache of 1-bit keys (k_bits, k_scale from ``sign_pack``), e.g. decode (Lq small)."""
+    return _ops.binary_attention_packed(q, k_bits, k_scale, v, bias, rel_bias, causal, softmax_scale)
+
+
+@torch.library.register_fake("kvengine::sign_pack")
+def _sign_pack_fake(x, center=False):
+    *lead, L, D = x.shape
+    return x.new_empty((*lead, L, D // 32), dtype=torch.int32), x.new_empty((*lead, L), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvengine::binary_attention")
+def _binary_attention_fake(q, k, v, bias=None, rel_bias=None, causal=False, center_k=True, softmax_scale=None):
+    B, Hq, Lq, D = q.shape
+    return v.new_empty((B, Hq, Lq, D))
+
+
+@torch.library.register_fake("kvengine::binary_attention_packed")
+def _binary_attention_packed_fake(q, k_bits, k_scale, v, bias=None, rel_bias=None, causal=False, softmax_scale=None):
+    B, Hq, Lq, D = q.shape
+    return v.new_empty((B, Hq, Lq, D))
+
+
+def _binary_setup(ctx, inputs, output):
+    ctx.is_tensor = [isinstance(a, Tensor) for a in inputs]
+    ctx.others = [None if t else a for a, t in zip(inputs, ctx.is_tensor)]
+    ctx.save_for_backward(*(a for a in inputs if isinstance(a, Tensor)))
+
+
+def _binary_backward_with(fn, ctx, grad):
+    # straight-through estimator: recompute the reference (sign_ste) and differentiate it
+    from . import reference as _ref
+
+    saved = iter(ctx.saved_tensors)
+    args = [next(saved) if t else a for a, t in zip(ctx.others, ctx.is_tensor)]
+    need = [isinstance(a, Tensor) and a.is_floating_point() and ctx.needs_input_grad[i] for i, a in enumerate(args)]
+    with torch.enable_grad():
+        leaves = [a.detach().requires_grad_(True) if n else a for a, n in zip(args, need)]
+        out = getattr(_ref, fn)(*leaves)
+        wrt = [a for a, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True)) if wrt else iter(())
+    return tuple(next(grads) if n else None for n in need)
+
+
+def _binary_attention_backward(ctx, grad):
+    return _binary_backward_with("binary_attention", ctx, grad)
+
+
+def _binary_attention_packed_backward(ctx, grad):
+    return _binary_backward_with("binary_attention_packed", ctx, grad)
+
+
+torch.library.register_autograd("kvengine::binary_attention", _binary_attention_backward,
+                                setup_context=_binary_setup)
+torch.library.register_autograd("kvengine::binary_attention_packed", _binary_attention_packed_backward,
+                                setup_context=_binary_setup)
+
+
+# ---- hash-based top-k KV retrieval (Spotlight Attention) ---------------------------------------------------------------
+HASH_NBITS = (32, 64, 128, 256)
+
+
+def hash_encode(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor] = None,
+                b2: Optional[Tensor] = None, nbits: Optional[int] = None) -> Tensor:
+    """Packed sign codes of a hash projection: int32 [..., nbits/32] (uint32 words; bit j of word w is 1 iff
+    ``f[32w + j] > 0``).
+
+    ``u = x @ w1 (+ b1)``; ``f = u`` (``w2`` None: random-hyperplane LSH when w1 is Gaussian) or
+    ``f = u + silu(u) @ w2 (+ b2)`` (Spotlight's per-head MLP: 2 layers, SiLU, residual; zero w2 gives back the
+    linear hash).  Weights are shared (w1 [D, nbits], b1/b2 [nbits], w2 [nbits, nbits], x [..., D]) or per head
+    (w1 [H, D, nbits], b1/b2 [H, nbits], w2 [H, nbits, nbits], x [..., H, T, D]).  fp32 math; nbits ∈ {32, 64, 128,
+    256} (= w1.shape[-1]; ``nbits`` is only checked).
+    """
+    return _ops.hash_encode(x, w1, b1, w2, b2, nbits)
+
+
+@torch.library.register_fake("kvengine::hash_encode")
+def _hash_encode_fake(x, w1, b1=None, w2=None, b2=None, nbits=None):
+    return x.new_empty((*x.shape[:-1], w1.shape[-1] // 32), dtype=torch.int32)
+
+
+def hamming_topk(q_codes: Tensor, k_codes: Tensor, k: int, seq_lens: Optional[Tensor] = None,
+                 keep: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+    """Top-k keys by Hamming similarity summed over each GQA group: (indices, scores), int32 [B, Hkv, k].
+
+    ``score(p) = Σ_{query heads i of group h} (nbits − popcount(q_codes[b, i] ^ k_codes[b, h, p]))``.
+    q_codes [B, Hq, W] or [B, Hq, 1, W]; k_codes [B, Hkv, N, W]; seq_lens [B] (default N).  ``keep=(sinks, recent)``:
+    the first ``sinks`` and last ``recent`` positions are always selected and count toward k (sinks + recent ≤ k).
+    Exact selection with deterministic ties (equal scores: lower position first); indices ascending; where a
+    sequence holds fewer than k tokens the remaining slots are -1 (scores -1).  k must be ≤ N.
+    """
+    return _ops.hamming_topk(q_codes, k_codes, k, seq_lens, None if keep is None else list(keep))
+
+
+@torch.library.register_fake("kvengine::hamming_topk")
+def _hamming_topk_fake(q_codes, k_codes, k, seq_lens=None, keep=None):
+    B, Hkv = k_codes.shape[0], k_codes.shape[1]
+    return (k_codes.new_empty((B, Hkv, k), dtype=torch.int32), k_codes.new_empty((B, Hkv, k), dtype=torch.int32))
+
+
+def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, seq_lens: Optional[Tensor] = None,
+                            softmax_scale: Optional[float] = None) -> Tensor:
+    """Exact softmax attention of q [B, Hq, 1, D] over the gathered tokens ``indices[b, hq // g]`` of k/v
+    [B, Hkv, N, D] only (fused gather + softmax + P·V, fp32 math, q's dtype).  indices [B, Hkv, n] int32/int64;
+    entries < 0 or ≥ seq_lens[b] are skipped (the -1 padding of hamming_topk); a row with no valid index gives 0."""
+    return _ops.sparse_decode_attention(q, k, v, indices, seq_lens, softmax_scale)
+
+
+@torch.library.register_fake("kvengine::sparse_decode_attention")
+def _sparse_decode_attention_fake(q, k, v, indices, seq_lens=None, softmax_scale=None):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

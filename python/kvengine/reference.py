@@ -151,3 +151,190 @@ def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
         if v_perm is not None:
             out = out[..., torch.argsort(v_perm.long())]
     return out.to(q.dtype)
+
+
+# ---- 1-bit QK attention (BinaryAttention) ---------------------------------------------------------------------------
+class _SignSTE(torch.autograd.Function):
+    """sign(x) ∈ {−1, +1} (sign(0) = +1) forward; straight-through backward: grad · 1[|x| ≤ 1]."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+def sign_ste(x: Tensor) -> Tensor:
+    return _SignSTE.apply(x)
+
+
+def center_tokens(x: Tensor) -> Tensor:
+    """x − mean over the token axis (dim −2), per channel: the mean is an fp64 sum divided by L, rounded to fp32, and
+    subtracted in fp32 (so the signs are reproducible bit for bit).  x is fp32."""
+    return x - (x.double().sum(-2, keepdim=True) / x.shape[-2]).float()
+
+
+def sign_pack(x: Tensor, center: bool = False):
+    """(bits int32 [..., L, D/32], scale fp32 [..., L]): bit j of word w is 1 iff x[..., 32w + j] < 0 (after centering);
+    scale = mean |x| over D."""
+    xf = x.float()
+    if center:
+        xf = center_tokens(xf)
+    D = xf.shape[-1]
+    neg = (xf < 0).to(torch.int64).reshape(*xf.shape[:-1], D // 32, 32)
+    words = (neg << torch.arange(32, device=x.device, dtype=torch.int64)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words, xf.abs().mean(-1)
+
+
+def unpack_signs(bits: Tensor, dtype=torch.float32) -> Tensor:
+    """±1 [..., 32·W] from sign words [..., W] (bit set = −1)."""
+    b = ((bits.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> torch.arange(32, device=bits.device)) & 1
+    return (1 - 2 * b).reshape(*bits.shape[:-1], bits.shape[-1] * 32).to(dtype)
+
+
+def rel_bias_dense(rel_bias: Tensor, Lq: int, Lk: int) -> Tensor:
+    """[H, Lq, Lk] dense bias of a relative-position table [H, 2R − 1]: element (i, j) is
+    rel_bias[h, (R − 1) + (i + Lk − Lq) − j]  (with Lq = Lk = L and R = L: i − j + L − 1)."""
+    T = rel_bias.shape[-1]
+    c = (T - 1) // 2
+    i = torch.arange(Lq, device=rel_bias.device)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk, device=rel_bias.device)[None, :]
+    return rel_bias[:, c + i - j]
+
+
+def _binary_attention_core(qs, alpha, ks, beta, v, bias, rel_bias, causal, softmax_scale):
+    B, Hq, Lq, D = qs.shape
+    Hkv, Lk = ks.shape[1], ks.shape[2]
+    g = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    ks, beta, vf = ks.repeat_interleave(g, 1), beta.repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = scale * alpha[..., :, None] * beta[..., None, :] * (qs @ ks.transpose(-1, -2))
+    if bias is not None:
+        s = s + (bias.float() if bias.dim() == 4 else bias.float()[None])
+    if rel_bias is not None:
+        s = s + rel_bias_dense(rel_bias.float(), Lq, Lk)[None]
+    if causal:
+        i = torch.arange(Lq, device=s.device)[:, None] + (Lk - Lq)
+        j = torch.arange(Lk, device=s.device)[None, :]
+        s = s.masked_fill(j > i, float("-inf"))
+    dead = torch.isneginf(s.amax(-1, keepdim=True))  # rows with no visible key -> output 0
+    p = torch.softmax(torch.where(dead, torch.zeros_like(s), s), dim=-1) * (~dead)
+    return (p @ vf).to(v.dtype)
+
+
+def binary_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None,
+                     causal: bool = False, center_k: bool = True, softmax_scale: Optional[float] = None) -> Tensor:
+    """Dense fp32 oracle of kvengine.binary_attention (differentiable: straight-through sign, see sign_ste).
+
+    score[i, j] = softmax_scale · α_i · β_j · (sign(q_i) · sign(k_j)) + bias[i, j] + rel[i − j]; α = mean|q|,
+    β = mean|k| of the (centered) keys; causal: j ≤ i + Lk − Lq.
+    """
+    qf, kf = q.float(), k.float()
+    if center_k:
+        kf = center_tokens(kf)
+    return _binary_attention_core(sign_ste(qf), qf.abs().mean(-1), sign_ste(kf), kf.abs().mean(-1), v, bias, rel_bias,
+                                  causal, softmax_scale)
+
+
+def binary_attention_packed(q: Tensor, k_bits: Tensor, k_scale: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                            rel_bias: Optional[Tensor] = None, causal: bool = False,
+                            softmax_scale: Optional[float] = None) -> Tensor:
+    """binary_attention over keys already packed by sign_pack (k_bits [B, Hkv, Lk, D/32], k_scale [B, Hkv, Lk])."""
+    qf = q.float()
+    return _binary_attention_core(sign_ste(qf), qf.abs().mean(-1), unpack_signs(k_bits), k_scale.float(), v, bias,
+                                  rel_bias, causal, softmax_scale)
+
+
+# ---- hash-based top-k KV retrieval (Spotlight Attention) -------------------------------------------------------------
+def hash_project(x: Tensor, w1: Tensor, b1=None, w2=None, b2=None) -> Tensor:
+    """The real-valued hash f(x) in float64: u = x @ w1 + b1; f = u or u + silu(u) @ w2 + b2 (shared or per-head
+    weights, see ops.hash_encode)."""
+    per_head = w1.dim() == 3
+    u = x.double() @ w1.double()
+    if b1 is not None:
+        u = u + (b1.double().unsqueeze(-2) if per_head else b1.double())
+    if w2 is None:
+        return u
+    f = u + torch.nn.functional.silu(u) @ w2.double()
+    if b2 is not None:
+        f = f + (b2.double().unsqueeze(-2) if per_head else b2.double())
+    return f
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """bool/0-1 [..., 32·W] -> int32 [..., W] (bit j of word w = element 32w + j)."""
+    b = bits.to(torch.int64).reshape(*bits.shape[:-1], bits.shape[-1] // 32, 32)
+    words = (b << torch.arange(32, device=bits.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def hash_encode(x: Tensor, w1: Tensor, b1=None, w2=None, b2=None, nbits=None) -> Tensor:
+    return pack_bits(hash_project(x, w1, b1, w2, b2) > 0)
+
+
+def popcount32(x: Tensor) -> Tensor:
+    """Per-element popcount of int32/int64 words (low 32 bits) by bit tricks."""
+    v = x.to(torch.int64) & 0xFFFFFFFF
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def hamming_scores(q_codes: Tensor, k_codes: Tensor) -> Tensor:
+    """[B, Hkv, N] int64: Σ over each GQA group of (nbits − popcount(q ^ k))."""
+    q = q_codes.squeeze(2) if q_codes.dim() == 4 else q_codes
+    B, Hq, W = q.shape
+    Hkv = k_codes.shape[1]
+    g = Hq // Hkv
+    qg = q.reshape(B, Hkv, g, 1, W)
+    pc = popcount32(qg ^ k_codes.unsqueeze(2)).sum(-1)  # [B, Hkv, g, N]
+    return (g * 32 * W - pc.sum(2)).to(torch.int64)
+
+
+def hamming_topk(q_codes: Tensor, k_codes: Tensor, k: int, seq_lens=None, keep=None):
+    """Brute force: all scores, stable sort by descending score (ties: lower position first), kept positions first,
+    then ascending positions, -1 padding."""
+    s = hamming_scores(q_codes, k_codes).cpu()
+    B, Hkv, N = s.shape
+    sinks, recent = keep if keep is not None else (0, 0)
+    idx = torch.full((B, Hkv, k), -1, dtype=torch.int32)
+    scr = torch.full((B, Hkv, k), -1, dtype=torch.int32)
+    for b in range(B):
+        L = N if seq_lens is None else int(seq_lens[b])
+        ns = min(sinks, L)
+        nr = min(recent, L - ns)
+        m = max(0, min(k - ns - nr, L - ns - nr))
+        for h in range(Hkv):
+            mid = s[b, h, ns:L - nr]
+            order = torch.sort(-mid, stable=True).indices[:m] + ns
+            sel = torch.cat([torch.arange(ns), torch.sort(order).values, torch.arange(L - nr, L)]).long()
+            idx[b, h, :sel.numel()] = sel.to(torch.int32)
+            scr[b, h, :sel.numel()] = s[b, h, sel].to(torch.int32)
+    return idx.to(q_codes.device), scr.to(q_codes.device)
+
+
+def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, seq_lens=None, softmax_scale=None):
+    """SDPA over the gathered valid tokens of each (b, KV head), float64."""
+    B, Hq, _, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    out = torch.zeros(B, Hq, 1, D, dtype=torch.float64)
+    for b in range(B):
+        L = N if seq_lens is None else int(seq_lens[b])
+        for h in range(Hkv):
+            ii = indices[b, h].long().cpu()
+            ii = ii[(ii >= 0) & (ii < L)]
+            if ii.numel() == 0:
+                continue
+            kk, vv = k[b, h].cpu().double()[ii], v[b, h].cpu().double()[ii]
+            qq = q[b, h * g:(h + 1) * g, 0].cpu().double()
+            p = torch.softmax(scale * qq @ kk.T, -1)
+            out[b, h * g:(h + 1) * g, 0] = p @ vv
+    return out.to(q.dtype)

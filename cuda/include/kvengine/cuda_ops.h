@@ -6,8 +6,10 @@
 #include <cstdint>
 
 #include "kvengine/attention.h"
+#include "kvengine/binary_attention.h"
 #include "kvengine/common.h"
 #include "kvengine/quant.h"
+#include "kvengine/retrieval.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -37,5 +39,26 @@ void dequantize(const uint8_t* codes, const void* scale, const void* zero, DType
 // k_codes, v_codes, k_fp, v_fp 16-byte aligned.
 size_t quant_decode_attention_workspace_bytes(const DecodeAttentionArgs& a);
 void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_t stream);
+
+// ---- 1-bit QK attention (semantics: kvengine/binary_attention.h) ------------------------------------------------
+// sign_pack: x [batch, L, D] (element strides, D contiguous, D a multiple of 32) -> bits [batch, L, D/32], scale
+// [batch, L]; with `center`, `mean_ws` (fp32 [batch, D], device) receives the per-channel means (else may be null).
+void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, int64_t x_stride_b,
+               int64_t x_stride_t, bool center, uint32_t* bits, float* scale, float* mean_ws, cudaStream_t stream);
+// Fused binary attention over packed keys (all pointers in `a` device pointers); D in {32, 64, 128, 256};
+// q and v rows 4-byte aligned.  One kernel, no workspace.
+void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream);
+
+// ---- hash-based top-k KV retrieval (semantics: kvengine/retrieval.h) ----------------------------------------------
+// hash_encode: projection (+ SiLU residual layer) and sign packing in one kernel; nbits in {32, 64, 128, 256},
+// D <= 1024.  No workspace.
+void hash_encode(const HashEncodeArgs& a, cudaStream_t stream);
+// hamming_topk: three kernels (scores + per-chunk histograms, per-(b, h) threshold and chunk offsets, ordered
+// compaction); the workspace size depends on B, Hkv, N, W, g only (graph capturable; seq_lens read on the device
+// and clamped to [0, N]).  Requires (Hq/Hkv)·nbits <= 8192.
+size_t hamming_topk_workspace_bytes(const HammingTopkArgs& a);
+void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream);
+// sparse_decode_attention: one CTA per (b, KV head, block of <= 8 query rows); D in {32, 64, 128, 256}.
+void sparse_decode_attention(const SparseDecodeArgs& a, cudaStream_t stream);
 
 }  // namespace kvengine::cuda

@@ -1,0 +1,370 @@
+// kvengine — 1-bit QK attention (BinaryAttention) on the CPU; semantics in kvengine/binary_attention.h.
+//
+// sign_pack_cpu: per-channel means over the token axis in fp64 (when centering), then one pass per row: the sign
+// bits of 32 channels into one uint32 word, mean |x| into the scale.
+//
+// binary_attention_cpu: flash-attention style, never materializing Lq × Lk.
+//   pre-pass   the packed keys of every (b, KV head) are re-laid out block-transposed, [Lk/64][D/32][64] words
+//              (zero padded), so that one 16-lane vector holds word w of 16 consecutive keys; non-fp32 V is converted
+//              to fp32 once; the relative-position table is reversed (index increasing with the key) and ×log2 e.
+//   work item  (b, query head, tile of 32 query rows); the tile's query rows are packed into sign words and
+//              α_i · softmax_scale · log2 e.  Keys in blocks of 64:
+//     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available),
+//              s = a_i · β_j · (D − 2 pc) + log2 e · bias (dense and/or relative), causal / range mask -> −inf
+//     softmax  online, in base 2 (exp2 by a degree-6 polynomial), per row: block max, rescale α, p, l
+//     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators) over the block's 64 keys; the V chunk
+//              (64 keys × 64 channels) stays in L1 across the 8 row groups of the tile.
+//   A row with no visible key (causal with Lq > Lk, or a bias of −inf everywhere) outputs 0.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "kvengine/binary_attention.h"
+#include "kvengine/parallel.h"
+#include "rowio.h"
+
+namespace kvengine {
+namespace {
+
+constexpr int W = 16;   // lanes of the vector type
+constexpr int BT = 64;  // keys per block
+constexpr int RQ = 32;  // query rows per work item
+constexpr int RG = 4;   // query rows per P·V register tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float NEG = -std::numeric_limits<float>::infinity();
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vu ldu(const uint32_t* p) { vu v; std::memcpy(&v, p, sizeof v); return v; }
+inline void stv(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+
+inline vf fmadd(vf a, vf b, vf c) {  // a·b + c, fused (the target builds with -ffp-contract=off)
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  typedef float v8 __attribute__((vector_size(32)));
+  const v8 lo = (v8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+  const v8 hi = (v8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return a * b + c;
+#endif
+}
+
+inline vu vpopcnt(vu x) {
+#if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
+  return (vu)_mm512_popcnt_epi32((__m512i)x);
+#else
+  vu r;
+  for (int i = 0; i < W; ++i) r[i] = uint32_t(__builtin_popcount(x[i]));
+  return r;
+#endif
+}
+
+inline float hmax(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 x = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), y = __builtin_shufflevector(v, v, 8, 9, 10, 11,
+                                                                                                    12, 13, 14, 15);
+  const v8 a = x > y ? x : y;
+  const v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4 e = c > d ? c : d;
+  return std::max(std::max(e[0], e[1]), std::max(e[2], e[3]));
+}
+inline float hsum(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// 2^x for 16 lanes (x <= 0 in use): 2^n · e^(f ln2), f in [-0.5, 0.5], degree-6 polynomial (rel. err < 2e-7);
+// x < -126 (and -inf) -> 0.
+inline vf vexp2(vf x) {
+  const vf lo = splat(-126.0f);
+  const vi below = x < lo;
+  x = below ? lo : x;
+  const vf n = __builtin_convertvector(__builtin_convertvector(x + (x < 0 ? splat(-0.5f) : splat(0.5f)), vi), vf);
+  const vf f = (x - n) * splat(0.693147180559945309f);
+  vf p = splat(1.0f / 720);
+  p = fmadd(p, f, splat(1.0f / 120));
+  p = fmadd(p, f, splat(1.0f / 24));
+  p = fmadd(p, f, splat(1.0f / 6));
+  p = fmadd(p, f, splat(0.5f));
+  p = fmadd(p, f, splat(1.0f));
+  p = fmadd(p, f, splat(1.0f));
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vf r = p * (vf)e;
+  return below ? splat(0.0f) : r;
+}
+
+// one row of D channels (fp32) -> D/32 sign words + sum |x|
+inline float pack_row(const float* x, int64_t D, uint32_t* bits) {
+  float s = 0.f;
+  for (int64_t w = 0; w < D / 32; ++w) {
+    uint32_t word = 0;
+    for (int j = 0; j < 32; ++j) {
+      const float v = x[w * 32 + j];
+      word |= uint32_t(v < 0.f) << j;
+      s += std::fabs(v);
+    }
+    bits[w] = word;
+  }
+  return s;
+}
+
+// acc[r][c0 .. c0 + 16·CV) = acc·alpha[r] + Σ_t p[r][t] · v[t][c0 ..], r < RG, t < nt
+template <int CV>
+inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, const float* v, int64_t vst, int nt,
+                    int64_t c0) {
+  vf a[RG][CV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) a[r][c] = ld(acc + r * D + c0 + c * W) * splat(alpha[r]);
+  for (int t = 0; t < nt; ++t) {
+    vf vv[CV];
+    const float* vr = v + t * vst + c0;
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) vv[c] = ld(vr + c * W);
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) {
+      const vf pr = splat(p[r * BT + t]);
+#pragma GCC unroll 4
+      for (int c = 0; c < CV; ++c) a[r][c] = fmadd(pr, vv[c], a[r][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) stv(acc + r * D + c0 + c * W, a[r][c]);
+}
+
+struct Prep {
+  int64_t nblk = 0, nw = 0;
+  std::vector<uint32_t> kt;  // [B·Hkv][nblk][nw][BT]
+  std::vector<float> beta;   // [B·Hkv][nblk·BT]
+  std::vector<float> vconv;  // [B·Hkv][Lk][D] when V is not fp32
+  std::vector<float> rel;    // [Hq][rel_len] reversed, × log2 e
+};
+
+struct Tile {  // per-thread scratch of one work item
+  std::vector<float> qrow, a, m, l, al, s, p, acc;
+  std::vector<uint32_t> qw;
+  void init(int64_t D, int64_t nw) {
+    qrow.resize(D);
+    a.resize(RQ);
+    m.resize(RQ);
+    l.resize(RQ);
+    al.resize(RQ);
+    s.resize(BT);
+    p.resize(size_t(RQ) * BT);
+    acc.resize(size_t(RQ) * D);
+    qw.resize(size_t(RQ) * nw);
+  }
+};
+
+void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& tl) {
+  const int64_t nqt = (a.Lq + RQ - 1) / RQ;
+  const int64_t qt = item % nqt, bh = item / nqt, b = bh / a.Hq, h = bh % a.Hq;
+  const int64_t hk = h / (a.Hq / a.Hkv), bhk = b * a.Hkv + hk;
+  const int64_t D = a.D, nw = pr.nw;
+  const int64_t i0 = qt * RQ;
+  const int R = int(std::min<int64_t>(RQ, a.Lq - i0));
+  const int Rp = (R + RG - 1) / RG * RG;
+  const int qes = dtype_size(a.q_dtype);
+  const float qmul = a.softmax_scale * kLog2e / float(D);
+  // pack the query rows
+  for (int r = 0; r < R; ++r) {
+    const char* src = static_cast<const char*>(a.q) + (b * a.q_stride_b + h * a.q_stride_h + (i0 + r) * a.q_stride_t) * qes;
+    detail::load_row(src, a.q_dtype, D, nullptr, tl.qrow.data());
+    tl.a[r] = pack_row(tl.qrow.data(), D, tl.qw.data() + r * nw) * qmul;
+  }
+  std::fill(tl.m.begin(), tl.m.end(), NEG);
+  std::fill(tl.l.begin(), tl.l.end(), 0.f);
+  std::fill(tl.acc.begin(), tl.acc.begin() + size_t(Rp) * D, 0.f);
+  std::fill(tl.p.begin(), tl.p.end(), 0.f);  // rows >= R stay 0
+  const int64_t shift = a.Lk - a.Lq;  // query i sits at key position i + shift
+  const int64_t kend = a.causal ? std::min<int64_t>(a.Lk, i0 + R + shift) : a.Lk;
+  // V of this KV head, fp32
+  const float* vbase;
+  int64_t vst;
+  if (a.v_dtype == DType::F32) {
+    vbase = static_cast<const float*>(a.v) + b * a.v_stride_b + hk * a.v_stride_h;
+    vst = a.v_stride_t;
+  } else {
+    vbase = pr.vconv.data() + bhk * a.Lk * D;
+    vst = D;
+  }
+  const uint32_t* ktb = pr.kt.data() + bhk * pr.nblk * nw * BT;
+  const float* betab = pr.beta.data() + bhk * pr.nblk * BT;
+  const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int64_t relc = (a.rel_len - 1) / 2;
+  const float* relh = a.rel_bias ? pr.rel.data() + h * a.rel_len : nullptr;
+  for (int64_t j0 = 0; j0 < kend; j0 += BT) {
+    const int nt = int(std::min<int64_t>(BT, kend - j0));
+    const uint32_t* kt = ktb + (j0 / BT) * nw * BT;
+    const float* beta = betab + j0;
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = i0 + r, pos = i + shift;
+      const int64_t lim = std::min<int64_t>(kend - 1, a.causal ? pos : a.Lk - 1);  // last visible key
+      float* s = tl.s.data();
+      const uint32_t* qw = tl.qw.data() + r * nw;
+      const vf ar = splat(tl.a[r]);
+      const float* brow = a.bias ? a.bias + b * a.bias_stride_b + h * a.bias_stride_h + i * a.bias_stride_i : nullptr;
+      vf vmax = splat(NEG);
+      for (int c = 0; c < BT; c += W) {
+        vu pc = {};
+        for (int64_t w = 0; w < nw; ++w) pc += vpopcnt((vu{} + qw[w]) ^ ldu(kt + w * BT + c));
+        vf sv = __builtin_convertvector(vi{} + int32_t(D) - 2 * (vi)pc, vf) * ld(beta + c) * ar;
+        const int64_t jc = j0 + c;
+        if (jc <= lim) {
+          if (brow) {
+            if (jc + W <= a.Lk) {
+              sv = fmadd(ld(brow + jc), splat(kLog2e), sv);
+            } else {
+              for (int t = 0; t < W && jc + t < a.Lk; ++t) sv[t] += brow[jc + t] * kLog2e;
+            }
+          }
+          if (relh) {
+            const float* rr = relh + relc - pos + jc;  // reversed table: index increases with j
+            if (jc + W <= a.Lk) {
+              sv += ld(rr);
+            } else {
+              for (int t = 0; t < W && jc + t < a.Lk; ++t) sv[t] += rr[t];
+            }
+          }
+        }
+        sv = (iota + int32_t(jc) > int32_t(lim)) ? splat(NEG) : sv;
+        stv(s + c, sv);
+        vmax = vmax > sv ? vmax : sv;
+      }
+      const float bm = hmax(vmax);
+      float* p = tl.p.data() + r * BT;
+      if (bm == NEG) {  // nothing visible in this block for this row
+        std::memset(p, 0, BT * sizeof(float));
+        tl.al[r] = 1.f;
+        continue;
+      }
+      const float mn = std::max(tl.m[r], bm);
+      const float alpha = tl.m[r] == NEG ? 0.f : std::exp2(tl.m[r] - mn);
+      vf sum = {};
+      for (int c = 0; c < BT; c += W) {
+        const vf e = vexp2(ld(s + c) - splat(mn));
+        stv(p + c, e);
+        sum += e;
+      }
+      tl.l[r] = tl.l[r] * alpha + hsum(sum);
+      tl.m[r] = mn;
+      tl.al[r] = alpha;
+    }
+    for (int r = R; r < Rp; ++r) tl.al[r] = 1.f;
+    // P·V
+    const float* vb = vbase + j0 * vst;
+    int64_t c0 = 0;
+    for (; c0 + 4 * W <= D; c0 += 4 * W)
+      for (int r = 0; r < Rp; r += RG)
+        pv_tile<4>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb, vst, nt, c0);
+    for (; c0 < D; c0 += 2 * W)
+      for (int r = 0; r < Rp; r += RG)
+        pv_tile<2>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb, vst, nt, c0);
+  }
+  const int oes = dtype_size(a.v_dtype);
+  for (int r = 0; r < R; ++r) {
+    const float inv = tl.l[r] > 0.f ? 1.f / tl.l[r] : 0.f;
+    char* dst = static_cast<char*>(a.out) + (((b * a.Hq + h) * a.Lq + i0 + r) * D) * oes;
+    detail::store_row(tl.acc.data() + r * D, inv, a.v_dtype, D, dst);
+  }
+}
+
+}  // namespace
+
+void sign_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, int64_t x_stride_b,
+                   int64_t x_stride_t, bool center, uint32_t* bits, float* scale) {
+  if (batch <= 0 || L <= 0 || D <= 0) return;
+  const int es = dtype_size(dtype);
+  std::vector<float> mean;
+  if (center) {
+    mean.resize(size_t(batch) * D);
+    parallel_for(batch, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<double> acc(D);
+      std::vector<float> row(D);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t t = 0; t < L; ++t) {
+          detail::load_row(static_cast<const char*>(x) + (b * x_stride_b + t * x_stride_t) * es, dtype, D, nullptr,
+                           row.data());
+          for (int64_t c = 0; c < D; ++c) acc[c] += double(row[c]);
+        }
+        for (int64_t c = 0; c < D; ++c) mean[b * D + c] = float(acc[c] / double(L));
+      }
+    });
+  }
+  parallel_for(batch * L, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / L, t = r % L;
+      detail::load_row(static_cast<const char*>(x) + (b * x_stride_b + t * x_stride_t) * es, dtype, D, nullptr,
+                       row.data());
+      if (center)
+        for (int64_t c = 0; c < D; ++c) row[c] = row[c] - mean[b * D + c];
+      scale[r] = pack_row(row.data(), D, bits + r * (D / 32)) / float(D);
+    }
+  });
+}
+
+void binary_attention_cpu(const BinaryAttentionArgs& a) {
+  if (a.B <= 0 || a.Hq <= 0 || a.Lq <= 0 || a.D <= 0) return;
+  const int64_t D = a.D, nw = D / 32, BHk = a.B * a.Hkv;
+  Prep pr;
+  pr.nw = nw;
+  pr.nblk = (a.Lk + BT - 1) / BT;
+  pr.kt.assign(size_t(BHk) * pr.nblk * nw * BT, 0u);
+  pr.beta.assign(size_t(BHk) * pr.nblk * BT, 0.f);
+  if (a.v_dtype != DType::F32) pr.vconv.resize(size_t(BHk) * a.Lk * D);
+  parallel_for(BHk, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const uint32_t* kb = a.k_bits + bh * a.Lk * nw;
+      uint32_t* kt = pr.kt.data() + bh * pr.nblk * nw * BT;
+      for (int64_t j = 0; j < a.Lk; ++j)
+        for (int64_t w = 0; w < nw; ++w) kt[((j / BT) * nw + w) * BT + j % BT] = kb[j * nw + w];
+      std::memcpy(pr.beta.data() + bh * pr.nblk * BT, a.k_scale + bh * a.Lk, a.Lk * sizeof(float));
+      if (a.v_dtype != DType::F32) {
+        const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
+        const char* vb = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * dtype_size(a.v_dtype);
+        for (int64_t j = 0; j < a.Lk; ++j)
+          detail::load_row(vb + j * a.v_stride_t * dtype_size(a.v_dtype), a.v_dtype, D, nullptr,
+                           pr.vconv.data() + (bh * a.Lk + j) * D);
+      }
+    }
+  });
+  if (a.rel_bias) {
+    pr.rel.resize(size_t(a.Hq) * a.rel_len);
+    for (int64_t h = 0; h < a.Hq; ++h)
+      for (int64_t u = 0; u < a.rel_len; ++u)
+        pr.rel[h * a.rel_len + u] = a.rel_bias[h * a.rel_len + (a.rel_len - 1 - u)] * kLog2e;
+  }
+  const int64_t nitems = a.B * a.Hq * ((a.Lq + RQ - 1) / RQ);
+  parallel_for(nitems, 1, [&](int64_t i0, int64_t i1) {
+    Tile tl;
+    tl.init(D, nw);
+    for (int64_t i = i0; i < i1; ++i) run_item(a, pr, i, tl);
+  });
+}
+
+}  // namespace kvengine

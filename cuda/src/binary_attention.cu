@@ -1,0 +1,391 @@
+// kvengine — 1-bit QK attention (BinaryAttention) on CUDA; semantics in kvengine/binary_attention.h, same results as
+// the CPU kernels up to fp32 summation order (the sign bits are identical).
+//
+// Kernels
+//   channel_mean_kernel  (centering only) per-channel fp64 sums over the token axis -> fp32 means [batch, D].
+//   sign_pack_kernel     one warp per row: lane j loads element 32w + j, __ballot_sync(x < 0) is word w directly;
+//                        mean |x| by a shuffle reduction.
+//   binary_attn_kernel<D, RW>  flash-attention style on CUDA cores, never materializing Lq × Lk.
+//       One CTA (128 threads, 4 warps) per (b, query head, tile of 4·RW query rows); warp w owns RW rows.  Each warp
+//       packs its query rows with ballots (sign words in registers, uniform across the warp) and α·scale·log2 e.
+//       Keys in tiles of BK = 64: the tile's sign words (transposed [D/32][BK], conflict-free), β and V (as fp32,
+//       [BK][D]) are staged in shared memory by the whole CTA.  Score phase: lane t holds keys t and t + 32 and
+//       computes, for each of its warp's rows, s = a_i · β_j · (D − 2 Σ_w __popc(q_w ^ k_w)) + log2 e · bias,
+//       masks, then the online softmax (warp max / sum by shuffles, exp2f); p goes to a per-warp [RW][BK] slice of
+//       shared memory.  P·V phase: lane owns channels lane + 32 c (c < D/32) of every row, acc[RW][D/32] in
+//       registers, p read as float4 broadcasts, V rows read conflict-free; fp32 throughout.
+//   A row with no visible key outputs 0.  Registers: __launch_bounds__(128, 4) (<= 128 regs, no spills: check with
+//   -Xptxas -v).  Shared memory: D = 128: 41 KiB; D = 256 (RW = 4): 69 KiB (opt-in).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kvengine/binary_attention.h"
+#include "kvengine/cuda_ops.h"
+
+namespace kvengine::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int BK = 64;  // keys per tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr const char* kErr = "kvengine::cuda::binary_attention: ";
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(kErr) + what + ": " + cudaGetErrorString(e));
+}
+
+__device__ __forceinline__ float load_f(const void* p, int64_t i, int dt) {
+  if (dt == 0) return static_cast<const float*>(p)[i];
+  if (dt == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ void store_f(void* p, int64_t i, int dt, float v) {
+  if (dt == 0) static_cast<float*>(p)[i] = v;
+  else if (dt == 1) static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// ---- sign packing -------------------------------------------------------------------------------------------------
+struct PackParams {
+  const void* x;
+  int64_t sb, st, batch, L;
+  int D, dtype;
+  bool center;
+  uint32_t* bits;
+  float* scale;
+  float* mean;
+};
+
+__global__ void channel_mean_kernel(PackParams p) {
+  const int c = blockIdx.y * blockDim.x + threadIdx.x;
+  const int64_t b = blockIdx.x;
+  if (c >= p.D) return;
+  double s = 0.0;
+  for (int64_t t = 0; t < p.L; ++t) s += static_cast<double>(load_f(p.x, b * p.sb + t * p.st + c, p.dtype));
+  p.mean[b * p.D + c] = static_cast<float>(s / static_cast<double>(p.L));
+}
+
+__global__ void sign_pack_kernel(PackParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row >= p.batch * p.L) return;  // warp-uniform
+  const int64_t b = row / p.L, t = row % p.L;
+  const int64_t base = b * p.sb + t * p.st;
+  const int nw = p.D / 32;
+  float s = 0.f;
+  for (int w = 0; w < nw; ++w) {
+    float v = load_f(p.x, base + w * 32 + lane, p.dtype);
+    if (p.center) v = __fsub_rn(v, p.mean[b * p.D + w * 32 + lane]);
+    const unsigned word = __ballot_sync(kFull, v < 0.f);
+    s += fabsf(v);
+    if (lane == 0) p.bits[row * nw + w] = word;
+  }
+  s = warp_sum(s);
+  if (lane == 0) p.scale[row] = s / static_cast<float>(p.D);
+}
+
+// ---- attention ----------------------------------------------------------------------------------------------------
+struct AttnParams {
+  const void* q;
+  int64_t q_sb, q_sh, q_st;
+  const uint32_t* kb;
+  const float* ks;
+  const void* v;
+  int64_t v_sb, v_sh, v_st;
+  void* out;
+  const float* bias;
+  int64_t bias_sb, bias_sh, bias_si;
+  const float* rel;
+  int64_t rel_len;
+  int Hq, Hkv, Lq, Lk;
+  int qdt, vdt;
+  bool causal;
+  float qmul;  // softmax_scale · log2 e / D
+};
+
+template <int D, int RW>
+__global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) {
+  constexpr int NW = D / 32;   // sign words per row
+  constexpr int CPL = D / 32;  // channels per lane in P·V
+  constexpr int BQ = kWarps * RW;
+  extern __shared__ float4 smem4[];
+  uint32_t* kbt = reinterpret_cast<uint32_t*>(smem4);     // [NW][BK]
+  float* beta = reinterpret_cast<float*>(kbt + NW * BK);  // [BK]
+  float* vs = beta + BK;                                  // [BK][D]
+  float* ps = vs + BK * D;                                // [kWarps][RW][BK]
+  float* rowst = ps + kWarps * RW * BK;                   // [kWarps][4][RW]: a, m, l, alpha
+  uint32_t* qws = reinterpret_cast<uint32_t*>(rowst + kWarps * 4 * RW);  // [kWarps][RW][NW]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.Hq / p.Hkv);
+  const int64_t bhk = static_cast<int64_t>(b) * p.Hkv + hk;
+  const int q0 = blockIdx.x * BQ;
+  const int rbase = q0 + warp * RW;
+  const int shift = p.Lk - p.Lq;
+  float* sa = rowst + warp * 4 * RW;  // per-row state of this warp (uniform across its lanes)
+  float* sm = sa + RW;
+  float* sl = sm + RW;
+  float* sal = sl + RW;
+  uint32_t* qw = qws + warp * RW * NW;
+
+  // pack this warp's query rows: sign words by ballot, a = mean|q| · scale · log2 e
+#pragma unroll 1
+  for (int r = 0; r < RW; ++r) {
+    const int i = rbase + r;
+    const bool valid = i < p.Lq;
+    const int64_t off = static_cast<int64_t>(b) * p.q_sb + static_cast<int64_t>(h) * p.q_sh +
+                        static_cast<int64_t>(valid ? i : 0) * p.q_st;
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float x = valid ? load_f(p.q, off + w * 32 + lane, p.qdt) : 0.f;
+      const unsigned word = __ballot_sync(kFull, x < 0.f);
+      if (lane == 0) qw[r * NW + w] = word;
+      s += fabsf(x);
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+      sa[r] = s * p.qmul;
+      sm[r] = -INFINITY;
+      sl[r] = 0.f;
+    }
+  }
+  float acc[RW][CPL];
+#pragma unroll
+  for (int r = 0; r < RW; ++r)
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) acc[r][c] = 0.f;
+
+  int kend = p.Lk;
+  if (p.causal) kend = min(p.Lk, q0 + BQ + shift);
+  float* pw = ps + warp * RW * BK;
+  const int64_t kbase = bhk * p.Lk;
+  const int64_t vbase = static_cast<int64_t>(b) * p.v_sb + static_cast<int64_t>(hk) * p.v_sh;
+  const int64_t relc = (p.rel_len - 1) / 2;
+
+  for (int j0 = 0; j0 < kend; j0 += BK) {
+    __syncthreads();  // the previous tile is consumed (and, first time, the row state is written)
+    for (int idx = tid; idx < NW * BK; idx += kThreads) {
+      const int w = idx / BK, t = idx % BK, j = j0 + t;
+      kbt[idx] = j < p.Lk ? p.kb[(kbase + j) * NW + w] : 0u;
+    }
+    for (int t = tid; t < BK; t += kThreads) beta[t] = j0 + t < p.Lk ? p.ks[kbase + j0 + t] : 0.f;
+    for (int idx = tid; idx < BK * D; idx += kThreads) {
+      const int t = idx / D, c = idx % D, j = j0 + t;
+      vs[idx] = j < p.Lk ? load_f(p.v, vbase + static_cast<int64_t>(j) * p.v_st + c, p.vdt) : 0.f;
+    }
+    __syncthreads();
+
+    // scores + online softmax: lane holds keys lane and lane + 32
+    {
+      const int t0 = lane, t1 = lane + 32;
+      const int j0a = j0 + t0, j1a = j0 + t1;
+      const float b0 = beta[t0], b1 = beta[t1];
+      uint32_t k0[NW], k1[NW];
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        k0[w] = kbt[w * BK + t0];
+        k1[w] = kbt[w * BK + t1];
+      }
+#pragma unroll 1
+      for (int r = 0; r < RW; ++r) {
+        const int i = rbase + r;
+        int pc0 = 0, pc1 = 0;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+          const uint32_t qv = qw[r * NW + w];
+          pc0 += __popc(qv ^ k0[w]);
+          pc1 += __popc(qv ^ k1[w]);
+        }
+        const float ar = sa[r];
+        float s0 = ar * b0 * static_cast<float>(D - 2 * pc0);
+        float s1 = ar * b1 * static_cast<float>(D - 2 * pc1);
+        const int pos = i + shift;
+        const int lim = i < p.Lq ? min(kend - 1, p.causal ? pos : p.Lk - 1) : -1;
+        if (j0a <= lim) {
+          if (p.bias) s0 += kLog2e * p.bias[b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(i) * p.bias_si + j0a];
+          if (p.rel) s0 += kLog2e * p.rel[h * p.rel_len + relc + pos - j0a];
+        } else {
+          s0 = -INFINITY;
+        }
+        if (j1a <= lim) {
+          if (p.bias) s1 += kLog2e * p.bias[b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(i) * p.bias_si + j1a];
+          if (p.rel) s1 += kLog2e * p.rel[h * p.rel_len + relc + pos - j1a];
+        } else {
+          s1 = -INFINITY;
+        }
+        const float bm = warp_max(fmaxf(s0, s1));
+        const float mo = sm[r];
+        const float mn = fmaxf(mo, bm);
+        float p0 = 0.f, p1 = 0.f, alpha = 1.f;
+        if (mn != -INFINITY) {  // warp-uniform
+          alpha = mo == -INFINITY ? 0.f : exp2f(mo - mn);
+          p0 = exp2f(s0 - mn);  // exp2f(-inf) = 0
+          p1 = exp2f(s1 - mn);
+          const float ps_ = warp_sum(p0 + p1);
+          if (lane == 0) {
+            sl[r] = sl[r] * alpha + ps_;
+            sm[r] = mn;
+          }
+        }
+        if (lane == 0) sal[r] = alpha;
+        pw[r * BK + t0] = p0;
+        pw[r * BK + t1] = p1;
+      }
+    }
+    __syncwarp();
+
+    // P·V (fp32): rescale by alpha, then acc[r][c] += p[r][t] · v[t][lane + 32 c]
+#pragma unroll
+    for (int r = 0; r < RW; ++r) {
+      const float al = sal[r];
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) acc[r][c] *= al;
+    }
+    const int nt = min(BK, kend - j0);
+#pragma unroll 1
+    for (int t = 0; t < nt; t += 4) {
+      float vv[4][CPL];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) vv[u][c] = vs[(t + u) * D + c * 32 + lane];
+#pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        const float4 pr = *reinterpret_cast<const float4*>(pw + r * BK + t);
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          float x = acc[r][c];
+          x = fmaf(pr.x, vv[0][c], x);
+          x = fmaf(pr.y, vv[1][c], x);
+          x = fmaf(pr.z, vv[2][c], x);
+          acc[r][c] = fmaf(pr.w, vv[3][c], x);
+        }
+      }
+    }
+    __syncwarp();
+  }
+  __syncwarp();
+
+#pragma unroll
+  for (int r = 0; r < RW; ++r) {
+    const int i = rbase + r;
+    if (i >= p.Lq) continue;
+    const float lr = sl[r];
+    const float inv = lr > 0.f ? 1.f / lr : 0.f;
+    const int64_t o = ((static_cast<int64_t>(b) * p.Hq + h) * p.Lq + i) * D;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) store_f(p.out, o + c * 32 + lane, p.vdt, acc[r][c] * inv);
+  }
+}
+
+template <int D, int RW>
+void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
+  constexpr int BQ = kWarps * RW;
+  const size_t smem = static_cast<size_t>(D / 32) * BK * 4 + BK * 4 + static_cast<size_t>(BK) * D * 4 +
+                      static_cast<size_t>(kWarps) * RW * BK * 4 + static_cast<size_t>(kWarps) * 4 * RW * 4 +
+                      static_cast<size_t>(kWarps) * RW * (D / 32) * 4;
+  auto fn = binary_attn_kernel<D, RW>;
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+          "shared memory opt-in");
+  const dim3 grid(static_cast<unsigned>((Lq + BQ - 1) / BQ), static_cast<unsigned>(Hq), static_cast<unsigned>(B));
+  fn<<<grid, kThreads, smem, stream>>>(p);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace
+
+void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, int64_t x_stride_b,
+               int64_t x_stride_t, bool center, uint32_t* bits, float* scale, float* mean_ws, cudaStream_t stream) {
+  if (batch <= 0 || L <= 0 || D <= 0) return;
+  if (D % 32 != 0) throw std::runtime_error("kvengine::cuda::sign_pack: D must be a multiple of 32");
+  if (center && mean_ws == nullptr) throw std::runtime_error("kvengine::cuda::sign_pack: mean workspace is null");
+  PackParams p{};
+  p.x = x;
+  p.sb = x_stride_b;
+  p.st = x_stride_t;
+  p.batch = batch;
+  p.L = L;
+  p.D = static_cast<int>(D);
+  p.dtype = static_cast<int>(dtype);
+  p.center = center;
+  p.bits = bits;
+  p.scale = scale;
+  p.mean = mean_ws;
+  if (center) {
+    if (batch > 0x7fffffff) throw std::runtime_error("kvengine::cuda::sign_pack: batch too large");
+    const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>((D + 127) / 128));
+    channel_mean_kernel<<<grid, 128, 0, stream>>>(p);
+    check(cudaGetLastError(), "channel mean launch");
+  }
+  const int64_t blocks = (batch * L + 7) / 8;
+  if (blocks > 0x7fffffff) throw std::runtime_error("kvengine::cuda::sign_pack: too many rows");
+  sign_pack_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  check(cudaGetLastError(), "sign_pack launch");
+}
+
+void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream) {
+  if (a.B <= 0 || a.Hq <= 0 || a.Lq <= 0 || a.Lk <= 0) return;
+  if (!(a.D == 32 || a.D == 64 || a.D == 128 || a.D == 256))
+    throw std::runtime_error(std::string(kErr) + "head dim must be 32, 64, 128 or 256");
+  if (a.Hkv <= 0 || a.Hq % a.Hkv != 0) throw std::runtime_error(std::string(kErr) + "Hq must be a multiple of Hkv");
+  if (a.B > 65535 || a.Hq > 65535 || a.Lq > 0x7fffffff || a.Lk > 0x7fffffff)
+    throw std::runtime_error(std::string(kErr) + "grid too large (B and Hq <= 65535)");
+  AttnParams p{};
+  p.q = a.q;
+  p.q_sb = a.q_stride_b;
+  p.q_sh = a.q_stride_h;
+  p.q_st = a.q_stride_t;
+  p.kb = a.k_bits;
+  p.ks = a.k_scale;
+  p.v = a.v;
+  p.v_sb = a.v_stride_b;
+  p.v_sh = a.v_stride_h;
+  p.v_st = a.v_stride_t;
+  p.out = a.out;
+  p.bias = a.bias;
+  p.bias_sb = a.bias_stride_b;
+  p.bias_sh = a.bias_stride_h;
+  p.bias_si = a.bias_stride_i;
+  p.rel = a.rel_bias;
+  p.rel_len = a.rel_len;
+  p.Hq = static_cast<int>(a.Hq);
+  p.Hkv = static_cast<int>(a.Hkv);
+  p.Lq = static_cast<int>(a.Lq);
+  p.Lk = static_cast<int>(a.Lk);
+  p.qdt = static_cast<int>(a.q_dtype);
+  p.vdt = static_cast<int>(a.v_dtype);
+  p.causal = a.causal;
+  p.qmul = a.softmax_scale * kLog2e / static_cast<float>(a.D);
+  const int B = static_cast<int>(a.B), Hq = static_cast<int>(a.Hq), Lq = static_cast<int>(a.Lq);
+  switch (a.D) {
+    case 32: launch<32, 8>(p, B, Hq, Lq, stream); break;
+    case 64: launch<64, 8>(p, B, Hq, Lq, stream); break;
+    case 128: launch<128, 8>(p, B, Hq, Lq, stream); break;
+    default: launch<256, 4>(p, B, Hq, Lq, stream); break;
+  }
+}
+
+}  // namespace kvengine::cuda

@@ -1,0 +1,615 @@
+// kvengine — hash-based top-k KV retrieval on CUDA (semantics: kvengine/retrieval.h; same results as the CPU
+// kernels: codes bit-identical away from |f| ≈ 0, hamming_topk exactly identical).
+//
+// hash_encode_kernel  CTA = nbits threads (thread j = output bit j) × TT = 16 rows of one (o, h).  x rows are staged
+//     in shared memory as fp32; u[t][j] = Σ_d x[t][d]·w1[d][j] with w1 read coalesced (L1/L2 resident per head);
+//     with the MLP, silu(u) goes to shared memory and f = u + silu(u)·w2 + b2 the same way.  Epilogue: the sign
+//     bits of a warp's 32 outputs are one __ballot_sync = one code word, written by lane 0.
+// hamming_topk: three kernels, no host sync, workspace sized from shapes only (graph capturable)
+//     topk_score_kernel   grid (chunk, Hkv, B), 256 threads: q codes of the group in shared memory, one thread per
+//                         position (16-byte loads for W >= 4), score -> uint16 workspace, shared-memory histogram of
+//                         the middle positions' scores -> per-chunk histogram in the workspace.
+//     topk_select_kernel  one CTA per (b, h): sums the chunk histograms, finds T (parallel over bin ranges), the tie
+//                         budget of every chunk and its output offset; writes sinks, recent window and -1 padding.
+//     topk_gather_kernel  grid (chunk, Hkv, B): ordered stream compaction of the chunk's uint16 scores (ballot
+//                         prefix sums) into the output slots.
+// sparse_decode_attention_kernel  CTA = 8 warps per (b, KV head, block of <= 8 query rows); warp w walks the index
+//     list entries j ≡ w (mod 8), 4 tokens per step (loads issued before use); each lane holds D/32 channels of
+//     every row's query and accumulator; dot products reduced with shuffles; online softmax per warp; the 8 warp
+//     states are merged through shared memory (log-sum-exp weights, shared atomics).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kvengine/cuda_ops.h"
+#include "kvengine/retrieval.h"
+
+namespace kvengine::cuda {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("kvengine::cuda retrieval: ") + what + ": " + cudaGetErrorString(e));
+}
+
+__host__ __device__ __forceinline__ int64_t mn64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t mx64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float load_f(const void* p, int64_t i, int dtype) {
+  if (dtype == 0) return static_cast<const float*>(p)[i];
+  if (dtype == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+// ---- hash_encode -------------------------------------------------------------------------------------------------
+constexpr int kEncRows = 16;
+
+struct EncParams {
+  const void* x;
+  int dtype;
+  int64_t H, T, D, so, sh, st;
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  int per_head, nbits;
+  uint32_t* codes;
+  int64_t tiles;  // tiles of kEncRows rows per (o, h)
+};
+
+__global__ void hash_encode_kernel(const EncParams p) {
+  extern __shared__ float enc_smem[];
+  const int nb = p.nbits, j = threadIdx.x;
+  const int64_t tile = blockIdx.x % p.tiles, oh = blockIdx.x / p.tiles, o = oh / p.H, h = oh % p.H;
+  const int64_t t0 = tile * kEncRows;
+  const int rows = static_cast<int>(mn64(kEncRows, p.T - t0));
+  float* xs = enc_smem;                     // [kEncRows][D]
+  float* hs = enc_smem + kEncRows * p.D;    // [kEncRows][nbits]
+  for (int64_t i = j; i < int64_t(kEncRows) * p.D; i += nb) {
+    const int r = static_cast<int>(i / p.D);
+    const int64_t d = i % p.D;
+    xs[i] = r < rows ? load_f(p.x, o * p.so + h * p.sh + (t0 + r) * p.st + d, p.dtype) : 0.f;
+  }
+  __syncthreads();
+  const int64_t hw = p.per_head ? h : 0;
+  const float* w1 = p.w1 + hw * p.D * nb;
+  float u[kEncRows];
+  const float bias1 = p.b1 ? p.b1[hw * nb + j] : 0.f;
+#pragma unroll
+  for (int r = 0; r < kEncRows; ++r) u[r] = bias1;
+  for (int64_t d = 0; d < p.D; ++d) {
+    const float w = __ldg(w1 + d * nb + j);
+#pragma unroll
+    for (int r = 0; r < kEncRows; ++r) u[r] = fmaf(xs[r * p.D + d], w, u[r]);
+  }
+  if (p.w2) {
+#pragma unroll
+    for (int r = 0; r < kEncRows; ++r) hs[r * nb + j] = u[r] / (1.f + __expf(-u[r]));
+    __syncthreads();
+    const float* w2 = p.w2 + hw * nb * nb;
+    const float bias2 = p.b2 ? p.b2[hw * nb + j] : 0.f;
+    float f[kEncRows];
+#pragma unroll
+    for (int r = 0; r < kEncRows; ++r) f[r] = 0.f;
+    for (int i = 0; i < nb; ++i) {
+      const float w = __ldg(w2 + i * nb + j);
+#pragma unroll
+      for (int r = 0; r < kEncRows; ++r) f[r] = fmaf(hs[r * nb + i], w, f[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kEncRows; ++r) u[r] = u[r] + (f[r] + bias2);
+  }
+  const int lane = j & 31, word = j >> 5, W = nb >> 5;
+#pragma unroll
+  for (int r = 0; r < kEncRows; ++r) {
+    const unsigned bits = __ballot_sync(kFull, u[r] > 0.f);
+    if (lane == 0 && r < rows) p.codes[((oh * p.T) + t0 + r) * W + word] = bits;
+  }
+}
+
+// ---- hamming_topk ---------------------------------------------------------------------------------------------------
+constexpr int kTopkThreads = 256;
+
+struct TopkLayout {
+  int64_t chunk, nch, nbins;
+  size_t sc_off, hist_off, meta_off, thr_off, total;
+};
+
+int64_t cuda_chunk(int64_t N) {
+  const int64_t c = N > 4096 * 256 ? (N + 255) / 256 : 4096;
+  return (c + 255) / 256 * 256;
+}
+
+TopkLayout layout(const HammingTopkArgs& a) {
+  TopkLayout l;
+  l.chunk = cuda_chunk(a.N);
+  l.nch = (a.N + l.chunk - 1) / l.chunk;
+  l.nbins = (a.Hq / a.Hkv) * 32 * a.W + 1;
+  const int64_t BH = a.B * a.Hkv;
+  auto up = [](size_t x) { return (x + 255) / 256 * 256; };
+  l.sc_off = 0;
+  l.hist_off = up(size_t(BH) * a.N * sizeof(uint16_t));
+  l.meta_off = l.hist_off + up(size_t(BH) * l.nch * l.nbins * sizeof(int32_t));
+  l.thr_off = l.meta_off + up(size_t(BH) * l.nch * 2 * sizeof(int32_t));
+  l.total = l.thr_off + up(size_t(BH) * sizeof(int32_t));
+  return l;
+}
+
+struct TopkParams {
+  const uint32_t* q;
+  int64_t qsb, qsh;
+  const uint32_t* k;
+  int64_t ksb, ksh;
+  const int32_t* lens;
+  int Hkv, g, W;
+  int64_t N, k_sel, sinks, recent, chunk, nch, nbins;
+  uint16_t* sc;
+  int32_t* hist;
+  int32_t* meta;  // [BH][nch][2]: output slot, tie budget
+  int32_t* thr;   // [BH]
+  int32_t* idx;
+  int32_t* scr;
+};
+
+struct Span {
+  int64_t L, ns, nr, m;
+};
+
+__device__ __forceinline__ Span span_of(const TopkParams& p, int64_t b) {
+  Span s;
+  s.L = p.lens ? mn64(mx64(p.lens[b], 0), p.N) : p.N;
+  s.ns = mn64(p.sinks, s.L);
+  s.nr = mn64(p.recent, s.L - s.ns);
+  s.m = mx64(0, mn64(p.k_sel - s.ns - s.nr, s.L - s.ns - s.nr));
+  return s;
+}
+
+template <int W>
+__global__ void __launch_bounds__(kTopkThreads) topk_score_kernel(const TopkParams p, const bool vec) {
+  extern __shared__ int32_t topk_smem[];
+  int32_t* hist = topk_smem;                                       // [nbins]
+  uint32_t* qs = reinterpret_cast<uint32_t*>(topk_smem + p.nbins);  // [g][W]
+  const int64_t ck = blockIdx.x, h = blockIdx.y, b = blockIdx.z, bh = b * p.Hkv + h;
+  const Span s = span_of(p, b);
+  for (int i = threadIdx.x; i < p.nbins; i += kTopkThreads) hist[i] = 0;
+  for (int i = threadIdx.x; i < p.g * W; i += kTopkThreads)
+    qs[i] = p.q[b * p.qsb + (h * p.g + i / W) * p.qsh + i % W];
+  __syncthreads();
+  const int64_t p0 = ck * p.chunk, p1 = mn64(s.L, p0 + p.chunk);
+  const uint32_t* kb = p.k + b * p.ksb + h * p.ksh;
+  uint16_t* sc = p.sc + bh * p.N;
+  const int total = p.g * 32 * W;
+  for (int64_t pos = p0 + threadIdx.x; pos < p1; pos += kTopkThreads) {
+    const uint32_t* kr = kb + pos * W;
+    uint32_t kw[W];
+    if (W >= 4 && vec) {
+#pragma unroll
+      for (int w = 0; w < W; w += 4) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(kr + w));
+        kw[w] = v.x;
+        kw[w + 1] = v.y;
+        kw[w + 2] = v.z;
+        kw[w + 3] = v.w;
+      }
+    } else {
+#pragma unroll
+      for (int w = 0; w < W; ++w) kw[w] = __ldg(kr + w);
+    }
+    int pc = 0;
+    for (int i = 0; i < p.g; ++i)
+#pragma unroll
+      for (int w = 0; w < W; ++w) pc += __popc(kw[w] ^ qs[i * W + w]);
+    const int score = total - pc;
+    sc[pos] = static_cast<uint16_t>(score);
+    if (pos >= s.ns && pos < s.L - s.nr) atomicAdd(&hist[score], 1);
+  }
+  __syncthreads();
+  int32_t* out = p.hist + (bh * p.nch + ck) * p.nbins;
+  for (int i = threadIdx.x; i < p.nbins; i += kTopkThreads) out[i] = hist[i];
+}
+
+__global__ void __launch_bounds__(kTopkThreads) topk_select_kernel(const TopkParams p) {
+  extern __shared__ int32_t topk_smem[];
+  int32_t* tot = topk_smem;                 // [nbins]
+  int32_t* part = topk_smem + p.nbins;      // [kTopkThreads] range sums, then per-chunk count above T
+  int32_t* eq = part + kTopkThreads;        // [kTopkThreads] per-chunk count at T (nch <= 256)
+  __shared__ int32_t sh_T, sh_need;
+  const int64_t bh = blockIdx.x, b = bh / p.Hkv;
+  const Span s = span_of(p, b);
+  const int32_t* hb = p.hist + bh * p.nch * p.nbins;
+  for (int64_t i = threadIdx.x; i < p.nbins; i += kTopkThreads) {
+    int32_t c = 0;
+    for (int64_t ck = 0; ck < p.nch; ++ck) c += hb[ck * p.nbins + i];
+    tot[i] = c;
+  }
+  __syncthreads();
+  // thread t owns the bins [hi - (t+1)·per, hi - t·per) counted from the top
+  const int64_t per = (p.nbins + kTopkThreads - 1) / kTopkThreads;
+  {
+    const int64_t top = p.nbins - 1 - threadIdx.x * per;
+    int32_t c = 0;
+    for (int64_t i = 0; i < per && top - i >= 0; ++i) c += tot[top - i];
+    part[threadIdx.x] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t T = p.nbins, need = 0;
+    if (s.m > 0) {
+      int64_t cum = 0;
+      int t = 0;
+      for (; t < kTopkThreads && cum + part[t] < s.m; ++t) cum += part[t];
+      for (int64_t bin = p.nbins - 1 - t * per; bin >= 0; --bin) {
+        if (cum + tot[bin] >= s.m) {
+          T = bin;
+          need = s.m - cum;
+          break;
+        }
+        cum += tot[bin];
+      }
+    }
+    sh_T = static_cast<int32_t>(T);
+    sh_need = static_cast<int32_t>(need);
+    p.thr[bh] = static_cast<int32_t>(T);
+  }
+  __syncthreads();
+  const int32_t T = sh_T;
+  // per chunk: count above T and at T (from the chunk's own histogram); then a serial prefix over the chunks
+  int32_t* gt = part;  // reuse: [nch] (nch <= 256 = kTopkThreads)
+  for (int64_t ck = threadIdx.x; ck < p.nch; ck += kTopkThreads) {
+    const int32_t* h = hb + ck * p.nbins;
+    int32_t c = 0;
+    for (int64_t i = T + 1; i < p.nbins; ++i) c += h[i];
+    gt[ck] = c;
+    eq[ck] = T < p.nbins ? h[T] : 0;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t slot = s.ns, eq_before = 0;
+    for (int64_t ck = 0; ck < p.nch; ++ck) {
+      const int64_t tk = mn64(mx64(sh_need - eq_before, 0), eq[ck]);
+      p.meta[(bh * p.nch + ck) * 2] = static_cast<int32_t>(slot);
+      p.meta[(bh * p.nch + ck) * 2 + 1] = static_cast<int32_t>(tk);
+      slot += gt[ck] + tk;
+      eq_before += eq[ck];
+    }
+  }
+  int32_t* idx = p.idx + bh * p.k_sel;
+  int32_t* scr = p.scr + bh * p.k_sel;
+  const uint16_t* sc = p.sc + bh * p.N;
+  const int64_t r0 = s.ns + s.m;
+  for (int64_t j = threadIdx.x; j < p.k_sel; j += kTopkThreads) {
+    if (j < s.ns) {
+      idx[j] = static_cast<int32_t>(j);
+      scr[j] = sc[j];
+    } else if (j >= r0 && j < r0 + s.nr) {
+      const int64_t pos = s.L - s.nr + (j - r0);
+      idx[j] = static_cast<int32_t>(pos);
+      scr[j] = sc[pos];
+    } else if (j >= r0 + s.nr) {
+      idx[j] = -1;
+      scr[j] = -1;
+    }
+  }
+}
+
+// exclusive prefix of a 0/1 flag over the CTA (in thread order) and the CTA total
+__device__ __forceinline__ int block_prefix(bool f, int* warp_sums, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned bal = __ballot_sync(kFull, f);
+  if (lane == 0) warp_sums[warp] = __popc(bal);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kTopkThreads / 32; ++w) {
+    const int c = warp_sums[w];
+    before += w < warp ? c : 0;
+    total += c;
+  }
+  __syncthreads();
+  return before + __popc(bal & ((1u << lane) - 1u));
+}
+
+__global__ void __launch_bounds__(kTopkThreads) topk_gather_kernel(const TopkParams p) {
+  __shared__ int warp_sums[kTopkThreads / 32];
+  const int64_t ck = blockIdx.x, h = blockIdx.y, b = blockIdx.z, bh = b * p.Hkv + h;
+  const Span s = span_of(p, b);
+  const int64_t p0 = mx64(ck * p.chunk, s.ns), p1 = mn64(mn64(s.L, (ck + 1) * p.chunk),
+                                                                        s.L - s.nr);
+  if (p0 >= p1) return;  // uniform over the CTA
+  const int32_t T = p.thr[bh];
+  int64_t slot = p.meta[(bh * p.nch + ck) * 2];
+  int32_t budget = p.meta[(bh * p.nch + ck) * 2 + 1];
+  const uint16_t* sc = p.sc + bh * p.N;
+  int32_t* idx = p.idx + bh * p.k_sel;
+  int32_t* scr = p.scr + bh * p.k_sel;
+  for (int64_t base = p0; base < p1; base += kTopkThreads) {
+    const int64_t pos = base + threadIdx.x;
+    const int v = pos < p1 ? static_cast<int>(sc[pos]) : -1;
+    int n_eq;
+    const int eq_rank = block_prefix(v == T, warp_sums, n_eq);
+    const bool sel = v > T || (v == T && eq_rank < budget);
+    int n_sel;
+    const int rank = block_prefix(sel, warp_sums, n_sel);
+    if (sel) {
+      idx[slot + rank] = static_cast<int32_t>(pos);
+      scr[slot + rank] = v;
+    }
+    slot += n_sel;
+    budget -= min(n_eq, budget);
+  }
+}
+
+// ---- sparse decode attention -------------------------------------------------------------------------------------------
+constexpr int kAttnWarps = 8;
+constexpr int kRows = 8;    // query rows per CTA
+constexpr int kUnroll = 4;  // tokens per warp step
+
+struct SparseParams {
+  const void* q;
+  int64_t qsb, qsh;
+  void* out;
+  const void* k;
+  const void* v;
+  int64_t ksb, ksh, kst, vsb, vsh, vst;
+  const void* idx;
+  int idx64;
+  int64_t isb, ish, n_sel;
+  const int32_t* lens;
+  int dtype;
+  int Hq, Hkv, g, nrb;
+  int64_t N;
+  float scale;
+};
+
+template <int VPL>
+__device__ __forceinline__ void load_row(const void* base, int64_t off, int dtype, float (&x)[VPL]) {
+  // VPL consecutive elements starting at off (lane's slice)
+  if (dtype == 0) {
+    const float* p = static_cast<const float*>(base) + off;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) x[e] = p[e];
+  } else if (dtype == 1) {
+    const __half* p = static_cast<const __half*>(base) + off;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) x[e] = __half2float(p[e]);
+  } else {
+    const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(base) + off;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) x[e] = __bfloat162float(p[e]);
+  }
+}
+
+template <int VPL>
+__global__ void __launch_bounds__(kAttnWarps * 32) sparse_attn_kernel(const SparseParams p) {
+  constexpr int D = VPL * 32;
+  __shared__ float sm_m[kAttnWarps][kRows], sm_l[kAttnWarps][kRows];
+  __shared__ float sm_acc[kRows][D];
+  __shared__ float sm_lt[kRows];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t rb = blockIdx.x % p.nrb, bh = blockIdx.x / p.nrb, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int r0 = static_cast<int>(rb) * kRows;
+  const int nrows = min(kRows, p.g - r0);
+  const int64_t L = p.lens ? mn64(mx64(p.lens[b], 0), p.N) : p.N;
+  const int d0 = lane * VPL;
+  float q[kRows][VPL], acc[kRows][VPL], m[kRows], l[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) acc[r][e] = 0.f;
+    if (r < nrows) {
+      load_row<VPL>(p.q, b * p.qsb + (h * p.g + r0 + r) * p.qsh + d0, p.dtype, q[r]);
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) q[r][e] *= p.scale;
+    } else {
+#pragma unroll
+      for (int e = 0; e < VPL; ++e) q[r][e] = 0.f;
+    }
+  }
+  const int64_t ib = b * p.isb + h * p.ish;
+  const int64_t kb = b * p.ksb + h * p.ksh, vb = b * p.vsb + h * p.vsh;
+  for (int64_t j0 = int64_t(warp) * kUnroll; j0 < p.n_sel; j0 += int64_t(kAttnWarps) * kUnroll) {
+    int64_t pos[kUnroll];
+    bool ok[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u;
+      int64_t t = -1;
+      if (j < p.n_sel)
+        t = p.idx64 ? static_cast<const int64_t*>(p.idx)[ib + j] : static_cast<const int32_t*>(p.idx)[ib + j];
+      ok[u] = t >= 0 && t < L;
+      pos[u] = ok[u] ? t : 0;
+    }
+    float kx[kUnroll][VPL], vx[kUnroll][VPL];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      load_row<VPL>(p.k, kb + pos[u] * p.kst + d0, p.dtype, kx[u]);
+      load_row<VPL>(p.v, vb + pos[u] * p.vst + d0, p.dtype, vx[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!ok[u]) continue;  // uniform over the warp
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r >= nrows) break;
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < VPL; ++e) s = fmaf(q[r][e], kx[u][e], s);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
+        const float mn = fmaxf(m[r], s);
+        const float alpha = __expf(m[r] - mn), pr = __expf(s - mn);
+        l[r] = l[r] * alpha + pr;
+        m[r] = mn;
+#pragma unroll
+        for (int e = 0; e < VPL; ++e) acc[r][e] = fmaf(pr, vx[u][e], acc[r][e] * alpha);
+      }
+    }
+  }
+  // merge the warps: M = max over warps, weights exp(m_w - M)
+  for (int i = threadIdx.x; i < kRows * D; i += kAttnWarps * 32) (&sm_acc[0][0])[i] = 0.f;
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      sm_m[warp][r] = m[r];
+      sm_l[warp][r] = l[r];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= nrows) break;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm_m[w][r]);
+    if (M == -INFINITY || l[r] == 0.f) continue;
+    const float wgt = __expf(m[r] - M);
+#pragma unroll
+    for (int e = 0; e < VPL; ++e) atomicAdd(&sm_acc[r][d0 + e], acc[r][e] * wgt);
+  }
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    float M = -INFINITY, lt = 0.f;
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm_m[w][r]);
+    if (M != -INFINITY)
+      for (int w = 0; w < kAttnWarps; ++w)
+        if (sm_l[w][r] > 0.f) lt += sm_l[w][r] * __expf(sm_m[w][r] - M);
+    sm_lt[r] = lt;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nrows * D; i += kAttnWarps * 32) {
+    const int r = i / D, d = i % D;
+    const float lt = sm_lt[r];
+    const float o = lt > 0.f ? sm_acc[r][d] / lt : 0.f;
+    const int64_t oi = (b * p.Hq + h * p.g + r0 + r) * int64_t(D) + d;
+    if (p.dtype == 0) static_cast<float*>(p.out)[oi] = o;
+    else if (p.dtype == 1) static_cast<__half*>(p.out)[oi] = __float2half_rn(o);
+    else static_cast<__nv_bfloat16*>(p.out)[oi] = __float2bfloat16_rn(o);
+  }
+}
+
+}  // namespace
+
+void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {
+  EncParams p;
+  p.x = a.x;
+  p.dtype = static_cast<int>(a.dtype);
+  p.H = a.H;
+  p.T = a.T;
+  p.D = a.D;
+  p.so = a.x_stride_o;
+  p.sh = a.x_stride_h;
+  p.st = a.x_stride_t;
+  p.w1 = a.w1;
+  p.b1 = a.b1;
+  p.w2 = a.w2;
+  p.b2 = a.b2;
+  p.per_head = a.per_head ? 1 : 0;
+  p.nbits = a.nbits;
+  p.codes = a.codes;
+  p.tiles = (a.T + kEncRows - 1) / kEncRows;
+  const int64_t grid = a.O * a.H * p.tiles;
+  if (grid == 0) return;
+  const size_t smem = sizeof(float) * kEncRows * (a.D + a.nbits);
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(hash_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "hash_encode smem attribute");
+  hash_encode_kernel<<<static_cast<unsigned>(grid), a.nbits, smem, stream>>>(p);
+  check(cudaGetLastError(), "hash_encode launch");
+}
+
+size_t hamming_topk_workspace_bytes(const HammingTopkArgs& a) { return layout(a).total; }
+
+void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream) {
+  const TopkLayout l = layout(a);
+  char* ws = static_cast<char*>(workspace);
+  TopkParams p;
+  p.q = a.q_codes;
+  p.qsb = a.q_stride_b;
+  p.qsh = a.q_stride_h;
+  p.k = a.k_codes;
+  p.ksb = a.k_stride_b;
+  p.ksh = a.k_stride_h;
+  p.lens = a.seq_lens;
+  p.Hkv = static_cast<int>(a.Hkv);
+  p.g = static_cast<int>(a.Hq / a.Hkv);
+  p.W = static_cast<int>(a.W);
+  p.N = a.N;
+  p.k_sel = a.k;
+  p.sinks = a.sinks;
+  p.recent = a.recent;
+  p.chunk = l.chunk;
+  p.nch = l.nch;
+  p.nbins = l.nbins;
+  p.sc = reinterpret_cast<uint16_t*>(ws + l.sc_off);
+  p.hist = reinterpret_cast<int32_t*>(ws + l.hist_off);
+  p.meta = reinterpret_cast<int32_t*>(ws + l.meta_off);
+  p.thr = reinterpret_cast<int32_t*>(ws + l.thr_off);
+  p.idx = a.indices;
+  p.scr = a.scores;
+  const dim3 grid(static_cast<unsigned>(l.nch), static_cast<unsigned>(a.Hkv), static_cast<unsigned>(a.B));
+  const size_t smem1 = sizeof(int32_t) * (l.nbins + p.g * p.W);
+  // 16-byte code loads when every row start is 16-byte aligned
+  const bool vec = reinterpret_cast<uintptr_t>(a.k_codes) % 16 == 0 && a.k_stride_b % 4 == 0 &&
+                   a.k_stride_h % 4 == 0;
+  switch (p.W) {
+    case 1: topk_score_kernel<1><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+    case 2: topk_score_kernel<2><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+    case 4: topk_score_kernel<4><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+    default: topk_score_kernel<8><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+  }
+  check(cudaGetLastError(), "hamming_topk score launch");
+  const size_t smem2 = sizeof(int32_t) * (l.nbins + 2 * kTopkThreads);
+  topk_select_kernel<<<static_cast<unsigned>(a.B * a.Hkv), kTopkThreads, smem2, stream>>>(p);
+  check(cudaGetLastError(), "hamming_topk select launch");
+  topk_gather_kernel<<<grid, kTopkThreads, 0, stream>>>(p);
+  check(cudaGetLastError(), "hamming_topk gather launch");
+}
+
+void sparse_decode_attention(const SparseDecodeArgs& a, cudaStream_t stream) {
+  SparseParams p;
+  p.q = a.q;
+  p.qsb = a.q_stride_b;
+  p.qsh = a.q_stride_h;
+  p.out = a.out;
+  p.k = a.k;
+  p.v = a.v;
+  p.ksb = a.k_stride_b;
+  p.ksh = a.k_stride_h;
+  p.kst = a.k_stride_t;
+  p.vsb = a.v_stride_b;
+  p.vsh = a.v_stride_h;
+  p.vst = a.v_stride_t;
+  p.idx = a.indices;
+  p.idx64 = a.indices_int64 ? 1 : 0;
+  p.isb = a.i_stride_b;
+  p.ish = a.i_stride_h;
+  p.n_sel = a.n_sel;
+  p.lens = a.seq_lens;
+  p.dtype = static_cast<int>(a.dtype);
+  p.Hq = static_cast<int>(a.Hq);
+  p.Hkv = static_cast<int>(a.Hkv);
+  p.g = static_cast<int>(a.Hq / a.Hkv);
+  p.nrb = (p.g + kRows - 1) / kRows;
+  p.N = a.N;
+  p.scale = a.softmax_scale;
+  const unsigned grid = static_cast<unsigned>(a.B * a.Hkv * p.nrb);
+  if (grid == 0) return;
+  switch (a.D) {
+    case 32: sparse_attn_kernel<1><<<grid, kAttnWarps * 32, 0, stream>>>(p); break;
+    case 64: sparse_attn_kernel<2><<<grid, kAttnWarps * 32, 0, stream>>>(p); break;
+    case 128: sparse_attn_kernel<4><<<grid, kAttnWarps * 32, 0, stream>>>(p); break;
+    default: sparse_attn_kernel<8><<<grid, kAttnWarps * 32, 0, stream>>>(p); break;
+  }
+  check(cudaGetLastError(), "sparse_decode_attention launch");
+}
+
+}  // namespace kvengine::cuda

@@ -1,0 +1,56 @@
+"""1-bit QK attention (BinaryAttention) prefill: kvengine.binary_attention (popcount scores, fp32 P·V, one fused
+pass) vs torch SDPA (fp32 on CPU, bf16 on GPU) on the same shapes, B·H = 32, non-causal, side by side."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from kvengine import ops
+
+from . import default_device, print_table, timeit, write_json
+
+
+def run(device: str, lengths=(1024, 4096), dims=(64, 128), B=1, H=32, quick=False) -> list[dict]:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rows = []
+    rep = 3 if quick else (5 if device == "cpu" else 15)
+    for L in lengths:
+        for D in dims:
+            gen = torch.Generator().manual_seed(L + D)
+            q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype) for _ in range(3))
+            t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device, repeat=rep, min_time=0.0)
+            t_bin = timeit(lambda: ops.binary_attention(q, k, v), device, repeat=rep, min_time=0.0)
+            kb, ks = ops.sign_pack(k, center=True)
+            t_packed = timeit(lambda: ops.binary_attention_packed(q, kb, ks, v), device, repeat=rep, min_time=0.0)
+            flops = 4.0 * B * H * L * L * D  # QKᵀ + PV of dense attention
+            rows.append({
+                "L": L, "D": D, "BH": B * H, "dtype": str(dtype).replace("torch.", ""),
+                "binary_ms": t_bin * 1e3, "binary_packed_ms": t_packed * 1e3, "sdpa_ms": t_sdpa * 1e3,
+                "sdpa_TFLOPs": flops / t_sdpa / 1e12, "speedup_vs_sdpa": t_sdpa / t_bin,
+            })
+            del q, k, v
+    print_table(f"binary attention on {device}: kvengine.binary_attention vs SDPA ({dtype}), B·H = {B * H}; "
+                "speedup = SDPA time / binary time", rows,
+                ["L", "D", "BH", "dtype", "binary_ms", "binary_packed_ms", "sdpa_ms", "sdpa_TFLOPs", "speedup_vs_sdpa"])
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--json", default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.device == "cpu":
+        lengths = (1024,) if a.quick else (1024, 4096)
+    else:
+        lengths = (1024, 4096) if a.quick else (1024, 4096, 16384)
+    rows = run(a.device, lengths=lengths, quick=a.quick)
+    write_json(a.json, "binary", a.device, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Hash-based top-k KV retrieval: hash_encode, hamming_topk, sparse_decode_attention vs the reference; the code cache,
+RetrievalAttention and hash training."""
+import pytest
+import torch
+
+import kvengine
+from kvengine import ops
+from kvengine import reference as ref
+from kvengine import retrieval
+
+from conftest import DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
+
+
+def rand_codes(*shape, gen):
+    return torch.randint(-2**31, 2**31 - 1, shape, generator=gen, dtype=torch.int64).to(torch.int32)
+
+
+def low_entropy_codes(*shape, gen):
+    """Codes with few distinct values (many exact score ties)."""
+    base = torch.randint(-2**31, 2**31 - 1, (3, shape[-1]), generator=gen, dtype=torch.int64).to(torch.int32)
+    pick = torch.randint(0, 3, shape[:-1], generator=gen)
+    return base[pick]
+
+
+def hash_weights(H, D, nbits, mlp, gen, shared=False):
+    lead = () if shared else (H,)
+    w1 = torch.randn(*lead, D, nbits, generator=gen)
+    b1 = torch.randn(*lead, nbits, generator=gen) * 0.5
+    if not mlp:
+        return w1, b1, None, None
+    w2 = torch.randn(*lead, nbits, nbits, generator=gen) / nbits ** 0.5
+    b2 = torch.randn(*lead, nbits, generator=gen) * 0.5
+    return w1, b1, w2, b2
+
+
+def bits_of(codes):
+    return ref.unpack_signs(codes) < 0  # unpack_signs: bit set -> -1
+
+
+# ---- hash_encode ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nbits", [32, 64, 128, 256])
+@pytest.mark.parametrize("mlp", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_hash_encode_matches_reference(device, nbits, mlp, dtype, gen):
+    B, H, T, D = 2, 3, 37, 64
+    x = outlier_randn(B, H, T, D, generator=gen).to(dtype)
+    w = hash_weights(H, D, nbits, mlp, gen)
+    codes = ops.hash_encode(x.to(device), *[None if t is None else t.to(device) for t in w], nbits=nbits)
+    assert codes.shape == (B, H, T, nbits // 32) and codes.dtype == torch.int32
+    f = ref.hash_project(x, *w)
+    expect = ref.hash_encode(x, *w)
+    # bit-exact away from ties at 0 (the kernels sum in fp32, the reference in fp64)
+    clear = f.abs() > 1e-3 * f.abs().amax(-1, keepdim=True)
+    got, exp = bits_of(codes.cpu()), bits_of(expect)
+    assert torch.equal(got[clear], exp[clear])
+    assert clear.float().mean() > 0.95
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hash_encode_shared_weights_and_strides(device, gen):
+    x = torch.randn(4, 10, 6, 32, generator=gen).transpose(1, 2)  # [4, 6, 10, 32], strided
+    w1, b1, w2, b2 = hash_weights(1, 32, 64, True, gen, shared=True)
+    dev = lambda t: t.to(device)  # noqa: E731
+    codes = ops.hash_encode(dev(x), dev(w1), dev(b1), dev(w2), dev(b2))
+    f = ref.hash_project(x, w1, b1, w2, b2)
+    clear = f.abs() > 1e-4 * f.abs().amax(-1, keepdim=True)
+    assert torch.equal(bits_of(codes.cpu())[clear], bits_of(ref.hash_encode(x, w1, b1, w2, b2))[clear])
+    # linear hash: codes of x @ w1 directly
+    c2 = ops.hash_encode(dev(x), dev(w1))
+    assert torch.equal(c2.cpu(), ref.hash_encode(x, w1))
+
+
+def test_hash_encode_mlp_zero_w2_is_linear(gen):
+    x = torch.randn(1, 2, 9, 64, generator=gen)
+    w1, b1, _, _ = hash_weights(2, 64, 128, False, gen)
+    z = torch.zeros(2, 128, 128)
+    assert torch.equal(ops.hash_encode(x, w1, b1, z), ops.hash_encode(x, w1, b1))
+
+
+# ---- hamming_topk ----------------------------------------------------------------------------------------------------
+TOPK_CASES = [
+    # B, Hq, Hkv, N, W, k, seq_lens, keep
+    (1, 1, 1, 100, 4, 10, None, None),
+    (2, 8, 2, 3000, 4, 64, None, None),              # GQA 4
+    (2, 6, 3, 20000, 2, 257, [20000, 9001], None),   # varlen, several chunks
+    (3, 4, 4, 500, 1, 100, [500, 37, 0], (4, 16)),   # keep, short + empty sequence
+    (1, 32, 8, 17000, 4, 1024, [16999], (4, 64)),    # the decode layout
+    (2, 2, 1, 700, 8, 700, [700, 300], (3, 5)),      # k == N (clamped per sequence), 256-bit codes
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", TOPK_CASES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_hamming_topk_matches_brute_force(device, case, ties, gen):
+    B, Hq, Hkv, N, W, k, lens, keep = case
+    make = low_entropy_codes if ties else rand_codes
+    qc, kc = make(B, Hq, 1, W, gen=gen), make(B, Hkv, N, W, gen=gen)
+    sl = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    idx, scr = ops.hamming_topk(qc.to(device), kc.to(device), k, None if sl is None else sl.to(device), keep)
+    ridx, rscr = ref.hamming_topk(qc, kc, k, sl, keep)
+    assert idx.shape == (B, Hkv, k) and idx.dtype == torch.int32 and scr.dtype == torch.int32
+    # exact: same multiset of scores, same tie rule (lower index first) -> identical indices
+    assert torch.equal(torch.sort(scr.cpu(), -1).values, torch.sort(rscr, -1).values)
+    assert torch.equal(idx.cpu(), ridx)
+    assert torch.equal(scr.cpu(), rscr)
+
+
+def test_hamming_topk_strided_cache_view(gen):
+    kc = rand_codes(2, 4, 5000, 4, gen=gen)
+    qc = rand_codes(2, 8, 4, gen=gen)
+    view = kc[:, :, :3000]  # a view into a capacity buffer (non-contiguous batch/head strides)
+    idx, scr = ops.hamming_topk(qc, view, 200)
+    ridx, rscr = ref.hamming_topk(qc, view.contiguous(), 200)
+    assert torch.equal(idx, ridx) and torch.equal(scr, rscr)
+
+
+# ---- sparse_decode_attention -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [(1, 1, 1, 64, 300, 50), (2, 32, 8, 128, 2000, 256), (2, 6, 2, 64, 513, 513),
+                                  (1, 4, 2, 256, 100, 7)])
+def test_sparse_attention_matches_sdpa(device, dtype, case, gen):
+    B, Hq, Hkv, D, N, n = case
+    q = outlier_randn(B, Hq, 1, D, generator=gen).to(dtype) * 0.2
+    k = outlier_randn(B, Hkv, N, D, generator=gen).to(dtype) * 0.2
+    v = outlier_randn(B, Hkv, N, D, generator=gen).to(dtype)
+    idx = torch.stack([torch.stack([torch.randperm(N, generator=gen)[:n] for _ in range(Hkv)]) for _ in range(B)])
+    dv = lambda t: t.to(device)  # noqa: E731
+    out = ops.sparse_decode_attention(dv(q), dv(k), dv(v), dv(idx.to(torch.int32)))
+    assert out.shape == q.shape and out.dtype == dtype
+    # SDPA on the gathered tokens
+    g = Hq // Hkv
+    kg = torch.gather(k.float(), 2, idx[..., None].expand(-1, -1, -1, D)).repeat_interleave(g, 1)
+    vg = torch.gather(v.float(), 2, idx[..., None].expand(-1, -1, -1, D)).repeat_interleave(g, 1)
+    expect = torch.nn.functional.scaled_dot_product_attention(q.float(), kg, vg)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert_rows_close(out.float(), expect, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_attention_padding_varlen_int64(device, gen):
+    B, Hq, Hkv, D, N = 3, 4, 2, 64, 400
+    q, k, v = (torch.randn(B, Hq, 1, D, generator=gen), torch.randn(B, Hkv, N, D, generator=gen),
+               torch.randn(B, Hkv, N, D, generator=gen))
+    idx = torch.randint(0, N, (B, Hkv, 64), generator=gen)
+    idx[:, :, 50:] = -1
+    sl = torch.tensor([400, 200, 0], dtype=torch.int32)
+    dv = lambda t: t.to(device)  # noqa: E731
+    out = ops.sparse_decode_attention(dv(q), dv(k), dv(v), dv(idx), dv(sl), 0.3)
+    expect = ref.sparse_decode_attention(q, k, v, idx, sl, 0.3)
+    assert torch.equal(out[2].cpu(), torch.zeros_like(out[2].cpu()))  # no valid index -> 0
+    assert_rows_close(out[:2].float(), expect[:2].float(), 1e-5)
+    # a strided view of a capacity buffer
+    kb, vb = torch.randn(B, Hkv, 2 * N, D, generator=gen), torch.randn(B, Hkv, 2 * N, D, generator=gen)
+    out2 = ops.sparse_decode_attention(dv(q), dv(kb[:, :, :N]), dv(vb[:, :, :N]), dv(idx), dv(sl))
+    assert_rows_close(out2[:2].float(), ref.sparse_decode_attention(q, kb[:, :, :N], vb[:, :, :N], idx, sl)[:2], 1e-5)
+
+
+# ---- opcheck -----------------------------------------------------------------------------------------------------------
+def _opcheck_args(device, gen):
+    x = torch.randn(2, 4, 3, 64, generator=gen)
+    w = hash_weights(4, 64, 128, True, gen)
+    qc, kc = rand_codes(2, 8, 1, 4, gen=gen), rand_codes(2, 4, 300, 4, gen=gen)
+    q, k, v = (torch.randn(2, 8, 1, 64, generator=gen), torch.randn(2, 4, 300, 64, generator=gen),
+               torch.randn(2, 4, 300, 64, generator=gen))
+    idx = torch.randint(-1, 300, (2, 4, 40), generator=gen, dtype=torch.int32)
+    sl = torch.tensor([300, 120], dtype=torch.int32)
+    dv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return [dv(t) for t in (x, *w)], dv(qc), dv(kc), dv(sl), dv(q), dv(k), dv(v), dv(idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, gen):
+    (x, w1, b1, w2, b2), qc, kc, sl, q, k, v, idx = _opcheck_args(device, gen)
+    torch.library.opcheck(torch.ops.kvengine.hash_encode.default, (x, w1, b1, w2, b2, 128))
+    torch.library.opcheck(torch.ops.kvengine.hash_encode.default, (x, w1, None, None, None, None))
+    torch.library.opcheck(torch.ops.kvengine.hamming_topk.default, (qc, kc, 50, sl, [4, 8]))
+    torch.library.opcheck(torch.ops.kvengine.hamming_topk.default, (qc, kc, 50, None, None))
+    torch.library.opcheck(torch.ops.kvengine.sparse_decode_attention.default, (q, k, v, idx, sl, None))
+    torch.library.opcheck(torch.ops.kvengine.sparse_decode_attention.default, (q, k, v, idx.long(), None, 0.5))
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------------------------
+def test_bad_inputs(gen):
+    x = torch.randn(1, 2, 3, 64)
+    w1 = torch.randn(2, 64, 128)
+    with pytest.raises(ValueError, match=r"nbits \(last dim of w1\) must be 32, 64, 128 or 256"):
+        ops.hash_encode(x, torch.randn(2, 64, 96))
+    with pytest.raises(ValueError, match=r"x's head dim .* must equal dim 0 of w1"):
+        ops.hash_encode(x, torch.randn(3, 64, 128))
+    with pytest.raises(ValueError, match=r"last dim of x \(64\) must equal dim -2 of w1 \(32\)"):
+        ops.hash_encode(x, torch.randn(2, 32, 128))
+    with pytest.raises(ValueError, match=r"w2 must have shape \[2, 128, 128\]"):
+        ops.hash_encode(x, w1, None, torch.randn(2, 128, 64))
+    with pytest.raises(ValueError, match=r"b2 given without w2"):
+        ops.hash_encode(x, w1, None, None, torch.randn(2, 128))
+    with pytest.raises(ValueError, match=r"x must be float32, float16 or bfloat16"):
+        ops.hash_encode(x.to(torch.int32), w1)
+    with pytest.raises(ValueError, match=r"nbits \(64\) does not match"):
+        ops.hash_encode(x, w1, nbits=64)
+
+    qc, kc = rand_codes(1, 8, 1, 4, gen=gen), rand_codes(1, 2, 100, 4, gen=gen)
+    with pytest.raises(ValueError, match=r"k \(101\) must be in \[1, N\] where N = 100"):
+        ops.hamming_topk(qc, kc, 101)
+    with pytest.raises(ValueError, match=r"code width mismatch: k_codes has 2 words per code, q_codes has 4"):
+        ops.hamming_topk(qc, rand_codes(1, 2, 100, 2, gen=gen), 10)
+    with pytest.raises(ValueError, match=r"k_codes must be int32"):
+        ops.hamming_topk(qc, kc.to(torch.int64), 10)
+    with pytest.raises(ValueError, match=r"q_codes must be int32"):
+        ops.hamming_topk(qc.float(), kc, 10)
+    with pytest.raises(ValueError, match=r"query head count Hq \(8\) must be a multiple of the KV head count Hkv \(3\)"):
+        ops.hamming_topk(qc, rand_codes(1, 3, 100, 4, gen=gen), 10)
+    with pytest.raises(ValueError, match=r"keep = \(8, 8\) must be non-negative with sinks \+ recent <= k \(10\)"):
+        ops.hamming_topk(qc, kc, 10, keep=(8, 8))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 101 must be in \[0, 100\]"):
+        ops.hamming_topk(qc, kc, 10, torch.tensor([101], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_lens must have shape \[B\]"):
+        ops.hamming_topk(qc, kc, 10, torch.tensor([10, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\(Hq / Hkv\) · nbits must be <= 8192"):
+        ops.hamming_topk(rand_codes(1, 64, 8, gen=gen), rand_codes(1, 1, 100, 8, gen=gen), 10)
+
+    q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
+    idx = torch.zeros(1, 2, 10, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"indices must be int32 or int64"):
+        ops.sparse_decode_attention(q, k, v, idx.float())
+    with pytest.raises(ValueError, match=r"k must have q's dtype"):
+        ops.sparse_decode_attention(q, k.half(), v, idx)
+    with pytest.raises(ValueError, match=r"q must be \[B, Hq, 1, D\]"):
+        ops.sparse_decode_attention(torch.randn(1, 8, 2, 64), k, v, idx)
+    with pytest.raises(ValueError, match=r"indices must be \[B, Hkv, n\] = \[1, 2, n\]"):
+        ops.sparse_decode_attention(q, k, v, idx[:, :1])
+    with pytest.raises(ValueError, match=r"v must have k's shape"):
+        ops.sparse_decode_attention(q, k, v[:, :, :50], idx)
+
+
+# ---- HashCodeCache / RetrievalAttention --------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_code_cache_incremental_equals_bulk(device, gen):
+    Hkv, D, nbits = 2, 64, 128
+    hasher = retrieval.SpotlightHash.random(Hkv, D, nbits, mlp=True, generator=gen).to(device)
+    k = torch.randn(2, Hkv, 300, D, generator=gen).to(device)
+    cache = retrieval.HashCodeCache(hasher, batch_size=2, device=device, capacity=64)
+    cache.append(k[:, :, :250])
+    for t in range(250, 300):
+        cache.append(k[:, :, t:t + 1])
+    assert cache.seq_len == 300
+    assert torch.equal(cache.codes, ops.hash_encode(k, *hasher.weights()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_retrieval_attention_exact_when_k_covers_context(device, gen):
+    B, Hkv, g, D, N = 2, 2, 4, 64, 200
+    hasher = retrieval.SpotlightHash.random(Hkv, D, 64, generator=gen).to(device)
+    ra = retrieval.RetrievalAttention(hasher, num_kv_heads=Hkv, head_dim=D, top_k=N, sinks=4, recent=16,
+                                      batch_size=B, device=device)
+    k, v = torch.randn(B, Hkv, N, D, generator=gen).to(device), torch.randn(B, Hkv, N, D, generator=gen).to(device)
+    q = torch.randn(B, Hkv * g, 1, D, generator=gen).to(device)
+    ra.append(k, v)
+    out = ra.attend(q)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+    assert_rows_close(out, full, 1e-5)
+    # smaller k: the selection matches the ops composition
+    ra.top_k = 32
+    out32 = ra.attend(q)
+    idx, _ = ops.hamming_topk(hasher.encode_queries(q), ra.codes.codes, 32, keep=(4, 16))
+    assert_rows_close(out32, ops.sparse_decode_attention(q, k, v, idx), 1e-6)
+
+
+def test_train_hash_improves_recall(gen, tmp_path):
+    # synthetic heads: a few "important" directions; trained hash should beat LSH at equal bits
+    H, D, N = 2, 32, 512
+    torch.manual_seed(0)
+    basis = torch.randn(H, D, D)
+    k = torch.randn(H, N, D) @ basis * 0.3
+    q = torch.randn(H, 64, D) @ basis * 0.3
+    scores = q @ k.transpose(-1, -2) / D ** 0.5
+    hasher = retrieval.train_hash(q, k, scores, nbits=32, steps=80, lr=3e-2, queries_per_step=16, seed=0)
+    lsh = retrieval.SpotlightHash.random(H, D, 32, generator=torch.Generator().manual_seed(0))
+    r_tr = retrieval.topk_recall(hasher, q, k, scores, top_k=32)
+    r_lsh = retrieval.topk_recall(lsh, q, k, scores, top_k=32)
+    assert r_tr > r_lsh, (r_tr, r_lsh)
+    p = tmp_path / "hash.pt"
+    hasher.save(p)
+    again = retrieval.SpotlightHash.load(p)
+    x = torch.randn(1, H, 5, D)
+    assert torch.equal(again.encode_keys(x), hasher.encode_keys(x))
