@@ -27,42 +27,17 @@
 #include "kvengine/binary_attention.h"
 #include "kvengine/parallel.h"
 #include "rowio.h"
+#include "simd.h"
 
 namespace kvengine {
 namespace {
 
-constexpr int W = 16;   // lanes of the vector type
+using namespace simd;
 constexpr int BT = 64;  // keys per block
 constexpr int RQ = 32;  // query rows per work item
 constexpr int RG = 4;   // query rows per P·V register tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float NEG = -std::numeric_limits<float>::infinity();
-
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-
-inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vu ldu(const uint32_t* p) { vu v; std::memcpy(&v, p, sizeof v); return v; }
-inline void stv(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-
-inline vf fmadd(vf a, vf b, vf c) {  // a·b + c, fused (the target builds with -ffp-contract=off)
-#if defined(__AVX512F__)
-  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  typedef float v8 __attribute__((vector_size(32)));
-  const v8 lo = (v8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
-                                    (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
-                                    (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
-  const v8 hi = (v8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
-                                    (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
-                                    (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  return a * b + c;
-#endif
-}
 
 inline vu vpopcnt(vu x) {
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
@@ -72,45 +47,6 @@ inline vu vpopcnt(vu x) {
   for (int i = 0; i < W; ++i) r[i] = uint32_t(__builtin_popcount(x[i]));
   return r;
 #endif
-}
-
-inline float hmax(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 x = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), y = __builtin_shufflevector(v, v, 8, 9, 10, 11,
-                                                                                                    12, 13, 14, 15);
-  const v8 a = x > y ? x : y;
-  const v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  const v4 e = c > d ? c : d;
-  return std::max(std::max(e[0], e[1]), std::max(e[2], e[3]));
-}
-inline float hsum(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-// 2^x for 16 lanes (x <= 0 in use): 2^n · e^(f ln2), f in [-0.5, 0.5], degree-6 polynomial (rel. err < 2e-7);
-// x < -126 (and -inf) -> 0.
-inline vf vexp2(vf x) {
-  const vf lo = splat(-126.0f);
-  const vi below = x < lo;
-  x = below ? lo : x;
-  const vf n = __builtin_convertvector(__builtin_convertvector(x + (x < 0 ? splat(-0.5f) : splat(0.5f)), vi), vf);
-  const vf f = (x - n) * splat(0.693147180559945309f);
-  vf p = splat(1.0f / 720);
-  p = fmadd(p, f, splat(1.0f / 120));
-  p = fmadd(p, f, splat(1.0f / 24));
-  p = fmadd(p, f, splat(1.0f / 6));
-  p = fmadd(p, f, splat(0.5f));
-  p = fmadd(p, f, splat(1.0f));
-  p = fmadd(p, f, splat(1.0f));
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  const vf r = p * (vf)e;
-  return below ? splat(0.0f) : r;
 }
 
 // one row of D channels (fp32) -> D/32 sign words + sum |x|

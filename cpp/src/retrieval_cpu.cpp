@@ -24,6 +24,7 @@
 #include "kvengine/parallel.h"
 #include "kvengine/retrieval.h"
 #include "rowio.h"
+#include "simd.h"
 
 namespace kvengine {
 
@@ -274,11 +275,8 @@ void hamming_topk_cpu(const HammingTopkArgs& a) {
 namespace {
 
 constexpr int BT = 32;
-typedef float vf __attribute__((vector_size(64)));
-constexpr int VW = 16;
-
-inline vf ldv(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void stv(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+using namespace simd;
+constexpr int VW = simd::W;
 
 struct SparseCtx {
   const SparseDecodeArgs* a;
@@ -329,7 +327,7 @@ void sparse_item(const SparseCtx& c, int64_t item, std::vector<float>& buf) {
       float bm = -std::numeric_limits<float>::infinity();
       for (int t = 0; t < nt; ++t) {
         vf x = {};
-        for (int64_t i = 0; i < nv; ++i) x += ldv(qr + i * VW) * ldv(kb + t * Dp + i * VW);
+        for (int64_t i = 0; i < nv; ++i) x += ld(qr + i * VW) * ld(kb + t * Dp + i * VW);
         float dot = 0.f;
         for (int e = 0; e < VW; ++e) dot += x[e];
         sr[t] = dot;
@@ -347,8 +345,8 @@ void sparse_item(const SparseCtx& c, int64_t item, std::vector<float>& buf) {
       m[r] = mn;
       float* ar = acc + r * Dp;
       for (int64_t i = 0; i < nv; ++i) {
-        vf x = ldv(ar + i * VW) * alpha;
-        for (int t = 0; t < nt; ++t) x += sr[t] * ldv(vb + t * Dp + i * VW);
+        vf x = ld(ar + i * VW) * alpha;
+        for (int t = 0; t < nt; ++t) x += sr[t] * ld(vb + t * Dp + i * VW);
         stv(ar + i * VW, x);
       }
     }
