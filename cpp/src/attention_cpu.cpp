@@ -17,6 +17,7 @@
 #include "kvengine/parallel.h"
 #include "rowio.h"
 #include "simd.h"
+#include "splitk.h"
 
 namespace kvengine {
 namespace {
@@ -187,7 +188,7 @@ class Worker {
       for (int i0 = 0; i0 < nv; i0 += 8) {
         constexpr int C = NV ? (NV < 8 ? NV : 8) : 8;
         const int n8 = NV ? C : std::min(8, nv - i0);
-        vf a8[C];
+        vf a8[C] = {};
 #pragma GCC unroll 8
         for (int i = 0; i < C; ++i)
           if (i < n8) a8[i] = ld(acc + (i0 + i) * W) * splat(alpha);
@@ -321,31 +322,7 @@ void quant_decode_attention_cpu(const DecodeAttentionArgs& a) {
     default: dispatch_bv<8>(c, nitems, a.bits_v); break;
   }
   // merge the chunks of every (b, h, row) and write out[b, hq, t, :]
-  const int64_t D = a.D;
-  parallel_for(bh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> o(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / a.Hkv, h = i % a.Hkv;
-      for (int r = 0; r < c.R; ++r) {
-        float M = -std::numeric_limits<float>::infinity();
-        for (int64_t ck = 0; ck < nchunks; ++ck) M = std::max(M, part[((i * nchunks + ck) * c.R + r) * (D + 2)]);
-        std::fill(o.begin(), o.end(), 0.f);
-        float L = 0.f;
-        for (int64_t ck = 0; ck < nchunks; ++ck) {
-          const float* pr = part.data() + ((i * nchunks + ck) * c.R + r) * (D + 2);
-          if (pr[1] == 0.f) continue;
-          const float w = std::exp(pr[0] - M);
-          L += pr[1] * w;
-          for (int64_t d = 0; d < D; ++d) o[d] += pr[2 + d] * w;
-        }
-        const float inv = L > 0.f ? 1.f / L : 0.f;
-        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-        const int64_t hq = h * c.g + r / a.Tq, t = r % a.Tq;
-        char* dst = static_cast<char*>(a.out) + (((b * a.Hq + hq) * a.Tq + t) * D) * dtype_size(a.dtype);
-        detail::store_row(o.data(), 1.0f, a.dtype, D, dst);
-      }
-    }
-  });
+  detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, a.Tq, a.D, nchunks, a.dtype, a.out);
 }
 
 }  // namespace kvengine

@@ -25,6 +25,7 @@
 #include "kvengine/retrieval.h"
 #include "rowio.h"
 #include "simd.h"
+#include "splitk.h"
 
 namespace kvengine {
 
@@ -377,29 +378,7 @@ void sparse_decode_attention_cpu(const SparseDecodeArgs& a) {
     std::vector<float> buf;
     for (int64_t i = i0; i < i1; ++i) sparse_item(c, i, buf);
   });
-  parallel_for(bh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> o(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / a.Hkv, h = i % a.Hkv;
-      for (int64_t r = 0; r < c.g; ++r) {
-        float M = -std::numeric_limits<float>::infinity();
-        for (int64_t ck = 0; ck < c.nchunks; ++ck) M = std::max(M, part[((i * c.nchunks + ck) * c.g + r) * (D + 2)]);
-        std::fill(o.begin(), o.end(), 0.f);
-        float Lsum = 0.f;
-        for (int64_t ck = 0; ck < c.nchunks; ++ck) {
-          const float* pr = part.data() + ((i * c.nchunks + ck) * c.g + r) * (D + 2);
-          if (pr[1] == 0.f) continue;
-          const float w = std::exp(pr[0] - M);
-          Lsum += pr[1] * w;
-          for (int64_t d = 0; d < D; ++d) o[d] += pr[2 + d] * w;
-        }
-        const float inv = Lsum > 0.f ? 1.f / Lsum : 0.f;
-        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-        char* dst = static_cast<char*>(a.out) + ((b * a.Hq + h * c.g + r) * D) * dtype_size(a.dtype);
-        detail::store_row(o.data(), 1.0f, a.dtype, D, dst);
-      }
-    }
-  });
+  detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, 1, D, c.nchunks, a.dtype, a.out);
 }
 
 }  // namespace kvengine
