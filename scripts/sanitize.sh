@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KVENGINE_VENV:-.venv}
-PY="$VENV/bin/python"
+PY="$(cd "$VENV" && pwd)/bin/python"  # absolute: CMake needs it
 B=build/sanitize
 PYBIND11_DIR=$("$PY" -c "import pybind11; print(pybind11.get_cmake_dir())")
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVENGINE_SANITIZE=ON -DKVENGINE_CUDA=OFF \
