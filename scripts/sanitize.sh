@@ -21,5 +21,5 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_v
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export KVENGINE_FUZZ_EXAMPLES=${KVENGINE_FUZZ_EXAMPLES:-50}
 PYTHONPATH="$STAGE" "$PY" -c "import kvengine, os; assert os.path.dirname(kvengine.__file__).startswith(os.path.abspath('$STAGE')), kvengine.__file__"
-PYTHONPATH="$STAGE" "$PY" -m pytest -q -p no:cacheprovider tests/test_fwht.py tests/test_quant.py tests/test_attention.py \
-  tests/test_cache.py tests/test_fuzz.py "$@"
+PYTHONPATH="$STAGE" "$PY" -m pytest -q -p no:cacheprovider -m "not model" tests/test_fwht.py tests/test_quant.py \
+  tests/test_attention.py tests/test_cache.py tests/test_fuzz.py tests/test_binary_attention.py tests/test_retrieval.py "$@"
