@@ -242,3 +242,64 @@ def test_fp16_score_overflow_is_avoided():
     q = torch.full((1, 2, 1, D), 300.0, dtype=torch.float16)  # q·k = ±3.8e6 >> 65504
     out = c.attend(q)
     assert torch.isfinite(out).all()
+
+
+# ---- 1-bit QK attention and hash retrieval ---------------------------------------------------------------------------
+@FUZZ
+@given(st.data())
+def test_fuzz_sign_pack_and_binary_attention(data):
+    draw = data.draw
+    dev = draw(st.sampled_from(DEVS))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    B, Hkv = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    g = draw(st.sampled_from([1, 2, 4]))
+    D = draw(st.sampled_from([32, 64, 128]))
+    Lq, Lk = draw(st.integers(1, 40)), draw(st.integers(1, 70))
+    causal = draw(st.booleans()) and Lq <= Lk
+    center = draw(st.booleans())
+    q = tensor(draw, (B, Hkv * g, Lq, D), dtype, special=False).to(dev)
+    k = tensor(draw, (B, Hkv, Lk, D), dtype, special=False).to(dev)
+    v = tensor(draw, (B, Hkv, Lk, D), dtype, special=False).to(dev)
+    bits, sc = ops.sign_pack(k, center)
+    rb, rs = ref.sign_pack(k.cpu(), center)
+    assert torch.equal(bits.cpu(), rb)
+    torch.testing.assert_close(sc.cpu(), rs, rtol=1e-5, atol=1e-6)
+    rel = None
+    if draw(st.booleans()):
+        R = max(Lq, Lk)
+        rel = (0.5 * torch.randn(Hkv * g, 2 * R - 1)).to(dev)
+    out = ops.binary_attention(q, k, v, None, rel, causal, center)
+    e = ref.binary_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), None,
+                             None if rel is None else rel.cpu(), causal, center)
+    assert_rows_close(out.float(), e, 1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_hash_encode_topk_sparse_attention(data):
+    draw = data.draw
+    dev = draw(st.sampled_from(DEVS))
+    B, Hkv, g = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 4]))
+    D = draw(st.sampled_from([32, 64]))
+    nbits = draw(st.sampled_from([32, 64, 128]))
+    N = draw(st.integers(1, 300))
+    k_top = draw(st.integers(1, N))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, Hkv, N, D, generator=gen)
+    qs = torch.randn(B, Hkv * g, 1, D, generator=gen)
+    w1 = torch.randn(D, nbits, generator=gen) / D**0.5
+    kc = ops.hash_encode(keys.to(dev), w1.to(dev))
+    qc = ops.hash_encode(qs.to(dev), w1.to(dev))
+    # bit-exact where the projection is not within rounding of zero
+    proj = ref.hash_project(keys, w1)
+    safe = (proj.abs() > 1e-4).all(-1)
+    rk = ref.hash_encode(keys, w1)
+    assert torch.equal(kc.cpu()[safe], rk[safe])
+    idx, sco = ops.hamming_topk(qc, kc, k_top)
+    ridx, rsco = ref.hamming_topk(qc.cpu(), kc.cpu(), k_top)
+    assert torch.equal(idx.cpu().long(), ridx.long()) and torch.equal(sco.cpu().long(), rsco.long())
+    v = torch.randn(B, Hkv, N, D, generator=gen)
+    out = ops.sparse_decode_attention(qs.to(dev), keys.to(dev), v.to(dev), idx)
+    e = ref.sparse_decode_attention(qs, keys, v, idx.cpu())
+    assert_rows_close(out, e, 1e-4)
