@@ -102,3 +102,164 @@ def test_outlier_perm_is_a_permutation_and_spreads_outliers(gen):
     pos = [p.tolist().index(c) for c in (3, 4, 5, 6)]
     assert min(abs(a - b) for a in pos for b in pos if a != b) >= 16
     assert len(default_candidates()) > 10
+
+
+# ---- wiring: capture from a real transformers model, per-layer plans in the caches, rotate="auto" -----------------
+def tiny_llama(seed=0, layers=3, head_dim=32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024)
+    m = LlamaForCausalLM(cfg).eval()
+    m.set_attn_implementation("sdpa")
+    return m
+
+
+@torch.inference_mode()
+def test_capture_qkv_sees_what_the_model_attends(gen):
+    from transformers import DynamicCache
+
+    from kvengine.autoconfig import capture_qkv
+
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 70), generator=gen)
+    caps = capture_qkv(model, ids)
+    assert len(caps) == 3 and model.config._attn_implementation == "sdpa"  # restored
+    cache = DynamicCache()
+    ref_logits = model(ids, past_key_values=cache, use_cache=True).logits
+    for i, (q, k, v) in enumerate(caps):
+        assert q.shape == (1, 4, 70, 32) and k.shape == v.shape == (1, 2, 70, 32)
+        torch.testing.assert_close(k, cache.layers[i].keys.float())
+        torch.testing.assert_close(v, cache.layers[i].values.float())
+    # the captured queries are post-RoPE: attention over them reproduces the layer's attention output
+    layer0 = model.model.layers[0].self_attn
+    outs = {}
+    h = layer0.o_proj.register_forward_pre_hook(lambda m, a: outs.setdefault("x", a[0]))
+    model(ids)
+    h.remove()
+    q, k, v = caps[0]
+    att = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           is_causal=True)
+    torch.testing.assert_close(att.transpose(1, 2).reshape(1, 70, -1), outs["x"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model(ids).logits, ref_logits)
+
+
+@torch.inference_mode()
+def test_auto_plan_configures_each_layer_of_kvengine_cache(tmp_path, gen):
+    import kvengine
+    from kvengine.integrations.transformers import KVEngineCache, KVEngineLayer
+
+    model = tiny_llama()
+    calib = torch.randint(0, 256, (300,), generator=gen)
+    cands = [Scheme(4, 4, 32, "kv", True), Scheme(2, 2, 32, "none"), Scheme(2, 2, 64, "v"), Scheme(4, 2, 32, "k")]
+    plan = kvengine.calibrate(model, calib, budget_bits=3.6, candidates=cands, residual=16, sinks=2,
+                              progress=False)
+    assert len(plan.layers) == 3 and plan.effective_bits <= 3.6 + 1e-9
+    assert plan.meta["tokens"] == 300 and plan.meta["num_layers"] == 3
+    model.set_attn_implementation("kvengine")
+    ids = torch.randint(0, 256, (1, 150), generator=gen)
+    ref = model(ids).logits
+    path = plan.save(str(tmp_path / "auto.json"))
+    logits = []
+    for p in (plan, path, json.loads(open(path).read())):
+        cache = KVEngineCache(model.config, plan=p)
+        out = [model(ids[:, :40], past_key_values=cache, use_cache=True).logits]
+        for s in range(40, 150, 7):
+            out.append(model(ids[:, s:s + 7], past_key_values=cache, use_cache=True).logits)
+        logits.append(torch.cat(out, 1))
+        for i, layer in enumerate(cache.layers):
+            assert isinstance(layer, KVEngineLayer)
+            s, qc = plan.layers[i].scheme, layer.qcache
+            assert (qc.bits_k, qc.bits_v, qc.G, qc.R, qc.S) == (s.bits_k, s.bits_v, s.group_size, 16, 2)
+            assert (qc.rotate_k, qc.rotate_v) == (s.rotate in ("k", "kv"), s.rotate in ("v", "kv"))
+            assert (qc.k_perm is not None) == s.reorder
+            if s.reorder:
+                assert qc.k_perm.tolist() == plan.layers[i].k_perm
+            assert qc.n_quant > 0
+    torch.testing.assert_close(logits[1], logits[0])
+    torch.testing.assert_close(logits[2], logits[0])
+    err = ((logits[0] - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+    assert err < 0.3, err  # 2/4-bit on a random model: close, not equal
+    with pytest.raises(ValueError, match="rotate='auto'"):
+        KVEngineCache(model.config, plan=plan, rotate=True)
+    bad = plan.to_dict()
+    bad["layers"] = bad["layers"][:2]
+    with pytest.raises(ValueError, match="auto plan has 2 layers"):
+        KVEngineCache(model.config, plan=bad)
+    bad = dict(plan.to_dict(), head_dim=64)
+    with pytest.raises(ValueError, match="head_dim 64"):
+        KVEngineCache(model.config, plan=bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AutoPlan.load(str(tmp_path / "missing.json"))
+
+
+def test_quantized_cache_from_plan_and_auto_default(gen):
+    from kvengine import QuantizedKVCache
+    from kvengine.cache import DEFAULT_ROTATE
+
+    c = QuantizedKVCache(2, 64)
+    assert DEFAULT_ROTATE == "v" and (c.rotate_k, c.rotate_v) == (False, True)
+    q, k, v = layer("outlier_channels", gen)
+    plan = plan_from_captures([(q, k, v)], budget_bits=8, candidates=[Scheme(4, 2, 64, "kv", True)], residual=16,
+                              sinks=0)
+    c = QuantizedKVCache.from_plan(plan, 0, H, batch_size=B)
+    assert (c.bits_k, c.bits_v, c.G, c.R, c.S, c.rotate_k, c.rotate_v) == (4, 2, 64, 16, 0, True, True)
+    assert c.k_perm.tolist() == plan.layers[0].k_perm
+    c.append(k, v)
+    kq, vq = c.dequantize(torch.float32)
+    from kvengine.autoconfig import attention_error
+
+    assert abs(attention_error(q, k, v, kq, vq) - plan.layers[0].error) < 1e-6  # the plan's error is the cache's
+    with pytest.raises(ValueError, match="come from the plan"):
+        QuantizedKVCache.from_plan(plan, 0, H, bits_k=2)
+    with pytest.raises(ValueError, match="layer 3 is not in the plan"):
+        QuantizedKVCache.from_plan(plan, 3, H)
+
+
+def test_fixed_schemes_use_the_budget():
+    from kvengine.autoconfig import fixed_schemes
+
+    for budget in (2.5, 3.0, 4.25):
+        fs = fixed_schemes(budget, 64)
+        assert fs and all(budget - 0.5 < s.effective_bits(64) <= budget for s in fs)
+        assert {s.rotate for s in fs} == {"none", "k", "v", "kv"}
+    assert Scheme(2, 2, 64).effective_bits(64) == 2.5 and Scheme(2, 2, 32).effective_bits(64) == 3.0
+
+
+def test_cli_auto_arguments():
+    from kvengine import cli
+
+    a = cli.build_parser().parse_args(["eval", "--auto", "--budget", "2.5,3", "--save-plan", "p.json"])
+    assert a.auto and a.budget == [2.5, 3.0] and a.save_plan == "p.json"
+    a = cli.build_parser().parse_args(["eval", "--rotate", "v"])
+    assert a.rotate == "v"
+    assert cli.build_parser().parse_args(["eval", "--rotate"]).rotate is True
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--rotate", "sideways"])
+    c = cli.build_parser().parse_args(["calibrate", "--budget", "2.5", "--out", "x.json"])
+    assert c.budget == 2.5 and c.tokens is None
+
+
+@pytest.mark.model
+def test_eval_auto_cli_on_smollm2(smollm2, tmp_path, capsys):
+    """`kvengine eval --auto` end to end (tiny windows): plan table, the auto row next to the fixed rows of the same
+    budget, the JSON, and a saved plan that `eval --plan` and KVEngineCache accept."""
+    from kvengine import cli
+
+    out, plan_path = tmp_path / "auto.json", tmp_path / "plan.json"
+    rc = cli.main(["eval", "--auto", "--budget", "2.5", "--windows", "1", "--window-len", "256", "--prefill", "64",
+                   "--residual", "32", "--calib-tokens", "256", "--quiet", "--threads", "2", "--json", str(out),
+                   "--save-plan", str(plan_path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "auto plan, budget 2.5 bits" in text and "budget 2.5 bits: auto plan PPL ratio" in text
+    d = json.loads(out.read_text())
+    kinds = [r["kind"] for r in d["rows"]]
+    assert kinds[:2] == ["fp", "auto"] and kinds.count("fixed") == 12
+    auto = d["rows"][1]
+    assert auto["packed_bits"] <= 2.5 + 1e-9 and len(auto["plan"]["layers"]) == 30
+    for r in d["rows"][1:]:
+        assert 1.0 < r["ppl_ratio"] < 2.0 and r["tokens"] == 255
+    plan = AutoPlan.load(str(plan_path))
+    assert plan.to_dict()["layers"] == auto["plan"]["layers"]

@@ -66,3 +66,8 @@ from .retrieval import HashCodeCache, RetrievalAttention, SpotlightHash  # noqa:
 
 __all__ += ["hash_encode", "hamming_topk", "sparse_decode_attention", "HashCodeCache", "RetrievalAttention",
             "SpotlightHash"]
+
+# ---- per-layer automatic configuration (calibration under a bit budget)
+from .autoconfig import AutoPlan, Scheme, calibrate  # noqa: E402
+
+__all__ += ["calibrate", "AutoPlan", "Scheme"]

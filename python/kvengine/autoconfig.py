@@ -16,21 +16,17 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import QuantizedKVCache
+from .cache import DEFAULT_ROTATE, QuantizedKVCache  # noqa: F401  (DEFAULT_ROTATE: rotate="auto" without a plan)
 
 ROTATIONS = ("none", "k", "v", "kv")
-# Without a plan, rotate only the values: measured on SmolLM2 (2-bit, G=32, R=128, 4 sinks; PPL ratio to fp32)
-# none 1.029, values 1.027, keys 1.013, both 1.014; on a model with per-head-normalized keys (head_dim 256) rotating
-# keys raised the ratio far more than it ever helped and rotating only the values was best.  "v" is never much worse
-# than the best choice on either; "k"/"kv" can be much worse.
-DEFAULT_ROTATE = "v"
+BIT_PAIRS = ((2, 2), (4, 2), (2, 4), (4, 4))  # (bits_k, bits_v)
 
 
 @dataclass(frozen=True)
@@ -53,14 +49,31 @@ class Scheme:
         return dict(bits_k=self.bits_k, bits_v=self.bits_v, group_size=self.group_size,
                     rotate={"none": False, "k": "k", "v": "v", "kv": True}[self.rotate])
 
+    @property
+    def name(self) -> str:
+        b = f"INT{self.bits_k}" if self.bits_k == self.bits_v else f"K{self.bits_k}V{self.bits_v}"
+        return f"{b} G{self.group_size} rot={self.rotate}{' +reorder' if self.reorder else ''}"
 
-def default_candidates(bits=(2, 4), groups=(32, 64, 128), rotations=ROTATIONS, reorder=(False, True)) -> list[Scheme]:
+
+def default_candidates(bits=BIT_PAIRS, groups=(32, 64, 128), rotations=ROTATIONS,
+                       reorder=(False, True)) -> list[Scheme]:
+    """Every (bits_k, bits_v) pair × group size × rotation (none / keys / values / both) × outlier-aware key reorder
+    (only with a key rotation).  ``bits`` may list ints (K and V the same) or (bits_k, bits_v) pairs."""
     out = []
     for b, g, r, ro in itertools.product(bits, groups, rotations, reorder):
+        bk, bv = (b, b) if isinstance(b, int) else b
         if ro and r not in ("k", "kv"):
             continue  # a reorder only matters before a key rotation
-        out.append(Scheme(b, b, g, r, ro))
+        out.append(Scheme(bk, bv, g, r, ro))
     return out
+
+
+def fixed_schemes(budget_bits: float, head_dim: int, window: float = 0.5,
+                  candidates: Optional[Sequence[Scheme]] = None) -> list[Scheme]:
+    """The uniform (same for every layer) schemes that use the budget: effective bits in (budget − window, budget],
+    the fixed configurations an automatic plan at that budget is compared against."""
+    cands = candidates or default_candidates()
+    return [s for s in cands if budget_bits - window < s.effective_bits(head_dim) <= budget_bits + 1e-9]
 
 
 def outlier_perm(k: Tensor) -> Tensor:
@@ -114,7 +127,8 @@ class AutoPlan:
     residual: int
     sinks: int
     layers: list  # [LayerChoice]
-    table: list  # per layer: {scheme name: (error, bits)}
+    table: list  # per layer: {scheme name: (error, bits)} (not saved)
+    meta: dict = field(default_factory=dict)  # model, calibration tokens, seconds, ...
 
     @property
     def effective_bits(self) -> float:
@@ -128,8 +142,9 @@ class AutoPlan:
         return dict(kw, residual=self.residual, sinks=self.sinks)
 
     def to_dict(self) -> dict:
-        return {"version": 1, "budget_bits": self.budget_bits, "head_dim": self.head_dim, "residual": self.residual,
-                "sinks": self.sinks,
+        return {"version": 1, "kind": "kvengine-auto-plan", "budget_bits": self.budget_bits,
+                "head_dim": self.head_dim, "residual": self.residual, "sinks": self.sinks,
+                "effective_bits": self.effective_bits, "meta": self.meta,
                 "layers": [dict(asdict(c.scheme), error=c.error, eff_bits=c.eff_bits, k_perm=c.k_perm)
                            for c in self.layers]}
 
@@ -147,10 +162,13 @@ class AutoPlan:
         for L in d["layers"]:
             s = Scheme(L["bits_k"], L["bits_v"], L["group_size"], L["rotate"], L["reorder"])
             layers.append(LayerChoice(s, L["error"], L["eff_bits"], L.get("k_perm")))
-        return AutoPlan(d["budget_bits"], d["head_dim"], d["residual"], d["sinks"], layers, [])
+        return AutoPlan(d["budget_bits"], d["head_dim"], d["residual"], d["sinks"], layers, [], dict(d.get("meta") or {}))
 
     @staticmethod
     def load(path: str) -> "AutoPlan":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"kvengine: auto plan '{path}' does not exist (make one with "
+                                    "`kvengine calibrate --budget BITS --out PLAN.json`)")
         with open(path) as f:
             return AutoPlan.from_dict(json.load(f))
 
@@ -211,13 +229,14 @@ def choose(errors: Sequence[dict], budget_bits: float) -> list:
     return sel
 
 
-def plan_from_captures(captures: Iterable[tuple[Tensor, Tensor, Tensor]], budget_bits: float,
-                       candidates: Optional[Sequence[Scheme]] = None, residual: int = 128, sinks: int = 4,
-                       progress: bool = False) -> AutoPlan:
-    """captures: per layer (q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]) from calibration text."""
+def measure_errors(captures: Iterable[tuple[Tensor, Tensor, Tensor]], candidates: Optional[Sequence[Scheme]] = None,
+                   residual: int = 128, sinks: int = 4, progress: bool = False) -> tuple[list, list]:
+    """Attention-output error and effective bits of every candidate on every layer.  captures: per layer
+    (q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]).  Returns (errors: per layer {Scheme: (error, bits)},
+    perms: per layer the outlier-aware key order)."""
     caps = list(captures)
     if not caps:
-        raise ValueError("kvengine: plan_from_captures needs at least one layer")
+        raise ValueError("kvengine: calibration needs at least one layer")
     D = caps[0][1].shape[-1]
     cands = list(candidates or default_candidates())
     if D & (D - 1):
@@ -225,16 +244,133 @@ def plan_from_captures(captures: Iterable[tuple[Tensor, Tensor, Tensor]], budget
     errors, perms = [], []
     it = caps
     if progress:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
-        it = tqdm(caps, desc="calibrating layers", unit="layer")
+        it = tqdm(caps, desc=f"calibrating {len(cands)} schemes per layer", unit="layer")
     for q, k, v in it:
-        e = {s: (scheme_error(q, k, v, s, residual, sinks), s.effective_bits(D)) for s in cands}
-        errors.append(e)
+        errors.append({s: (scheme_error(q, k, v, s, residual, sinks), s.effective_bits(D)) for s in cands})
         perms.append(outlier_perm(k).tolist())
-    sel = choose(errors, budget_bits)
-    layers = [LayerChoice(s, errors[i][s][0], errors[i][s][1], perms[i] if s.reorder else None)
+    return errors, perms
+
+
+def plan_from_errors(errors: Sequence[dict], perms: Sequence[list], budget_bits: float, head_dim: int,
+                     residual: int = 128, sinks: int = 4, fixed: Optional[Scheme] = None) -> AutoPlan:
+    """The plan meeting ``budget_bits`` with the least summed error (``choose``), or — with ``fixed`` — the uniform
+    plan using that scheme in every layer (the fixed configurations auto plans are compared against)."""
+    sel = [fixed] * len(errors) if fixed is not None else choose(errors, budget_bits)
+    layers = [LayerChoice(s, errors[i][s][0], errors[i][s][1], list(perms[i]) if s.reorder else None)
               for i, s in enumerate(sel)]
-    table = [{f"{s.bits_k}b G{s.group_size} rot={s.rotate}{' +reorder' if s.reorder else ''}": v
-              for s, v in e.items()} for e in errors]
-    return AutoPlan(budget_bits, D, residual, sinks, layers, table)
+    table = [{s.name: v for s, v in e.items()} for e in errors]
+    return AutoPlan(budget_bits, head_dim, residual, sinks, layers, table)
+
+
+def plan_from_captures(captures: Iterable[tuple[Tensor, Tensor, Tensor]], budget_bits: float,
+                       candidates: Optional[Sequence[Scheme]] = None, residual: int = 128, sinks: int = 4,
+                       progress: bool = False) -> AutoPlan:
+    """captures: per layer (q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]) from calibration text."""
+    caps = list(captures)
+    errors, perms = measure_errors(caps, candidates, residual, sinks, progress)
+    return plan_from_errors(errors, perms, budget_bits, caps[0][1].shape[-1], residual, sinks)
+
+
+# ---- plans from anywhere ------------------------------------------------------------------------------------------------
+def is_auto_plan(plan) -> bool:
+    """True for an ``AutoPlan``, its dict, or the path of its JSON (as opposed to a ``CalibrationPlan``)."""
+    if isinstance(plan, AutoPlan):
+        return True
+    if isinstance(plan, dict):
+        return "layers" in plan and "budget_bits" in plan
+    if isinstance(plan, (str, os.PathLike)) and os.path.isfile(plan):
+        try:
+            with open(plan) as f:
+                return is_auto_plan(json.load(f))
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def as_auto_plan(plan) -> AutoPlan:
+    if isinstance(plan, AutoPlan):
+        return plan
+    if isinstance(plan, dict):
+        return AutoPlan.from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return AutoPlan.load(os.fspath(plan))
+    raise TypeError(f"kvengine: expected an AutoPlan, its dict or a JSON path, got {type(plan).__name__}")
+
+
+# ---- real models ---------------------------------------------------------------------------------------------------------
+CAPTURE_ATTN = "kvengine_capture"
+_captured: Optional[dict] = None
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _captured is not None:
+        i = getattr(module, "layer_idx", None)
+        if i is None:
+            i = len(_captured)
+        _captured[i] = (query.detach().float().cpu(), key.detach().float().cpu(), value.detach().float().cpu())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.inference_mode()
+def capture_qkv(model, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Run ``model`` once on token ids [T] or [1, T] and return, per attention layer, the (post-RoPE) queries
+    [1, Hq, T, D] and the keys/values [1, Hkv, T, D] its attention saw (fp32, CPU).  Uses a capturing attention
+    function registered in transformers' AttentionInterface; the model's attention implementation is restored."""
+    global _captured
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
+    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
+    ids = ids.view(1, -1) if ids.dim() == 1 else ids[:1]
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    prev = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    _captured = {}
+    try:
+        model.set_attn_implementation(CAPTURE_ATTN)
+        model(ids.to(model.device), use_cache=False)
+        caps = [_captured[i] for i in sorted(_captured)]
+    finally:
+        _captured = None
+        model.set_attn_implementation(prev)
+    if not caps:
+        raise RuntimeError("kvengine.capture_qkv: the model ran no attention layer through transformers' "
+                           "AttentionInterface (is it a transformers model with attn_implementation support?)")
+    return caps
+
+
+def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens: int = 1024,
+              candidates: Optional[Sequence[Scheme]] = None, residual: int = 128, sinks: int = 4,
+              progress: bool = True, model_name: Optional[str] = None) -> AutoPlan:
+    """Per-layer automatic configuration from calibration text.
+
+    ``text``: a string (tokenized with ``tokenizer``) or token ids; ``n_tokens`` of it are used (a few hundred to a
+    thousand: keep it disjoint from any evaluation text).  Each layer's queries/keys/values are captured in full
+    precision; every candidate scheme (``default_candidates()``: 2/4 bits for K and V, groups 32/64/128, rotation of
+    none/keys/values/both, outlier-aware key reorder) is applied to the layer with the real cache code and scored by
+    the relative error of the layer's causal attention output; per layer the scheme with the lowest error is chosen
+    such that the average effective bits of the packed part (codes + fp16 scale/zero) meet ``budget_bits``.
+    Returns an ``AutoPlan`` (``.save(path)``, ``.format_table()``, ``KVEngineCache(config, plan=...)``)."""
+    import time
+
+    t0 = time.perf_counter()
+    if isinstance(text, str):
+        if tokenizer is None:
+            raise ValueError("kvengine.calibrate: pass tokenizer= to calibrate on a string")
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    elif isinstance(text, Tensor):
+        ids = text.flatten().long()
+    else:
+        raise TypeError(f"kvengine.calibrate: text must be a str or a tensor of token ids, got {type(text).__name__}")
+    if ids.numel() < 64:
+        raise ValueError(f"kvengine.calibrate: need at least 64 calibration tokens, got {ids.numel()}")
+    ids = ids[:n_tokens]
+    caps = capture_qkv(model, ids)
+    plan = plan_from_captures(caps, budget_bits, candidates, residual=residual, sinks=sinks, progress=progress)
+    plan.meta = {"model": model_name, "tokens": int(ids.numel()), "num_layers": len(caps),
+                 "seconds": round(time.perf_counter() - t0, 1)}
+    return plan

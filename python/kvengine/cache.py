@@ -24,8 +24,17 @@ from . import reference as ref
 
 RotateSpec = Union[bool, str]
 
+# rotate="auto" without a calibrated plan: rotate only the values.  Measured on SmolLM2-135M (2-bit, G=32, R=128,
+# 4 sinks; PPL ratio to fp32): none 1.029, values 1.027, keys 1.013, both 1.014; on a model whose keys are normalized
+# per head (head_dim 256) rotating the keys raised the ratio far more than it ever helped and rotating only the values
+# was best.  Value rotation is never much worse than the best choice on either; key rotation can be much worse.
+# ``kvengine.calibrate`` measures the choice per layer instead (docs/design.md, "Automatic configuration").
+DEFAULT_ROTATE = "v"
+
 
 def _parse_rotate(rotate: RotateSpec) -> tuple[bool, bool]:
+    if rotate == "auto":
+        rotate = DEFAULT_ROTATE
     if rotate is True or rotate == "kv":
         return True, True
     if rotate is False or rotate == "none":
@@ -34,7 +43,7 @@ def _parse_rotate(rotate: RotateSpec) -> tuple[bool, bool]:
         return True, False
     if rotate == "v":
         return False, True
-    raise ValueError(f"QuantizedKVCache: rotate must be True, False, 'k', 'v', 'kv' or 'none', got {rotate!r}")
+    raise ValueError(f"QuantizedKVCache: rotate must be 'auto', True, False, 'k', 'v', 'kv' or 'none', got {rotate!r}")
 
 
 def detect_sinks(x: Tensor, top: int = 4, min_ratio: float = 4.0, exclude_last: int = 0) -> Tensor:
@@ -70,7 +79,7 @@ class QuantizedKVCache:
         group_size: int = 32,
         residual: int = 128,
         sinks: int = 4,
-        rotate: RotateSpec = True,
+        rotate: RotateSpec = "auto",
         batch_size: int = 1,
         dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device] = "cpu",
@@ -114,6 +123,22 @@ class QuantizedKVCache:
         self.q = self._new_q(0)
         self._alloc_fp(self.S + self.R + self.G + 8)
         self._lens = torch.zeros(self.B, 3, dtype=torch.int32, device=self.device)
+
+    @classmethod
+    def from_plan(cls, plan, layer: int, num_kv_heads: int, **kwargs) -> "QuantizedKVCache":
+        """The cache of layer ``layer`` of a calibrated per-layer plan (``kvengine.calibrate``: an ``AutoPlan``, its
+        dict or the path of its JSON): bits, group size, rotation, key channel order, residual and sinks come from
+        the plan; ``kwargs`` give the rest (batch_size, dtype, device, ...) and may not override the plan."""
+        from .autoconfig import as_auto_plan
+
+        p = as_auto_plan(plan)
+        if not 0 <= layer < len(p.layers):
+            raise ValueError(f"QuantizedKVCache.from_plan: layer {layer} is not in the plan ({len(p.layers)} layers)")
+        kw = p.cache_kwargs(layer)
+        clash = sorted(set(kw) & set(kwargs))
+        if clash:
+            raise ValueError(f"QuantizedKVCache.from_plan: {clash} come from the plan; do not pass them")
+        return cls(num_kv_heads, p.head_dim, **kw, **kwargs)
 
     # ---- storage -----------------------------------------------------------------------------------------------------
     def _alloc_fp(self, cap: int):

