@@ -102,6 +102,9 @@ struct MergeParams {
 
 // ---- small device helpers ------------------------------------------------------------------------------------------
 
+// v clamped to [lo, hi] (lo <= hi)
+__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
 __device__ __forceinline__ int swz(int d) { return d ^ (((d >> 5) & 7) << 2); }  // float index in a q / qs row
 
 __device__ __forceinline__ float pow2i(int e) { return __uint_as_float(static_cast<uint32_t>(127 + e) << 23); }
@@ -613,7 +616,7 @@ struct SplitCta {
 
   // full-precision tokens: logical [lo, hi) at fp slots starting at slot0
   __device__ __forceinline__ void fp_segment(int lo, int hi, int slot0) {
-    for (int p0 = lo; p0 < hi; p0 += p.TT) {
+    for (int p0 = lo; p0 < hi; p0 += min(p.TT, hi - p0)) {  // never steps past hi (no overflow near 2^31)
       const int nt = min(p.TT, hi - p0), sl = slot0 + (p0 - lo);
       __syncthreads();
       score_fp(sl, p0, nt);
@@ -633,23 +636,27 @@ struct SplitCta {
     bid /= p.S;
     const int h = bid % p.Hkv, b = bid / p.Hkv;
     bh = static_cast<int64_t>(b) * p.Hkv + h;
-    ns = __ldg(p.lens + 3 * b);
-    nq = __ldg(p.lens + 3 * b + 1);
-    const int nr = __ldg(p.lens + 3 * b + 2);
+    // lens are not checked on the host for CUDA inputs (that would need a sync): clamp them to the capacities so
+    // that no slot outside the cache is ever read (valid lens are unchanged).  q_cap + f_cap < 2^31 (binding).
+    const int64_t fcap = p.f_cap;
+    ns = static_cast<int>(clamp64(__ldg(p.lens + 3 * b), 0, fcap));
+    nq = static_cast<int>(clamp64(__ldg(p.lens + 3 * b + 1), 0, p.q_cap));
+    const int nr = static_cast<int>(clamp64(__ldg(p.lens + 3 * b + 2), 0, fcap - ns));
     N = ns + nq + nr;
     r0 = rb * RB;
     Rc = min(RB, p.R - r0);
     const int64_t prow0 = (bh * p.S + s) * p.R + r0;
-    // this split's share of the actual length, in whole tiles
-    int chunk = (N + p.S - 1) / p.S;
-    chunk = max((chunk + TT - 1) / TT * TT, TT);
+    // this split's share of the actual length, in whole tiles (64-bit: N + S and the rounding may pass 2^31)
+    int64_t chunk = (static_cast<int64_t>(N) + p.S - 1) / p.S;
+    chunk = (chunk + TT - 1) / TT * TT;
+    if (chunk < TT) chunk = TT;
     const int64_t c0l = static_cast<int64_t>(s) * chunk;
     const float ninf = -__int_as_float(0x7f800000);
     if (c0l >= N) {
       if (tid < Rc) p.ws_ml[prow0 + tid] = make_float2(ninf, 0.f);
       return;
     }
-    const int c0 = static_cast<int>(c0l), c1 = min(N, c0 + chunk);
+    const int c0 = static_cast<int>(c0l), c1 = static_cast<int>(clamp64(c0l + chunk, 0, N));
 
     // queries of the row block, prescaled (scale · log2 e), swizzled; unused rows are zero
     for (int i = tid; i < RB * D; i += kThreads) {
@@ -922,6 +929,9 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
   if (a.k_group < 1 || a.q_cap % a.k_group != 0)
     throw std::runtime_error(std::string(kErr) + "k_group must be >= 1 and divide q_cap");
   if (a.Hq % a.Hkv != 0) throw std::runtime_error(std::string(kErr) + "Hq must be a multiple of Hkv");
+  // token positions and query rows are 32-bit ints in the kernels (the binding raises a ValueError first)
+  if (a.q_cap + a.f_cap > 0x7fffffff || a.B * a.Hq * a.Tq > 0x7fffffff)
+    throw std::runtime_error(std::string(kErr) + "q_cap + f_cap and B·Hq·Tq must be < 2^31");
   if (!aligned(a.k_codes, 16) || !aligned(a.v_codes, 16) || !aligned(a.k_fp, 16) || !aligned(a.v_fp, 16))
     throw std::runtime_error(std::string(kErr) + "k_codes, v_codes, k_fp and v_fp must be 16-byte aligned");
   if (workspace == nullptr) throw std::runtime_error(std::string(kErr) + "workspace is null");

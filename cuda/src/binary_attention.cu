@@ -68,40 +68,46 @@ __device__ __forceinline__ float warp_max(float v) {
 // ---- sign packing -------------------------------------------------------------------------------------------------
 struct PackParams {
   const void* x;
-  int64_t sb, st, batch, L;
-  int D, dtype;
+  int64_t sb, st, batch, L, D;
+  int dtype;
   bool center;
   uint32_t* bits;
   float* scale;
   float* mean;
 };
 
+// grid-stride over batches (x) and channels (y): any batch count and D fit the grid limits
 __global__ void channel_mean_kernel(PackParams p) {
-  const int c = blockIdx.y * blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.x;
-  if (c >= p.D) return;
-  double s = 0.0;
-  for (int64_t t = 0; t < p.L; ++t) s += static_cast<double>(load_f(p.x, b * p.sb + t * p.st + c, p.dtype));
-  p.mean[b * p.D + c] = static_cast<float>(s / static_cast<double>(p.L));
+  for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
+    for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < p.D;
+         c += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+      double s = 0.0;
+      for (int64_t t = 0; t < p.L; ++t) s += static_cast<double>(load_f(p.x, b * p.sb + t * p.st + c, p.dtype));
+      p.mean[b * p.D + c] = static_cast<float>(s / static_cast<double>(p.L));
+    }
+  }
 }
 
+// one warp per row, grid-stride over the batch · L rows
 __global__ void sign_pack_kernel(PackParams p) {
   const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
-  if (row >= p.batch * p.L) return;  // warp-uniform
-  const int64_t b = row / p.L, t = row % p.L;
-  const int64_t base = b * p.sb + t * p.st;
-  const int nw = p.D / 32;
-  float s = 0.f;
-  for (int w = 0; w < nw; ++w) {
-    float v = load_f(p.x, base + w * 32 + lane, p.dtype);
-    if (p.center) v = __fsub_rn(v, p.mean[b * p.D + w * 32 + lane]);
-    const unsigned word = __ballot_sync(kFull, v < 0.f);
-    s += fabsf(v);
-    if (lane == 0) p.bits[row * nw + w] = word;
+  const int64_t rows = p.batch * p.L, wstride = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t nw = p.D / 32;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); row < rows;
+       row += wstride) {  // warp-uniform
+    const int64_t b = row / p.L, t = row % p.L;
+    const int64_t base = b * p.sb + t * p.st;
+    float s = 0.f;
+    for (int64_t w = 0; w < nw; ++w) {
+      float v = load_f(p.x, base + w * 32 + lane, p.dtype);
+      if (p.center) v = __fsub_rn(v, p.mean[b * p.D + w * 32 + lane]);
+      const unsigned word = __ballot_sync(kFull, v < 0.f);
+      s += fabsf(v);
+      if (lane == 0) p.bits[row * nw + w] = word;
+    }
+    s = warp_sum(s);
+    if (lane == 0) p.scale[row] = s / static_cast<float>(p.D);
   }
-  s = warp_sum(s);
-  if (lane == 0) p.scale[row] = s / static_cast<float>(p.D);
 }
 
 // ---- attention ----------------------------------------------------------------------------------------------------
@@ -328,21 +334,21 @@ void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, 
   p.st = x_stride_t;
   p.batch = batch;
   p.L = L;
-  p.D = static_cast<int>(D);
+  p.D = D;
   p.dtype = static_cast<int>(dtype);
   p.center = center;
   p.bits = bits;
   p.scale = scale;
   p.mean = mean_ws;
+  // both kernels loop grid-stride, so the grids are capped (gridDim.x <= 2^31 - 1, gridDim.y <= 65535)
   if (center) {
-    if (batch > 0x7fffffff) throw std::runtime_error("kvengine::cuda::sign_pack: batch too large");
-    const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>((D + 127) / 128));
+    const int64_t gx = batch < 0x7fffffff ? batch : 0x7fffffff, cy = (D + 127) / 128;
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(cy < 65535 ? cy : 65535));
     channel_mean_kernel<<<grid, 128, 0, stream>>>(p);
     check(cudaGetLastError(), "channel mean launch");
   }
   const int64_t blocks = (batch * L + 7) / 8;
-  if (blocks > 0x7fffffff) throw std::runtime_error("kvengine::cuda::sign_pack: too many rows");
-  sign_pack_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  sign_pack_kernel<<<static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20)), 256, 0, stream>>>(p);
   check(cudaGetLastError(), "sign_pack launch");
 }
 
@@ -351,8 +357,9 @@ void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream) {
   if (!(a.D == 32 || a.D == 64 || a.D == 128 || a.D == 256))
     throw std::runtime_error(std::string(kErr) + "head dim must be 32, 64, 128 or 256");
   if (a.Hkv <= 0 || a.Hq % a.Hkv != 0) throw std::runtime_error(std::string(kErr) + "Hq must be a multiple of Hkv");
-  if (a.B > 65535 || a.Hq > 65535 || a.Lq > 0x7fffffff || a.Lk > 0x7fffffff)
-    throw std::runtime_error(std::string(kErr) + "grid too large (B and Hq <= 65535)");
+  // the binding rejects these with a ValueError; Lq, Lk <= 2^30 keeps q0 + BQ + (Lk - Lq) and j0 + BK in int
+  if (a.B > 65535 || a.Hq > 65535 || a.Lq > (int64_t(1) << 30) || a.Lk > (int64_t(1) << 30))
+    throw std::runtime_error(std::string(kErr) + "too large (B and Hq <= 65535, Lq and Lk <= 2^30)");
   AttnParams p{};
   p.q = a.q;
   p.q_sb = a.q_stride_b;

@@ -770,6 +770,8 @@ void quantize_pack(const void* x, DType dtype, int64_t batch, int64_t T, int64_t
                    int64_t x_row_stride, const QuantParams& qp, const RotateParams& rp, uint8_t* codes, void* scale,
                    void* zero, cudaStream_t stream) {
   if (batch <= 0 || T <= 0 || D <= 0) return;
+  // a row's channel index and a group's size are 32-bit ints in the kernels (the binding raises a ValueError first)
+  if (D > 0x7fffffff) throw std::runtime_error("kvengine::cuda::quantize_pack: D must be < 2^31");
   switch (dtype) {
     case DType::F32:
       launch_quant<float>(x, batch, T, D, x_batch_stride, x_row_stride, qp, rp, codes, scale, zero, stream);
@@ -786,6 +788,7 @@ void quantize_pack(const void* x, DType dtype, int64_t batch, int64_t T, int64_t
 void dequantize(const uint8_t* codes, const void* scale, const void* zero, DType out_dtype, int64_t batch, int64_t T,
                 int64_t D, const QuantParams& qp, void* y, cudaStream_t stream) {
   if (batch <= 0 || T <= 0 || D <= 0) return;
+  if (D > 0x7fffffff) throw std::runtime_error("kvengine::cuda::dequantize: D must be < 2^31");
   switch (out_dtype) {
     case DType::F32: launch_dequant<float>(codes, scale, zero, batch, T, D, qp, y, stream); break;
     case DType::F16: launch_dequant<__half>(codes, scale, zero, batch, T, D, qp, y, stream); break;

@@ -53,7 +53,7 @@ constexpr int kEncRows = 16;
 struct EncParams {
   const void* x;
   int dtype;
-  int64_t H, T, D, so, sh, st;
+  int64_t O, H, T, D, so, sh, st;
   const float* w1;
   const float* b1;
   const float* w2;
@@ -63,10 +63,10 @@ struct EncParams {
   int64_t tiles;  // tiles of kEncRows rows per (o, h)
 };
 
-__global__ void hash_encode_kernel(const EncParams p) {
-  extern __shared__ float enc_smem[];
+// task = (o, h, tile of kEncRows rows); enc_smem: [kEncRows][D] x rows, then [kEncRows][nbits] silu(u)
+__device__ __forceinline__ void hash_encode_task(const EncParams& p, int64_t task, float* enc_smem) {
   const int nb = p.nbits, j = threadIdx.x;
-  const int64_t tile = blockIdx.x % p.tiles, oh = blockIdx.x / p.tiles, o = oh / p.H, h = oh % p.H;
+  const int64_t tile = task % p.tiles, oh = task / p.tiles, o = oh / p.H, h = oh % p.H;
   const int64_t t0 = tile * kEncRows;
   const int rows = static_cast<int>(mn64(kEncRows, p.T - t0));
   float* xs = enc_smem;                     // [kEncRows][D]
@@ -110,6 +110,16 @@ __global__ void hash_encode_kernel(const EncParams p) {
   for (int r = 0; r < kEncRows; ++r) {
     const unsigned bits = __ballot_sync(kFull, u[r] > 0.f);
     if (lane == 0 && r < rows) p.codes[((oh * p.T) + t0 + r) * W + word] = bits;
+  }
+}
+
+// one CTA per (o, h, tile of kEncRows rows), grid-stride over them (the grid is capped at 2^31 - 1 CTAs)
+__global__ void hash_encode_kernel(const EncParams p) {
+  extern __shared__ float enc_smem[];
+  const int64_t ntasks = p.O * p.H * p.tiles;
+  for (int64_t task = blockIdx.x; task < ntasks; task += gridDim.x) {  // block-uniform
+    if (task != blockIdx.x) __syncthreads();  // the previous task's shared rows are consumed
+    hash_encode_task(p, task, enc_smem);
   }
 }
 
@@ -502,6 +512,7 @@ void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {
   EncParams p;
   p.x = a.x;
   p.dtype = static_cast<int>(a.dtype);
+  p.O = a.O;
   p.H = a.H;
   p.T = a.T;
   p.D = a.D;
@@ -522,7 +533,7 @@ void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(hash_encode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "hash_encode smem attribute");
-  hash_encode_kernel<<<static_cast<unsigned>(grid), a.nbits, smem, stream>>>(p);
+  hash_encode_kernel<<<static_cast<unsigned>(grid < 0x7fffffff ? grid : 0x7fffffff), a.nbits, smem, stream>>>(p);
   check(cudaGetLastError(), "hash_encode launch");
 }
 
@@ -555,6 +566,9 @@ void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream
   p.thr = reinterpret_cast<int32_t*>(ws + l.thr_off);
   p.idx = a.indices;
   p.scr = a.scores;
+  // the binding rejects larger B / Hkv with a ValueError (grid y and z <= 65535; select grid x = B·Hkv < 2^31)
+  if (a.B > 65535 || a.Hkv > 65535 || a.B * a.Hkv > 0x7fffffff)
+    throw std::runtime_error("kvengine::cuda::hamming_topk: B and Hkv must be <= 65535 with B·Hkv < 2^31");
   const dim3 grid(static_cast<unsigned>(l.nch), static_cast<unsigned>(a.Hkv), static_cast<unsigned>(a.B));
   const size_t smem1 = sizeof(int32_t) * (l.nbins + p.g * p.W);
   // 16-byte code loads when every row start is 16-byte aligned
@@ -601,8 +615,11 @@ void sparse_decode_attention(const SparseDecodeArgs& a, cudaStream_t stream) {
   p.nrb = (p.g + kRows - 1) / kRows;
   p.N = a.N;
   p.scale = a.softmax_scale;
-  const unsigned grid = static_cast<unsigned>(a.B * a.Hkv * p.nrb);
-  if (grid == 0) return;
+  const int64_t grid64 = a.B * a.Hkv * p.nrb;  // <= B·Hq < 2^31 (checked by the binding)
+  if (grid64 == 0) return;
+  if (grid64 > 0x7fffffff)
+    throw std::runtime_error("kvengine::cuda::sparse_decode_attention: B·Hq must be < 2^31 (grid size)");
+  const unsigned grid = static_cast<unsigned>(grid64);
   switch (a.D) {
     case 32: sparse_attn_kernel<1><<<grid, kAttnWarps * 32, 0, stream>>>(p); break;
     case 64: sparse_attn_kernel<2><<<grid, kAttnWarps * 32, 0, stream>>>(p); break;

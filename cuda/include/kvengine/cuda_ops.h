@@ -24,6 +24,7 @@ void fwht(const void* x, void* y, DType dtype, int64_t rows, int64_t n, int64_t 
 // When it cannot, the caller composes fwht into a temporary and quantize_pack (identical results).
 bool quantize_pack_fused_supported(DType dtype, int64_t D, const QuantParams& qp);
 
+// D < 2^31 and group_size (an int) for quantize_pack and dequantize.
 void quantize_pack(const void* x, DType dtype, int64_t batch, int64_t T, int64_t D, int64_t x_batch_stride,
                    int64_t x_row_stride, const QuantParams& qp, const RotateParams& rp, uint8_t* codes, void* scale,
                    void* zero, cudaStream_t stream);
@@ -34,7 +35,9 @@ void dequantize(const uint8_t* codes, const void* scale, const void* zero, DType
 // Fused decode attention over the quantized cache (semantics: kvengine/attention.h; all pointers in `a`, lens
 // included, are device pointers).  Split-K over the context: a split kernel writes per-split partial softmax states
 // into `workspace` and a merge kernel writes `out`.  The workspace size depends only on shapes and capacities
-// (B, Hq, Hkv, Tq, D, q_cap, f_cap, bits), never on lens, so the launcher is CUDA-graph capturable.
+// (B, Hq, Hkv, Tq, D, q_cap, f_cap, bits), never on lens, so the launcher is CUDA-graph capturable.  lens are read
+// on the device and clamped to the capacities (n_sink, n_res >= 0 with n_sink + n_res <= f_cap, 0 <= n_quant <=
+// q_cap), so invalid lens never read outside the cache.  Requires q_cap + f_cap < 2^31 and B·Hq·Tq < 2^31.
 // Supports D in {32, 64, 128, 256}, bits in {1, 2, 4, 8}, v_group % 16 == 0 dividing D, any k_group dividing q_cap;
 // k_codes, v_codes, k_fp, v_fp 16-byte aligned.
 size_t quant_decode_attention_workspace_bytes(const DecodeAttentionArgs& a);
@@ -46,7 +49,7 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
 void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, int64_t x_stride_b,
                int64_t x_stride_t, bool center, uint32_t* bits, float* scale, float* mean_ws, cudaStream_t stream);
 // Fused binary attention over packed keys (all pointers in `a` device pointers); D in {32, 64, 128, 256};
-// q and v rows 4-byte aligned.  One kernel, no workspace.
+// q and v rows 4-byte aligned; B, Hq <= 65535 (grid y / z); Lq, Lk <= 2^30.  One kernel, no workspace.
 void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream);
 
 // ---- hash-based top-k KV retrieval (semantics: kvengine/retrieval.h) ----------------------------------------------
@@ -55,10 +58,12 @@ void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream);
 void hash_encode(const HashEncodeArgs& a, cudaStream_t stream);
 // hamming_topk: three kernels (scores + per-chunk histograms, per-(b, h) threshold and chunk offsets, ordered
 // compaction); the workspace size depends on B, Hkv, N, W, g only (graph capturable; seq_lens read on the device
-// and clamped to [0, N]).  Requires (Hq/Hkv)·nbits <= 8192.
+// and clamped to [0, N]).  Requires (Hq/Hkv)·nbits <= 8192, N < 2^31, B and Hkv <= 65535 (grid y / z) with
+// B·Hkv < 2^31.
 size_t hamming_topk_workspace_bytes(const HammingTopkArgs& a);
 void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream);
-// sparse_decode_attention: one CTA per (b, KV head, block of <= 8 query rows); D in {32, 64, 128, 256}.
+// sparse_decode_attention: one CTA per (b, KV head, block of <= 8 query rows); D in {32, 64, 128, 256};
+// B·Hq < 2^31.
 void sparse_decode_attention(const SparseDecodeArgs& a, cudaStream_t stream);
 
 }  // namespace kvengine::cuda
