@@ -126,3 +126,38 @@ def test_bad_inputs(gen):
         qq = torch.randn(1, 4, 1, 48)
         a2 = make_inputs(1, 2, 2, 1, 48, 2, 2, 32, 16, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cpu")
         ops.quant_decode_attention(*a2, 2, 2, 32, 16, None, True, False)
+
+
+def test_size_limits(gen):
+    """Capacities / row counts past the kernels' 32-bit positions are rejected before anything is allocated."""
+    args = make_inputs(1, 2, 2, 1, 64, 2, 2, 32, 32, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cpu")
+    q, kc, ks, kz, vc, vs, vz, kf, vf, lens = args
+    big_kc = kc[:, :, :1].expand(1, 2, 2**31, kc.shape[-1])  # q_cap = 2^31, no memory behind it
+    with pytest.raises(ValueError, match=r"quantized capacity \(dim 2 of k_codes, 2147483648\) plus the "
+                                         r"full-precision capacity \(dim 2 of k_fp, 16\) must be < 2\^31"):
+        ops.quant_decode_attention(q, big_kc, ks, kz, vc, vs, vz, kf, vf, lens, 2, 2, 32, 32)
+    big_kf = kf[:, :, :1].expand(1, 2, 2**31 - 64, 64)  # 64 + (2^31 - 64) = 2^31
+    with pytest.raises(ValueError, match=r"full-precision capacity \(dim 2 of k_fp, 2147483584\) must be < 2\^31"):
+        ops.quant_decode_attention(q, kc, ks, kz, vc, vs, vz, big_kf, vf, lens, 2, 2, 32, 32)
+    big_q = q[:, :1].expand(1, 2**31, 1, 64)  # Hq = 2^31 (a multiple of Hkv = 2)
+    with pytest.raises(ValueError, match=r"B·Hq·Tq \(1·2147483648·1 query rows\) must be < 2\^31"):
+        ops.quant_decode_attention(big_q, *args[1:], 2, 2, 32, 32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_cuda_alignment_and_lens_clamp(gen):
+    args = make_inputs(1, 2, 2, 1, 64, 2, 2, 32, 32, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cuda")
+    q, kc, ks, kz, vc, vs, vz, kf, vf, lens = args
+    # a contiguous view one byte into its storage: rejected (the kernel's 16-byte loads need an aligned start)
+    flat = torch.zeros(kc.numel() + 1, dtype=torch.uint8, device="cuda")
+    kc_off = flat[1:].view(kc.shape)
+    kc_off.copy_(kc)
+    with pytest.raises(ValueError, match="on CUDA k_codes must start at a 16-byte aligned address"):
+        ops.quant_decode_attention(q, kc_off, *args[2:], 2, 2, 32, 32)
+    # lens past the capacities are not checked on CUDA (no host sync) but clamped on the device: never out of bounds
+    bad = torch.tensor([[20, 200, 30]], dtype=torch.int32, device="cuda")  # capacities: quantized 64, fp 16
+    out = ops.quant_decode_attention(q, kc, ks, kz, vc, vs, vz, kf, vf, bad, 2, 2, 32, 32)
+    clamped = torch.tensor([[16, 64, 0]], dtype=torch.int32)
+    expect = ref.quant_decode_attention(*[a.cpu() for a in args[:-1]], clamped, 2, 2, 32, 32)
+    assert_rows_close(out, expect, 1e-4)

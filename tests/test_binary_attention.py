@@ -285,3 +285,38 @@ def test_bert_plugin_padding_and_restore():
         torch.testing.assert_close(out[1, :13], single[0], rtol=1e-4, atol=1e-4)
         binary.restore_attention(model)
         assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref_out)
+
+
+def test_size_limits():
+    """Lq / Lk past the kernels' 32-bit positions (plus a tile) are rejected before anything is allocated."""
+    small = torch.zeros(1, 1, 1, 32)
+    big = small.expand(1, 1, 2**30 + 1, 32)  # L = 2^30 + 1, no memory behind it
+    kv = torch.zeros(1, 1, 4, 32)
+    with pytest.raises(ValueError, match=r"Lq \(dim 2 of q, 1073741825\) must be <= 2\^30"):
+        ops.binary_attention(big, kv, kv)
+    with pytest.raises(ValueError, match=r"Lk \(dim 2 of the keys, 1073741825\) must be <= 2\^30"):
+        ops.binary_attention(small, big, big)
+    bits = torch.zeros(1, 1, 1, 1, dtype=torch.int32).expand(1, 1, 2**30 + 1, 1)
+    scale = torch.zeros(1, 1, 1).expand(1, 1, 2**30 + 1)
+    with pytest.raises(ValueError, match=r"Lk \(dim 2 of the keys, 1073741825\) must be <= 2\^30"):
+        ops.binary_attention_packed(small, bits, scale, big)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_cuda_grid_limits_and_large_sign_pack():
+    one = torch.zeros(1, 1, 1, 32, device="cuda")
+    with pytest.raises(ValueError, match=r"on CUDA B \(65536\) and Hq \(1\) must be <= 65535"):
+        ops.binary_attention(one.expand(65536, 1, 1, 32), one.expand(65536, 1, 1, 32), one.expand(65536, 1, 1, 32))
+    with pytest.raises(ValueError, match=r"on CUDA B \(1\) and Hq \(65536\) must be <= 65535"):
+        ops.binary_attention(one.expand(1, 65536, 1, 32), one, one)
+    # more rows than one grid covers at once, and (centering) more channel blocks than gridDim.y holds
+    x = torch.randn(1, 2, 2**24 + 32, device="cuda")  # centering: (D + 127) / 128 > 65535 channel blocks
+    for center in (False, True):
+        bits, scale = ops.sign_pack(x, center)
+        rb, rs = ref.sign_pack(x.cpu(), center)
+        assert torch.equal(bits.cpu(), rb) and torch.allclose(scale.cpu(), rs, rtol=1e-3)
+    rows = torch.randn(2**23 + 7, 32, device="cuda", dtype=torch.float16)  # > 2^20 blocks of 8 rows
+    bits, scale = ops.sign_pack(rows)
+    rb, rs = ref.sign_pack(rows.cpu())
+    assert torch.equal(bits.cpu(), rb) and torch.allclose(scale.cpu(), rs, rtol=1e-4)

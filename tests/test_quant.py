@@ -179,3 +179,19 @@ def test_quant_bad_inputs():
         ops.dequantize(c, s, z.half(), 2, 32, "per_channel", torch.float32)
     with pytest.raises(ValueError, match="dtype must be float32"):
         ops.dequantize(c, s, z, 2, 32, "per_channel", torch.int32)
+
+
+def test_quant_size_limits():
+    """Sizes past the kernels' 32-bit group / channel indices are rejected before anything is allocated (expanded
+    views: no memory behind the huge dims)."""
+    rows = torch.zeros(1, 8).expand(2**31, 8)  # T = 2^31
+    with pytest.raises(ValueError, match=r"group_size must be < 2\^31, got 2147483648"):
+        ops.quantize_pack(rows, 1, 2**31, "per_channel")
+    wide = torch.zeros(1, 1).expand(1, 2**31)  # D = 2^31
+    with pytest.raises(ValueError, match=r"channel axis \(dim -1, size 2147483648\) must be < 2\^31"):
+        ops.quantize_pack(wide, 8, 1, "per_token")
+    with pytest.raises(ValueError, match=r"channel axis \(dim -1, size 2147483648\) must be < 2\^31"):
+        ops.rotate_quantize_pack(wide, 8, 1, "per_token")
+    codes = torch.zeros(1, 1, dtype=torch.uint8).expand(1, 2**31)
+    with pytest.raises(ValueError, match=r"channel axis \(dim -1, size 2147483648\) must be < 2\^31"):
+        ops.dequantize(codes, torch.zeros(1, 1), torch.zeros(1, 1), 8, 1, "per_token", torch.float32)

@@ -286,3 +286,19 @@ def test_train_hash_improves_recall(gen, tmp_path):
     again = retrieval.SpotlightHash.load(p)
     x = torch.randn(1, H, 5, D)
     assert torch.equal(again.encode_keys(x), hasher.encode_keys(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_cuda_grid_limits():
+    qc = torch.zeros(1, 1, 1, dtype=torch.int32, device="cuda")
+    kc = torch.zeros(1, 1, 4, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"on CUDA B \(65536\) and Hkv \(1\) must be <= 65535"):
+        ops.hamming_topk(qc.expand(65536, 1, 1), kc.expand(65536, 1, 4, 1), 1)
+    with pytest.raises(ValueError, match=r"on CUDA B \(1\) and Hkv \(65536\) must be <= 65535"):
+        ops.hamming_topk(qc.expand(1, 65536, 1), kc.expand(1, 65536, 4, 1), 1)
+    q = torch.zeros(1, 1, 1, 32, device="cuda").expand(2**16, 2**15, 1, 32)  # B·Hq = 2^31
+    k = torch.zeros(1, 1, 4, 32, device="cuda").expand(2**16, 1, 4, 32)
+    idx = torch.zeros(1, 1, 1, dtype=torch.int32, device="cuda").expand(2**16, 1, 1)
+    with pytest.raises(ValueError, match=r"on CUDA B·Hq \(65536·32768\) must be < 2\^31"):
+        ops.sparse_decode_attention(q, k, k, idx)

@@ -42,6 +42,8 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   KVE_CHECK(!q.is_cuda() || D == 32 || D == 64 || D == 128 || D == 256, op,
             ": on CUDA head_dim D must be 32, 64, 128 or 256, got ", D);
   KVE_CHECK(Tq >= 1 && Tq <= 8, op, ": Tq (dim 2 of q, new tokens per step) must be in [1, 8], got ", Tq);
+  // query rows (b, head, t) are numbered in 32-bit ints (CUDA grid, split-K partials)
+  KVE_CHECK(B * Hq * Tq <= kInt32Max, op, ": B·Hq·Tq (", B, "·", Hq, "·", Tq, " query rows) must be < 2^31");
   KVE_CHECK(k_codes.dim() == 4, op, ": k_codes must be [B, Hkv, capacity, D*bits_k/8], got shape ", k_codes.sizes());
   const int64_t Hkv = k_codes.size(1), qcap = k_codes.size(2);
   KVE_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query head count Hq (", Hq,
@@ -52,6 +54,10 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
             ") must be >= 1 and divide the quantized capacity (dim 2 of k_codes, ", qcap, ")");
   KVE_CHECK(v_group >= 16 && v_group % 16 == 0 && D % v_group == 0, op, ": v_group (", v_group,
             ") must be a multiple of 16 that divides head_dim ", D);
+  // lens are int32 and the kernels hold token positions (< n_sink + n_quant + n_res) in 32-bit ints
+  if (k_fp.dim() == 4)
+    KVE_CHECK(qcap + k_fp.size(2) <= kInt32Max, op, ": the quantized capacity (dim 2 of k_codes, ", qcap,
+              ") plus the full-precision capacity (dim 2 of k_fp, ", k_fp.size(2), ") must be < 2^31");
   const at::Device dev = q.device();
   const at::ScalarType mt = k_scale.scalar_type();
   struct T {
@@ -78,8 +84,14 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
     KVE_CHECK(t.t.scalar_type() == t.dtype, op, ": ", t.name, " must be ", t.dtype, ", got ", t.t.scalar_type());
     KVE_CHECK(t.t.is_contiguous(), op, ": ", t.name, " must be contiguous");
   }
+  if (q.is_cuda()) {  // the CUDA kernel stages codes and loads full-precision rows with 16-byte vector accesses
+    for (int i : {0, 3, 6, 7})  // k_codes, v_codes, k_fp, v_fp
+      KVE_CHECK(reinterpret_cast<uintptr_t>(tensors[i].t.data_ptr()) % 16 == 0, op, ": on CUDA ", tensors[i].name,
+                " must start at a 16-byte aligned address (a view at an element offset is not; pass a copy)");
+  }
   const int64_t fcap = k_fp.size(2);
-  if (lens.is_cpu()) {  // value checks need the data; on CUDA they would cost a host sync (the cache guarantees them)
+  // value checks need the data; on CUDA they would cost a host sync (the kernel clamps lens to the capacities)
+  if (lens.is_cpu()) {
     const int32_t* l = lens.data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b) {
       const int64_t ns = l[3 * b], nq = l[3 * b + 1], nr = l[3 * b + 2];

@@ -28,6 +28,8 @@ void check_qkv(const char* op, const char* name, const at::Tensor& t, const at::
   check_nonempty(op, name, t);
 }
 
+constexpr int64_t kMaxLen = int64_t(1) << 30;
+
 at::Tensor last_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 struct Common {
@@ -48,6 +50,11 @@ Common check_common(const char* op, const at::Tensor& q, const at::Tensor& v, in
   c.Hkv = Hkv;
   c.Lk = Lk;
   check_head_dim(op, c.D, q.is_cuda());
+  // the kernels index queries / keys (plus a tile of padding) in 32-bit ints
+  KVE_CHECK(c.Lq <= kMaxLen, op, ": Lq (dim 2 of q, ", c.Lq, ") must be <= 2^30");
+  KVE_CHECK(Lk <= kMaxLen, op, ": Lk (dim 2 of the keys, ", Lk, ") must be <= 2^30");
+  KVE_CHECK(!q.is_cuda() || (c.B <= kGridYZMax && c.Hq <= kGridYZMax), op, ": on CUDA B (", c.B, ") and Hq (", c.Hq,
+            ") must be <= 65535 (grid dimensions)");
   KVE_CHECK(Hkv >= 1 && c.Hq % Hkv == 0, op, ": the query head count Hq (", c.Hq,
             ") must be a multiple of the key/value head count Hkv (", Hkv, ")");
   check_qkv(op, "v", v, dev);

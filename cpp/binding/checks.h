@@ -17,6 +17,10 @@ namespace kvengine::binding {
 // A ValueError naming the argument.
 #define KVE_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "kvengine.", __VA_ARGS__)
 
+// Size limits of the kernels: positions / indices held in 32-bit ints, and the CUDA grid's y / z dimensions.
+constexpr int64_t kInt32Max = 0x7fffffff;
+constexpr int64_t kGridYZMax = 65535;
+
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::F32;

@@ -24,6 +24,9 @@ QuantParams check_quant_params(const char* op, int64_t bits, int64_t group_size,
   qp.bits = static_cast<int>(bits);
   qp.mode = parse_mode(op, mode);
   KVE_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
+  // the kernels hold a group's size and a row's channel index in 32-bit ints
+  KVE_CHECK(group_size <= kInt32Max, op, ": group_size must be < 2^31, got ", group_size);
+  KVE_CHECK(D <= kInt32Max, op, ": the channel axis (dim -1, size ", D, ") must be < 2^31");
   qp.group_size = static_cast<int>(group_size);
   if (qp.mode == QuantMode::PerChannel) {
     KVE_CHECK(T % group_size == 0, op, ": group_size (", group_size,

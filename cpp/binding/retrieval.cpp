@@ -89,7 +89,8 @@ at::Tensor hash_encode(const at::Tensor& x, const at::Tensor& w1, const std::opt
   if (x.is_cuda()) {
     c10::cuda::CUDAGuard guard(dev);
     const int64_t T = per_head ? x.size(-2) : 1;
-    at::Tensor x4 = per_head ? flatten_lead(x, {H, T, D}) : flatten_lead(x, {D}).unsqueeze(1).unsqueeze(1);
+    // shared weights: all rows as one [1, 1, rows, D] sequence (CTAs take kEncRows rows each, not one)
+    at::Tensor x4 = per_head ? flatten_lead(x, {H, T, D}) : flatten_lead(x, {D}).unsqueeze(0).unsqueeze(0);
     HashEncodeArgs a;
     a.x = x4.data_ptr();
     a.dtype = to_dtype(x.scalar_type());
@@ -155,6 +156,8 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk(const at::Tensor& q_codes, const
   KVE_CHECK(k >= 1 && k <= N, op, ": k (", k, ") must be in [1, N] where N = ", N,
             " is the context capacity (dim 2 of k_codes)");
   KVE_CHECK(N < (int64_t(1) << 31), op, ": N (dim 2 of k_codes) must be < 2^31");
+  KVE_CHECK(!q.is_cuda() || (B <= kGridYZMax && Hkv <= kGridYZMax && B * Hkv <= kInt32Max), op, ": on CUDA B (", B,
+            ") and Hkv (", Hkv, ") must be <= 65535 with B·Hkv < 2^31 (grid dimensions)");
   int64_t sinks = 0, recent = 0;
   if (keep.has_value()) {
     KVE_CHECK(keep->size() == 2, op, ": keep must be (sinks, recent), got ", keep->size(), " values");
@@ -226,6 +229,7 @@ at::Tensor sparse_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   KVE_CHECK(D <= 1024, op, ": head_dim D must be <= 1024, got ", D);
   KVE_CHECK(!q.is_cuda() || D == 32 || D == 64 || D == 128 || D == 256, op,
             ": on CUDA head_dim D must be 32, 64, 128 or 256, got ", D);
+  KVE_CHECK(!q.is_cuda() || B * Hq <= kInt32Max, op, ": on CUDA B·Hq (", B, "·", Hq, ") must be < 2^31 (grid size)");
   check_device(op, "indices", indices, dev);
   KVE_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
             ": indices must be int32 or int64, got ", indices.scalar_type());
