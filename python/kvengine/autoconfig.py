@@ -88,28 +88,31 @@ def outlier_perm(k: Tensor) -> Tensor:
     return perm
 
 
-def attention_error(q: Tensor, k: Tensor, v: Tensor, kq: Tensor, vq: Tensor) -> float:
-    """Relative error of causal attention with (kq, vq) instead of (k, v); q [B, Hq, T, D], k/v [B, Hkv, T, D]."""
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     g = q.shape[1] // k.shape[1]
-
-    def att(kk, vv):
-        return F.scaled_dot_product_attention(q.float(), kk.float().repeat_interleave(g, 1),
-                                              vv.float().repeat_interleave(g, 1), is_causal=True)
-
-    ref = att(k, v)
-    return ((att(kq, vq) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(g, 1),
+                                          v.float().repeat_interleave(g, 1), is_causal=True)
 
 
-def scheme_error(q: Tensor, k: Tensor, v: Tensor, s: Scheme, residual: int = 128, sinks: int = 4) -> float:
+def attention_error(q: Tensor, k: Tensor, v: Tensor, kq: Tensor, vq: Tensor, ref: Optional[Tensor] = None) -> float:
+    """Relative error of causal attention with (kq, vq) instead of (k, v); q [B, Hq, T, D], k/v [B, Hkv, T, D].
+    ``ref``: the exact attention output, if already computed."""
+    if ref is None:
+        ref = _causal_attention(q, k, v)
+    return ((_causal_attention(q, kq, vq) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def scheme_error(q: Tensor, k: Tensor, v: Tensor, s: Scheme, residual: int = 128, sinks: int = 4,
+                 ref: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> float:
     """Attention-output error of scheme s on one layer (k, v [B, Hkv, T, D] as the model produced them)."""
     B, H, T, D = k.shape
-    perm = outlier_perm(k) if s.reorder else None
+    perm = (outlier_perm(k) if perm is None else perm) if s.reorder else None
     c = QuantizedKVCache(H, D, residual=residual, sinks=sinks, batch_size=B, dtype=torch.float32, k_perm=perm,
                          **s.cache_kwargs())
     c.append(k.float(), v.float())
     kq, vq = c.dequantize(torch.float32)
     # the cache stores sinks first; calibration tokens have no extra sinks, so the order is the time order
-    return attention_error(q, k, v, kq, vq)
+    return attention_error(q, k, v, kq, vq, ref)
 
 
 @dataclass
@@ -248,8 +251,10 @@ def measure_errors(captures: Iterable[tuple[Tensor, Tensor, Tensor]], candidates
 
         it = tqdm(caps, desc=f"calibrating {len(cands)} schemes per layer", unit="layer")
     for q, k, v in it:
-        errors.append({s: (scheme_error(q, k, v, s, residual, sinks), s.effective_bits(D)) for s in cands})
-        perms.append(outlier_perm(k).tolist())
+        ref, perm = _causal_attention(q, k, v), outlier_perm(k)
+        errors.append({s: (scheme_error(q, k, v, s, residual, sinks, ref, perm), s.effective_bits(D))
+                       for s in cands})
+        perms.append(perm.tolist())
     return errors, perms
 
 

@@ -222,17 +222,23 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"fp": "k*", "kvengine": "o", "kivi": "s", "quanto": "^"}
-    for kind, label in (("kvengine", "kvengine"), ("kivi", "KIVI-style"), ("fp", "fp")):
-        pts = [r for r in rows if r["kind"] == kind and r.get("effective_bits") is not None]
+    markers.update(auto="rD", fixed="b.")
+    xkey = "packed_bits" if any(r["kind"] == "auto" for r in rows) else "effective_bits"
+    for kind, label in (("kvengine", "kvengine"), ("kivi", "KIVI-style"), ("auto", "auto plan"),
+                        ("fixed", "fixed scheme"), ("fp", "fp")):
+        if xkey == "packed_bits" and kind == "fp":
+            continue
+        pts = [r for r in rows if r["kind"] == kind and r.get(xkey) is not None]
         if not pts:
             continue
-        ax.plot([r["effective_bits"] for r in pts], [r["ppl_ratio"] for r in pts], markers[kind], label=label,
+        ax.plot([r[xkey] for r in pts], [r["ppl_ratio"] for r in pts], markers[kind], label=label,
                 markersize=8)
         for r in pts:
-            ax.annotate(r["config"].replace("kvengine ", "").replace("KIVI-style ", ""),
-                        (r["effective_bits"], r["ppl_ratio"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(r["config"].replace("kvengine ", "").replace("KIVI-style ", "").replace("fixed ", ""),
+                        (r[xkey], r["ppl_ratio"]), fontsize=6, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("effective bits per K/V element (incl. scales, fp sinks + recent window)")
+    ax.set_xlabel("packed bits per K/V element (codes + scale/zero)" if xkey == "packed_bits" else
+                  "effective bits per K/V element (incl. scales, fp sinks + recent window)")
     ax.set_ylabel("PPL / PPL(fp)")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_title(title, fontsize=9)
@@ -379,6 +385,8 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
                      "packed_bits": p.effective_bits, "calib_error": sum(c.error for c in p.layers)})
         if errors is not None and not args.no_baseline:
             for s in ac.fixed_schemes(b, p.head_dim, candidates=list(errors[0])):
+                if s.reorder and not args.all_fixed:
+                    continue
                 fp_ = ac.plan_from_errors(errors, perms, b, p.head_dim, args.residual, args.sinks, fixed=s)
                 rows.append({"config": f"fixed {s.name}", "kind": "fixed", "budget": b, "auto_plan": fp_,
                              "packed_bits": fp_.effective_bits, "calib_error": sum(c.error for c in fp_.layers)})
@@ -425,6 +433,9 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
         print(f"wrote {args.json}")
+    if args.plot:
+        _plot(results, args.plot, header)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -573,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", type=_float_list, default=[2.5],
                    help="bits per K/V element of the packed part for --auto, comma list (default 2.5)")
     e.add_argument("--save-plan", default=None, help="with --auto: write the plan JSON here")
+    e.add_argument("--all-fixed", action="store_true",
+                   help="with --auto: also evaluate the fixed schemes with the outlier-aware key reorder")
     e.add_argument("--json", default=None, help="write the results here")
     e.add_argument("--plot", default=None, help="write a PNG: PPL ratio vs effective bits")
     e.set_defaults(fn=cmd_eval)
