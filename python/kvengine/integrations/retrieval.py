@@ -1,0 +1,533 @@
+"""transformers integration of hash-based top-k retrieval decode: ``RetrievalCache`` + the ``"kvengine_retrieval"``
+attention implementation.
+
+Usage::
+
+    from kvengine.integrations.retrieval import RetrievalCache   # registers "kvengine_retrieval" on import
+    model.set_attn_implementation("kvengine_retrieval")
+    cache = RetrievalCache(model.config, top_k=128, sinks=4, recent=64)          # random-hyperplane LSH, 128 bits
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+How a layer runs with ``attn_implementation="kvengine_retrieval"`` and a ``RetrievalCache``:
+
+* prefill (the layer's cache is empty): full-precision attention over the prompt (torch SDPA with the causal mask),
+  then ONE bulk append of the prompt's keys/values into the layer's ``kvengine.retrieval.RetrievalAttention`` (all
+  prompt keys hashed with one ``hash_encode`` call);
+* decode (cache non-empty): the new tokens' keys are appended (hashed once, never again) and each new query attends
+  only the ``top_k`` cached tokens closest in Hamming distance (``hamming_topk``; the first ``sinks`` and the last
+  ``recent`` tokens are always kept and count toward ``top_k``) with ``sparse_decode_attention`` (exact softmax over
+  the selected tokens).  A chunk of several new tokens is processed one query at a time, each restricted to the
+  tokens up to its own position, so every query sees exactly what a token-by-token decode would.
+
+``selector="oracle"`` replaces the hash ranking by the true attention weights (softmax of q·k summed over the
+query heads of each KV head's group, the same sinks/recent rule, the same sparse attention): the ceiling a hash can
+reach at that ``top_k``.
+
+Hashes: ``hashes=None`` (random-hyperplane LSH of ``nbits`` bits, seeded per layer), a list / dict ``{layer:
+SpotlightHash}`` (e.g. trained with ``train_layer_hashes``), or a path written by ``save_hashes``.
+
+With any other cache (e.g. ``DynamicCache``) the ``"kvengine_retrieval"`` attention is plain SDPA.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..retrieval import RetrievalAttention, SpotlightHash, train_hash
+
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "kvengine.integrations.retrieval needs transformers>=4.56,<6 (the Cache/CacheLayerMixin and "
+        "AttentionInterface APIs); install with: pip install 'transformers>=4.56,<6' gguf accelerate") from e
+
+ATTN_NAME = "kvengine_retrieval"
+HASH_FILE_FORMAT = "kvengine-retrieval-hashes"
+_TAG = "_kvengine_retrieval_layer"
+_VALID_NBITS = (32, 64, 128, 256)
+SELECTORS = ("hash", "oracle")
+_capture: Optional[dict] = None  # set by capture_qk_all: layer_idx -> (q, k) of the last forward
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _head_dims(config) -> tuple[int, int, int, int]:
+    c = _text_config(config)
+    Hq, Hkv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    D = getattr(c, "head_dim", None) or c.hidden_size // Hq
+    return c.num_hidden_layers, Hq, Hkv, D
+
+
+# ---- hash persistence ---------------------------------------------------------------------------------------------------
+def save_hashes(hashes, path) -> None:
+    """Save per-layer hashes (list or ``{layer: SpotlightHash}``) to one file (``load_hashes`` reads it back)."""
+    items = hashes.items() if isinstance(hashes, dict) else enumerate(hashes)
+    d = {"format": HASH_FILE_FORMAT, "version": 1,
+         "layers": {int(i): h.state_dict() for i, h in items if h is not None}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    torch.save(d, path)
+
+
+def load_hashes(path) -> dict[int, SpotlightHash]:
+    """Per-layer hashes written by ``save_hashes``: ``{layer: SpotlightHash}``."""
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or d.get("format") != HASH_FILE_FORMAT:
+        raise ValueError(f"RetrievalCache: '{path}' is not a kvengine retrieval hash file (save_hashes)")
+    return {int(i): SpotlightHash.from_state_dict(sd) for i, sd in d["layers"].items()}
+
+
+def lsh_hashes(config, nbits: int = 128, seed: int = 0) -> dict[int, SpotlightHash]:
+    """Random-hyperplane LSH for every layer (layer i seeded with ``seed + i``)."""
+    if nbits not in _VALID_NBITS:
+        raise ValueError(f"RetrievalCache: nbits must be one of {_VALID_NBITS}, got {nbits}")
+    L, _, Hkv, D = _head_dims(config)
+    return {i: SpotlightHash.random(Hkv, D, nbits, generator=torch.Generator().manual_seed(seed + i))
+            for i in range(L)}
+
+
+# ---- one layer ------------------------------------------------------------------------------------------------------------
+class RetrievalLayer(CacheLayerMixin):
+    """One attention layer: full-precision K/V + packed key codes (``RetrievalAttention``), created on the first
+    update (when batch size, dtype and device are known)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: "RetrievalCache", layer_idx: int, hasher: Optional[SpotlightHash], top_k: int,
+                 sinks: int, recent: int, selector: str):
+        super().__init__()
+        self._owner = owner
+        self.layer_idx = layer_idx
+        self.hasher = hasher
+        self.top_k, self.sinks, self.recent = top_k, sinks, recent
+        self.selector = selector
+        self.ra: Optional[RetrievalAttention] = None
+        self.cumulative_length = 0
+        self._pending = False
+        self.selected_tokens = 0  # Σ over decoded queries of the tokens attended
+        self.context_tokens = 0   # Σ over decoded queries of the tokens visible (causal context)
+
+    def __repr__(self):
+        return (f"RetrievalLayer(top_k={self.top_k}, sinks={self.sinks}, recent={self.recent}, "
+                f"selector={self.selector}, len={self.cumulative_length})")
+
+    # -- CacheLayerMixin API
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        B, H, T, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.hasher.num_heads != H or self.hasher.head_dim != D:
+            raise ValueError(f"RetrievalCache: layer {self.layer_idx}'s hash is for {self.hasher.num_heads} KV heads "
+                             f"of dim {self.hasher.head_dim}, the model has {H} of dim {D}")
+        self.hasher = self.hasher.to(key_states.device)
+        self.ra = RetrievalAttention(self.hasher, H, D, top_k=self.top_k, sinks=self.sinks, recent=self.recent,
+                                     batch_size=B, dtype=key_states.dtype, device=key_states.device,
+                                     capacity=max(1024, T))
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._pending:
+            raise RuntimeError("RetrievalCache: the previous update of this layer was never attended — the model's "
+                               f"attention must be '{ATTN_NAME}' (model.set_attn_implementation('{ATTN_NAME}'))")
+        if not self._owner._retrieval_attention_active():
+            raise RuntimeError(f"RetrievalCache needs attn_implementation='{ATTN_NAME}' (call "
+                               f"model.set_attn_implementation('{ATTN_NAME}')); another attention would attend "
+                               "every cached token and silently skip the top-k selection")
+        T = key_states.shape[-2]
+        self.ra.append(key_states, value_states)
+        first = self.cumulative_length == 0
+        self.cumulative_length += T
+        if first:
+            mode = "prefill"  # SDPA over the prompt; its keys are already appended (hashed in one call)
+        else:
+            self._pending = True
+            mode = "decode"
+        setattr(key_states, _TAG, (self, mode))
+        return key_states, value_states
+
+    def _oracle_scores(self, q: Tensor, n0: int, scale: float) -> Tensor:
+        """True attention weight of every cached token for each new query, summed over each KV head's query group:
+        q [B, Hq, T, D] (the queries at positions n0 .. n0+T-1) -> [B, Hkv, T, n0+T] (0 beyond a query's causal
+        context)."""
+        B, Hq, T, D = q.shape
+        n = n0 + T
+        k = self.ra.k[:, :, :n].float()  # [B, Hkv, n, D]
+        Hkv = k.shape[1]
+        qg = q.float().reshape(B, Hkv, Hq // Hkv * T, D)
+        s = (qg @ k.transpose(-1, -2) * scale).reshape(B, Hkv, Hq // Hkv, T, n)
+        future = torch.arange(n, device=q.device)[None, :] > torch.arange(n0, n, device=q.device)[:, None]
+        return torch.softmax(s.masked_fill(future, float("-inf")), -1).sum(2)
+
+    def _oracle_select(self, p: Tensor, n0: int, kk: int, sinks: int, recent: int) -> Tensor:
+        """Top-kk positions by ``p`` [B, Hkv, T, n] with the first ``sinks`` and each query's last ``recent``
+        positions forced; positions beyond a query's context rank last.  -> int64 [B, Hkv, T, kk]."""
+        T, n = p.shape[-2], p.shape[-1]
+        j = torch.arange(n, device=p.device)[None, :]
+        end = torch.arange(n0 + 1, n + 1, device=p.device)[:, None]  # query t sees [0, end_t)
+        p = p.masked_fill((j < sinks) | ((j >= end - recent) & (j < end)), float("inf"))
+        p = p.masked_fill(j >= end, float("-inf"))
+        return p.topk(kk, -1).indices
+
+    def attend_pending(self, query: Tensor, scale: Optional[float]) -> Tensor:
+        """The new tokens (already appended) attend their top-k; query t of the chunk sees only the tokens up to its
+        own position (what a token-by-token decode gives).  query [B, Hq, T, D] -> [B, Hq, T, D]."""
+        if not self._pending:
+            raise RuntimeError("RetrievalCache: attention called without a preceding cache update for this layer")
+        self._pending = False
+        ra = self.ra
+        B, Hq, T, D = query.shape
+        n = ra.seq_len
+        n0 = n - T
+        if scale is None:
+            scale = 1.0 / math.sqrt(D)
+        q = query.to(ra.k.dtype)
+        kk = min(self.top_k, n)
+        sinks = min(self.sinks, kk)
+        recent = min(self.recent, kk - sinks)
+        K, V, codes = ra.k, ra.v, ra.codes.codes  # [B, Hkv, n, *] views
+        if self.selector == "hash":
+            qcodes = self.hasher.encode_queries(q)  # [B, Hq, T, W], one call for the chunk
+        else:
+            pscore = self._oracle_scores(q, n0, scale)  # [B, Hkv, T, n]
+        lens = torch.arange(n0 + 1, n + 1, dtype=torch.int32, device=q.device)  # context of each new query
+        if B == 1:
+            # the T queries as a batch of T sequences over the same (expanded, not copied) cache, each cut to its
+            # own context by seq_lens: selection and attention exactly as T single-token decode steps
+            if self.selector == "hash":
+                idx, _ = ops.hamming_topk(qcodes[0].transpose(0, 1), codes.expand(T, -1, -1, -1), kk, lens,
+                                          keep=(sinks, recent))
+            else:
+                idx = self._oracle_select(pscore, n0, kk, sinks, recent)[0].transpose(0, 1)
+            out = ops.sparse_decode_attention(q[0].transpose(0, 1).unsqueeze(2), K.expand(T, -1, -1, -1),
+                                              V.expand(T, -1, -1, -1), idx, lens, scale)  # [T, Hq, 1, D]
+            out = out.squeeze(2).transpose(0, 1).unsqueeze(0)
+        else:
+            outs = []
+            for t in range(T):
+                m = n0 + t + 1
+                kt = min(self.top_k, m)
+                st = min(self.sinks, kt)
+                rt = min(self.recent, kt - st)
+                if self.selector == "hash":
+                    it, _ = ops.hamming_topk(qcodes[:, :, t], codes[:, :, :m], kt, keep=(st, rt))
+                else:
+                    it = self._oracle_select(pscore[:, :, t : t + 1, :m], m - 1, kt, st, rt)[:, :, 0]
+                outs.append(ops.sparse_decode_attention(q[:, :, t : t + 1], K[:, :, :m], V[:, :, :m], it, None,
+                                                        scale))
+            out = torch.cat(outs, 2)
+        sel = lens.clamp(max=self.top_k)
+        self.selected_tokens += int(sel.sum()) * B
+        self.context_tokens += int(lens.sum()) * B
+        return out.to(query.dtype)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.ra = None
+        self._pending = False
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self.selected_tokens = self.context_tokens = 0
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(f"RetrievalCache does not support {what}; use greedy/sampling generation with "
+                                  "num_beams=1")
+
+    def reorder_cache(self, beam_idx):
+        if self.cumulative_length:
+            self._unsupported("beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            self._unsupported("crop (assisted / speculative decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.cumulative_length and repeats != 1:
+            self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices) -> None:
+        if self.cumulative_length:
+            self._unsupported("batch_select_indices")
+
+    @property
+    def nbytes(self) -> int:
+        """K/V (model dtype) + key codes held."""
+        ra = self.ra
+        if ra is None:
+            return 0
+        return 2 * ra.k.numel() * ra.k.element_size() + ra.codes.nbytes
+
+
+# ---- the cache ------------------------------------------------------------------------------------------------------------
+class RetrievalCache(Cache):
+    """A transformers ``Cache`` whose layers decode with hash-based top-k attention (``kvengine.retrieval``).
+    Use with ``attn_implementation="kvengine_retrieval"``.
+
+    Args:
+        config: the model's config.
+        top_k: tokens each decoded query attends (sinks and the recent window included).
+        sinks: first tokens always attended.
+        recent: last tokens always attended (the query's own token included).
+        hashes: None (LSH of ``nbits`` bits, seeded ``seed + layer``), a list / dict ``{layer: SpotlightHash}`` for
+            every layer, or a path written by ``save_hashes``.
+        selector: "hash" (default) or "oracle" (true attention top-k: the ceiling; ``hashes`` unused).
+    """
+
+    def __init__(self, config, top_k: int = 128, sinks: int = 4, recent: int = 64,
+                 hashes: Union[None, str, os.PathLike, list, dict] = None, nbits: int = 128, seed: int = 0,
+                 selector: str = "hash"):
+        text_config = _text_config(config)
+        self._config = text_config
+        L, Hq, Hkv, D = _head_dims(text_config)
+        top_k, sinks, recent = int(top_k), int(sinks), int(recent)
+        if top_k < 1:
+            raise ValueError(f"RetrievalCache: top_k must be >= 1, got {top_k}")
+        if sinks < 0 or recent < 0:
+            raise ValueError(f"RetrievalCache: sinks ({sinks}) and recent ({recent}) must be >= 0")
+        if sinks + recent > top_k:
+            raise ValueError(f"RetrievalCache: sinks + recent ({sinks} + {recent}) must be <= top_k ({top_k}): the "
+                             "always-kept tokens count toward top_k")
+        if selector not in SELECTORS:
+            raise ValueError(f"RetrievalCache: selector must be one of {SELECTORS}, got '{selector}'")
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * L
+        bad = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+        if bad or (getattr(text_config, "layer_types", None) is None and getattr(text_config, "sliding_window", None)
+                   and getattr(text_config, "use_sliding_window", True)):
+            raise NotImplementedError("RetrievalCache: only models whose layers are all full attention are supported "
+                                      f"(layers {bad[:8] or 'all'} use sliding/chunked attention)")
+        if isinstance(hashes, (str, os.PathLike)):
+            hashes = load_hashes(hashes)
+        if hashes is None:
+            hashes = lsh_hashes(text_config, nbits, seed)
+        elif isinstance(hashes, (list, tuple)):
+            hashes = dict(enumerate(hashes))
+        if not isinstance(hashes, dict):
+            raise TypeError(f"RetrievalCache: hashes must be None, a path, a list or a dict, got "
+                            f"{type(hashes).__name__}")
+        missing = [i for i in range(L) if hashes.get(i) is None]
+        if missing:
+            raise ValueError(f"RetrievalCache: no hash for layers {missing[:8]} (the model has {L} layers)")
+        for i in range(L):
+            h = hashes[i]
+            if h.num_heads != Hkv or h.head_dim != D:
+                raise ValueError(f"RetrievalCache: layer {i}'s hash is for {h.num_heads} KV heads of dim "
+                                 f"{h.head_dim}, the model has {Hkv} of dim {D}")
+            if h.nbits * (Hq // Hkv) > 8192:
+                raise ValueError(f"RetrievalCache: (Hq/Hkv)·nbits = {h.nbits * (Hq // Hkv)} exceeds 8192")
+        self.config_summary = dict(top_k=top_k, sinks=sinks, recent=recent, selector=selector,
+                                   nbits=hashes[0].nbits)
+        layers = [RetrievalLayer(self, i, hashes[i], top_k, sinks, recent, selector) for i in range(L)]
+        super().__init__(layers=layers)
+
+    def _retrieval_attention_active(self) -> bool:
+        return getattr(self._config, "_attn_implementation", None) == ATTN_NAME
+
+    @property
+    def attended_fraction(self) -> Optional[float]:
+        """Tokens attended / tokens visible, over all decoded queries (None before any decode step)."""
+        l0 = self.layers[0]
+        return l0.selected_tokens / l0.context_tokens if l0.context_tokens else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(l.nbytes for l in self.layers)
+
+    def __repr__(self):
+        return f"RetrievalCache({self.config_summary}, layers={len(self.layers)})"
+
+
+# ---- attention implementation ---------------------------------------------------------------------------------------------
+def retrieval_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                attention_mask: Optional[Tensor], dropout: float = 0.0,
+                                scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                                **kwargs) -> tuple[Tensor, None]:
+    """The ``"kvengine_retrieval"`` attention: top-k sparse decode for ``RetrievalCache`` layers, SDPA otherwise."""
+    if _capture is not None:
+        _capture[getattr(module, "layer_idx", len(_capture))] = (query.detach()[0].clone(), key.detach()[0].clone())
+    tag = getattr(key, _TAG, None)
+    if tag is not None:
+        try:
+            delattr(key, _TAG)
+        except AttributeError:
+            pass
+    if tag is None or tag[1] == "prefill":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    layer = tag[0]
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("kvengine_retrieval attention: logit soft-capping is not supported")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("kvengine_retrieval attention: a sliding-window layer reached the retrieval cache")
+    if dropout:
+        raise NotImplementedError("kvengine_retrieval attention: dropout is not supported in the decode path")
+    T = query.shape[-2]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        past = attention_mask.shape[-1] - T
+        m = attention_mask[..., :past]
+        ok = bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
+        if not ok:
+            raise NotImplementedError("kvengine_retrieval attention: padded batches are not supported; run "
+                                      "unpadded sequences / batch size 1")
+    out = layer.attend_pending(query, scaling)  # [B, Hq, T, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"kvengine_retrieval"`` in transformers' AttentionInterface / AttentionMaskInterface (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, retrieval_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+register()
+
+
+# ---- trained hashes for every layer ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def capture_qk_all(model, ids: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+    """Post-RoPE queries [Hq, T, D] and keys [Hkv, T, D] of every attention layer on ``ids`` [T] or [1, T] (one
+    forward with the ``"kvengine_retrieval"`` attention, no cache)."""
+    global _capture
+    ids = ids.view(1, -1).to(model.device)
+    prev = getattr(model.config, "_attn_implementation", None)
+    model.set_attn_implementation(ATTN_NAME)
+    _capture = {}
+    try:
+        model(ids, use_cache=False)
+        out = _capture
+    finally:
+        _capture = None
+        if prev and prev != ATTN_NAME:
+            model.set_attn_implementation(prev)
+    return out
+
+
+def train_layer_hashes(model, ids: Tensor, nbits: int = 128, steps: int = 200, layers=None, verbose: bool = False,
+                       **train_kw) -> dict[int, SpotlightHash]:
+    """Trained MLP hashes (``kvengine.retrieval.train_hash``) for every layer, from q/k captured on ``ids`` (use
+    text held out from the evaluation).  Each query is trained against the keys it can causally see."""
+    caps = capture_qk_all(model, ids)
+    out = {}
+    for li in sorted(caps) if layers is None else layers:
+        t0 = time.perf_counter()
+        q, k = caps[li]
+        Hq, T, D = q.shape
+        Hkv = k.shape[0]
+        g = Hq // Hkv
+        qg = q.float().reshape(Hkv, g * T, D)  # query heads h*g .. h*g+g-1 belong to KV head h
+        kf = k.float()
+        s = qg @ kf.transpose(-1, -2) / math.sqrt(D)  # [Hkv, g*T, T]
+        pos = torch.arange(T).repeat(g)
+        s.masked_fill_(torch.arange(T)[None, None, :] > pos[None, :, None], float("-inf"))
+        with torch.enable_grad():
+            out[li] = train_hash(qg, kf, s, nbits=nbits, steps=steps, seed=li, **train_kw)
+        if verbose:
+            print(f"trained hash of layer {li} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return out
+
+
+# ---- perplexity evaluation --------------------------------------------------------------------------------------------------
+def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: bool = False, sinks: int = 4,
+                        recent: int = 32, nbits: int = 128) -> list[dict]:
+    """The rows ``kvengine retrieval-eval`` runs: full attention, then per top_k LSH / trained hash / oracle."""
+    rows = [{"config": "full attention", "kind": "full"}]
+    for k in top_ks:
+        if lsh:
+            rows.append({"config": f"LSH {nbits}b", "kind": "hash", "hashes": "lsh", "top_k": k})
+        if trained:
+            rows.append({"config": f"trained MLP {nbits}b", "kind": "hash", "hashes": "trained", "top_k": k})
+        if oracle:
+            rows.append({"config": "oracle top-k", "kind": "oracle", "top_k": k})
+    for r in rows:
+        r.update(sinks=sinks, recent=recent, nbits=nbits)
+    return rows
+
+
+def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512, chunk: int = 32,
+                       trained_hashes=None, seed: int = 0, progress: bool = True,
+                       full_attn: str = "eager") -> list[dict]:
+    """Teacher-forced PPL (``kvengine.cli.teacher_forced_nll``) of each row over ``windows`` [N, L]: prefill with full
+    attention, then decode through a ``RetrievalCache``.  The "full" row uses a ``DynamicCache`` and transformers'
+    ``full_attn`` implementation.  Fills ppl, ppl_ratio (to the full-attention row), attended_fraction (decoded
+    queries: tokens attended / tokens visible) and time_s."""
+    from transformers import DynamicCache
+
+    from ..cli import teacher_forced_nll
+
+    model = lm.model if hasattr(lm, "model") else lm
+    model.set_attn_implementation(ATTN_NAME)
+    with torch.inference_mode():  # warm-up (first-call kernel setup), so that the first row's time is comparable
+        model(windows[:1, : min(prefill, 64)].to(model.device), past_key_values=DynamicCache(), use_cache=True)
+    out, full_ppl = [], None
+    for row in rows:
+        r = dict(row)
+        caches = []
+        if row["kind"] == "full":
+            def make():
+                return DynamicCache()
+        else:
+            if row["kind"] == "hash" and row.get("hashes") == "trained":
+                if trained_hashes is None:
+                    raise ValueError("run_retrieval_eval: a 'trained' row needs trained_hashes")
+                hs = trained_hashes
+            else:
+                hs = None
+            sel = "oracle" if row["kind"] == "oracle" else "hash"
+
+            def make(row=row, hs=hs, sel=sel):
+                c = RetrievalCache(model.config, top_k=row["top_k"], sinks=row["sinks"], recent=row["recent"],
+                                   hashes=hs, nbits=row.get("nbits", 128), seed=seed, selector=sel)
+                caches.append(c)
+                return c
+        # the full-attention reference runs transformers' own eager attention (torch's CPU SDPA with a mask is
+        # several times slower for short decode chunks; the two agree to fp32 rounding)
+        model.set_attn_implementation(full_attn if row["kind"] == "full" else ATTN_NAME)
+        try:
+            res = teacher_forced_nll(model, windows, make, prefill, chunk, progress=progress,
+                                     desc=f"{row['config']} k={row.get('top_k', '-')}")
+        finally:
+            model.set_attn_implementation(ATTN_NAME)
+        r.update(ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"], time_s=res["time_s"])
+        if row["kind"] == "full":
+            full_ppl = res["ppl"]
+            r["attended_fraction"] = 1.0
+        else:
+            sel_n = sum(c.layers[0].selected_tokens for c in caches)
+            ctx_n = sum(c.layers[0].context_tokens for c in caches)
+            r["attended_fraction"] = sel_n / ctx_n if ctx_n else None
+        out.append(r)
+    for r in out:
+        r["ppl_ratio"] = r["ppl"] / full_ppl if full_ppl else None
+    return out
+
+
+__all__ = ["RetrievalCache", "RetrievalLayer", "retrieval_attention_forward", "register", "ATTN_NAME", "save_hashes",
+           "load_hashes", "lsh_hashes", "capture_qk_all", "train_layer_hashes", "retrieval_eval_rows",
+           "run_retrieval_eval"]
