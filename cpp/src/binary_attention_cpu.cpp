@@ -7,13 +7,16 @@
 //   pre-pass   the packed keys of every (b, KV head) are re-laid out block-transposed, [Lk/64][D/32][64] words
 //              (zero padded), so that one 16-lane vector holds word w of 16 consecutive keys; non-fp32 V is converted
 //              to fp32 once; the relative-position table is reversed (index increasing with the key) and ×log2 e.
-//   work item  (b, query head, tile of 32 query rows); the tile's query rows are packed into sign words and
+//   work item  (b, query head, tile of 16 query rows); the tile's query rows are packed into sign words and
 //              α_i · softmax_scale · log2 e.  Keys in blocks of 64:
-//     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available),
-//              s = a_i · β_j · (D − 2 pc) + log2 e · bias (dense and/or relative), causal / range mask -> −inf
-//     softmax  online, in base 2 (exp2 by a degree-6 polynomial), per row: block max, rescale α, p, l
+//     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available; the word loop
+//              unrolled for D = 32/64/128/256), s = a_i · β_j · (D − 2 pc) + log2 e · bias (dense and/or relative),
+//              causal / range mask -> −inf (only in chunks that cross the last visible key)
+//     softmax  online, in base 2 (exp2 by a degree-6 polynomial and VSCALEFPS), per row: block max, rescale α
+//              (exp2 skipped when the max did not move), p, and the denominator kept as 16 partial sums
 //     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators) over the block's 64 keys; the V chunk
-//              (64 keys × 64 channels) stays in L1 across the 8 row groups of the tile.
+//              (64 keys × 64 channels) stays in L1 across the 4 row groups of the tile (16 rows, not 32: measured
+//              faster, most at D = 128, where the tile's p, acc and V chunk then total 28 KiB).
 //   A row with no visible key (causal with Lq > Lk, or a bias of −inf everywhere) outputs 0.
 #include <algorithm>
 #include <cmath>
@@ -34,7 +37,7 @@ namespace {
 
 using namespace simd;
 constexpr int BT = 64;  // keys per block
-constexpr int RQ = 32;  // query rows per work item
+constexpr int RQ = 16;  // query rows per work item
 constexpr int RG = 4;   // query rows per P·V register tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float NEG = -std::numeric_limits<float>::infinity();
@@ -46,6 +49,28 @@ inline vu vpopcnt(vu x) {
   vu r;
   for (int i = 0; i < W; ++i) r[i] = uint32_t(__builtin_popcount(x[i]));
   return r;
+#endif
+}
+
+// 2^x for x <= 0 (scores minus the running max), exactly 0 for x < −126 (and −inf): round to the nearest integer n,
+// e^((x − n)·ln 2) by a degree-6 polynomial in (x − n) (the ln 2 powers folded into the coefficients, rel. err < 2e-7),
+// then ·2^n with VSCALEFPS — about half the instructions of simd::vexp2, which it replaces only here.
+inline vf exp2_nonpos(vf x) {
+#if defined(__AVX512F__)
+  const __m512 xv = _mm512_max_ps((__m512)x, _mm512_set1_ps(-127.f));
+  const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xv, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);            // ln2^6 / 720
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 120
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));   // ln2^4 / 24
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));   // ln2^3 / 6
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));   // ln2^2 / 2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));   // ln2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  return (vf)_mm512_maskz_scalef_ps(keep, p, n);
+#else
+  return vexp2(x);
 #endif
 }
 
@@ -100,13 +125,13 @@ struct Prep {
 };
 
 struct Tile {  // per-thread scratch of one work item
-  std::vector<float> qrow, a, m, l, al, s, p, acc;
+  std::vector<float> qrow, a, m, lv, al, s, p, acc;  // lv: per-row softmax denominators, W partial sums each
   std::vector<uint32_t> qw;
   void init(int64_t D, int64_t nw) {
     qrow.resize(D);
     a.resize(RQ);
     m.resize(RQ);
-    l.resize(RQ);
+    lv.resize(size_t(RQ) * W);
     al.resize(RQ);
     s.resize(BT);
     p.resize(size_t(RQ) * BT);
@@ -115,11 +140,13 @@ struct Tile {  // per-thread scratch of one work item
   }
 };
 
+// NW: D/32 when it is 1, 2, 4 or 8 (the popcount loop unrolled, the query words broadcast once per row), else 0
+template <int NW>
 void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& tl) {
   const int64_t nqt = (a.Lq + RQ - 1) / RQ;
   const int64_t qt = item % nqt, bh = item / nqt, b = bh / a.Hq, h = bh % a.Hq;
   const int64_t hk = h / (a.Hq / a.Hkv), bhk = b * a.Hkv + hk;
-  const int64_t D = a.D, nw = pr.nw;
+  const int64_t D = a.D, nw = NW ? NW : pr.nw;
   const int64_t i0 = qt * RQ;
   const int R = int(std::min<int64_t>(RQ, a.Lq - i0));
   const int Rp = (R + RG - 1) / RG * RG;
@@ -132,7 +159,7 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
     tl.a[r] = pack_row(tl.qrow.data(), D, tl.qw.data() + r * nw) * qmul;
   }
   std::fill(tl.m.begin(), tl.m.end(), NEG);
-  std::fill(tl.l.begin(), tl.l.end(), 0.f);
+  std::fill(tl.lv.begin(), tl.lv.end(), 0.f);
   std::fill(tl.acc.begin(), tl.acc.begin() + size_t(Rp) * D, 0.f);
   std::fill(tl.p.begin(), tl.p.end(), 0.f);  // rows >= R stay 0
   const int64_t shift = a.Lk - a.Lq;  // query i sits at key position i + shift
@@ -164,9 +191,17 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
       const vf ar = splat(tl.a[r]);
       const float* brow = a.bias ? a.bias + b * a.bias_stride_b + h * a.bias_stride_h + i * a.bias_stride_i : nullptr;
       vf vmax = splat(NEG);
+      vu qb[NW ? NW : 1];
+      if constexpr (NW > 0)
+        for (int w = 0; w < NW; ++w) qb[w] = vu{} + qw[w];
       for (int c = 0; c < BT; c += W) {
         vu pc = {};
-        for (int64_t w = 0; w < nw; ++w) pc += vpopcnt((vu{} + qw[w]) ^ ldu(kt + w * BT + c));
+        if constexpr (NW > 0) {
+#pragma GCC unroll 8
+          for (int w = 0; w < NW; ++w) pc += vpopcnt(qb[w] ^ ldu(kt + w * BT + c));
+        } else {
+          for (int64_t w = 0; w < nw; ++w) pc += vpopcnt((vu{} + qw[w]) ^ ldu(kt + w * BT + c));
+        }
         vf sv = __builtin_convertvector(vi{} + int32_t(D) - 2 * (vi)pc, vf) * ld(beta + c) * ar;
         const int64_t jc = j0 + c;
         if (jc <= lim) {
@@ -186,7 +221,7 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
             }
           }
         }
-        sv = (iota + int32_t(jc) > int32_t(lim)) ? splat(NEG) : sv;
+        if (jc + W - 1 > lim) sv = (iota + int32_t(jc) > int32_t(lim)) ? splat(NEG) : sv;
         stv(s + c, sv);
         vmax = vmax > sv ? vmax : sv;
       }
@@ -198,14 +233,15 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
         continue;
       }
       const float mn = std::max(tl.m[r], bm);
-      const float alpha = tl.m[r] == NEG ? 0.f : std::exp2(tl.m[r] - mn);
+      // the running max rarely moves after the first blocks: skip the scalar exp2 (a libm call) when it does not
+      const float alpha = tl.m[r] == NEG ? 0.f : (tl.m[r] == mn ? 1.f : std::exp2(tl.m[r] - mn));
       vf sum = {};
       for (int c = 0; c < BT; c += W) {
-        const vf e = vexp2(ld(s + c) - splat(mn));
+        const vf e = exp2_nonpos(ld(s + c) - splat(mn));
         stv(p + c, e);
         sum += e;
       }
-      tl.l[r] = tl.l[r] * alpha + hsum(sum);
+      stv(tl.lv.data() + r * W, fmadd(ld(tl.lv.data() + r * W), splat(alpha), sum));  // reduced at the end
       tl.m[r] = mn;
       tl.al[r] = alpha;
     }
@@ -222,7 +258,8 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
   }
   const int oes = dtype_size(a.v_dtype);
   for (int r = 0; r < R; ++r) {
-    const float inv = tl.l[r] > 0.f ? 1.f / tl.l[r] : 0.f;
+    const float l = hsum(ld(tl.lv.data() + r * W));
+    const float inv = l > 0.f ? 1.f / l : 0.f;
     char* dst = static_cast<char*>(a.out) + (((b * a.Hq + h) * a.Lq + i0 + r) * D) * oes;
     detail::store_row(tl.acc.data() + r * D, inv, a.v_dtype, D, dst);
   }
@@ -299,7 +336,15 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
   parallel_for(nitems, 1, [&](int64_t i0, int64_t i1) {
     Tile tl;
     tl.init(D, nw);
-    for (int64_t i = i0; i < i1; ++i) run_item(a, pr, i, tl);
+    for (int64_t i = i0; i < i1; ++i) {
+      switch (nw) {
+        case 1: run_item<1>(a, pr, i, tl); break;
+        case 2: run_item<2>(a, pr, i, tl); break;
+        case 4: run_item<4>(a, pr, i, tl); break;
+        case 8: run_item<8>(a, pr, i, tl); break;
+        default: run_item<0>(a, pr, i, tl);
+      }
+    }
   });
 }
 
