@@ -209,10 +209,15 @@ def test_quantized_cache_from_plan_and_auto_default(gen):
     assert (c.bits_k, c.bits_v, c.G, c.R, c.S, c.rotate_k, c.rotate_v) == (4, 2, 64, 16, 0, True, True)
     assert c.k_perm.tolist() == plan.layers[0].k_perm
     c.append(k, v)
-    kq, vq = c.dequantize(torch.float32)
+    assert 16 <= c.n_res < 16 + 64 and c.n_quant == T - c.n_res
+    # the plan's error is that of the same cache (all full groups quantized) read the way a decode reads it
     from kvengine.autoconfig import attention_error
 
-    assert abs(attention_error(q, k, v, kq, vq) - plan.layers[0].error) < 1e-6  # the plan's error is the cache's
+    kw = plan.cache_kwargs(0)
+    c0 = QuantizedKVCache(H, D, batch_size=B, **dict(kw, residual=0))
+    c0.append(k, v)
+    kq, vq = c0.dequantize(torch.float32)
+    assert abs(attention_error(q, k, v, kq, vq, window=16) - plan.layers[0].error) < 1e-6
     with pytest.raises(ValueError, match="come from the plan"):
         QuantizedKVCache.from_plan(plan, 0, H, bits_k=2)
     with pytest.raises(ValueError, match="layer 3 is not in the plan"):
@@ -265,3 +270,33 @@ def test_eval_auto_cli_on_smollm2(smollm2, tmp_path, capsys):
         assert 1.0 < r["ppl_ratio"] < 2.0 and r["tokens"] == 255
     plan = AutoPlan.load(str(plan_path))
     assert plan.to_dict()["layers"] == auto["plan"]["layers"]
+
+
+def test_decode_emulation_reads_the_recent_window_exactly(gen):
+    from kvengine.autoconfig import _causal_attention, _decode_attention
+
+    q, k, v = layer("outlier_channels", gen)
+    kn, vn = k + torch.randn_like(k), v + torch.randn_like(v)  # "quantized" copies with large errors
+    exact = _causal_attention(q, k, v)
+    torch.testing.assert_close(_decode_attention(q, k, v, k, v, 16), exact, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_decode_attention(q, k, v, kn, vn, T), exact, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_decode_attention(q, k, v, kn, vn, 1)[:, :, 0], exact[:, :, 0], atol=1e-5,
+                               rtol=1e-4)  # the first query sees only itself
+    # window 1: every query reads its own token exactly, all older ones from the noisy copies
+    g = q.shape[1] // k.shape[1]
+    t = 37
+    sc = torch.cat([q[:, :, t:t + 1] @ kn.repeat_interleave(g, 1)[:, :, :t].transpose(-1, -2),
+                    q[:, :, t:t + 1] @ k.repeat_interleave(g, 1)[:, :, t:t + 1].transpose(-1, -2)], -1) / D ** 0.5
+    p = sc.softmax(-1)
+    want = p[..., :t] @ vn.repeat_interleave(g, 1)[:, :, :t] + p[..., t:] @ v.repeat_interleave(g, 1)[:, :, t:t + 1]
+    torch.testing.assert_close(_decode_attention(q, k, v, kn, vn, 1)[:, :, t:t + 1], want, atol=1e-5, rtol=1e-4)
+    assert (_decode_attention(q, k, v, kn, vn, 8) - exact).norm() < (_causal_attention(q, kn, vn) - exact).norm()
+
+
+def test_query_positions():
+    from kvengine.autoconfig import query_positions
+
+    p = query_positions(1024, 128, 256)
+    assert len(p) <= 256 and p[-1] == 1023 and p[0] >= 128 and (p.diff() == 4).all()
+    assert query_positions(100, 16, 1000).tolist() == list(range(16, 100))
+    assert query_positions(10, 128, 256).tolist() == [9]

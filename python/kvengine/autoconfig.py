@@ -94,25 +94,73 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                                           v.float().repeat_interleave(g, 1), is_causal=True)
 
 
-def attention_error(q: Tensor, k: Tensor, v: Tensor, kq: Tensor, vq: Tensor, ref: Optional[Tensor] = None) -> float:
+def query_positions(T: int, window: int, max_queries: int = 256) -> Tensor:
+    """The query positions a calibration scores: at most ``max_queries``, evenly strided over [window, T) (earlier
+    queries read nothing quantized), always including the last position."""
+    lo = min(max(window, 0), T - 1)
+    n = T - lo
+    step = max(1, -(-n // max_queries))
+    return torch.arange(T - 1, lo - 1, -step).flip(0)
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, kq: Tensor, vq: Tensor, window: int,
+                      pos: Optional[Tensor] = None) -> Tensor:
+    """Causal attention as a decode over a quantized cache sees it: query t reads keys/values j with t − j < window
+    (its full-precision recent window) exactly and older ones from (kq, vq).  ``pos``: the query positions to
+    compute (q holds all T positions); default all."""
+    g = q.shape[1] // k.shape[1]
+    T = q.shape[2]
+    pos = torch.arange(T) if pos is None else pos
+    qf = q.float()[:, :, pos]
+    kx, vx = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    kqx, vqx = kq.float().repeat_interleave(g, 1), vq.float().repeat_interleave(g, 1)
+    t = pos
+    dist = t[:, None] - torch.arange(T)[None, :]
+    near = (dist >= 0) & (dist < window)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    sc = torch.where(near, qf @ kx.transpose(-1, -2), qf @ kqx.transpose(-1, -2)) * scale
+    p = torch.softmax(sc.masked_fill(dist < 0, float("-inf")), -1)
+    pn = p * near
+    return pn @ vx + (p - pn) @ vqx
+
+
+def attention_error(q: Tensor, k: Tensor, v: Tensor, kq: Tensor, vq: Tensor, ref: Optional[Tensor] = None,
+                    window: int = 0, max_queries: Optional[int] = None) -> float:
     """Relative error of causal attention with (kq, vq) instead of (k, v); q [B, Hq, T, D], k/v [B, Hkv, T, D].
-    ``ref``: the exact attention output, if already computed."""
-    if ref is None:
-        ref = _causal_attention(q, k, v)
-    return ((_causal_attention(q, kq, vq) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    ``window`` > 0: each query reads its last ``window`` tokens exactly (decode emulation, ``_decode_attention``),
+    scored on ``query_positions(T, window, max_queries)`` (all positions when ``max_queries`` is None).
+    ``ref``: the exact attention output at those positions, if already computed."""
+    if window <= 0:
+        if ref is None:
+            ref = _causal_attention(q, k, v)
+        out = _causal_attention(q, kq, vq)
+    else:
+        T = q.shape[2]
+        pos = query_positions(T, window, max_queries or T)
+        if ref is None:
+            ref = _causal_attention(q, k, v)[:, :, pos]
+        out = _decode_attention(q, k, v, kq, vq, window, pos)
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+MAX_QUERIES = 256  # query positions scored per layer (strided): the error estimate's cost is linear in it
 
 
 def scheme_error(q: Tensor, k: Tensor, v: Tensor, s: Scheme, residual: int = 128, sinks: int = 4,
-                 ref: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> float:
-    """Attention-output error of scheme s on one layer (k, v [B, Hkv, T, D] as the model produced them)."""
+                 ref: Optional[Tensor] = None, perm: Optional[Tensor] = None,
+                 max_queries: int = MAX_QUERIES) -> float:
+    """Attention-output error of scheme s on one layer (k, v [B, Hkv, T, D] as the model produced them), as a
+    decode sees it: every query position t attends the tokens older than its ``residual``-token recent window in
+    their quantized form (sinks exact, the cache's own kernels and group boundaries) and the window exactly."""
     B, H, T, D = k.shape
     perm = (outlier_perm(k) if perm is None else perm) if s.reorder else None
-    c = QuantizedKVCache(H, D, residual=residual, sinks=sinks, batch_size=B, dtype=torch.float32, k_perm=perm,
+    # residual=0: every full group quantized, with the group boundaries a decode flush produces (after the sinks)
+    c = QuantizedKVCache(H, D, residual=0, sinks=sinks, batch_size=B, dtype=torch.float32, k_perm=perm,
                          **s.cache_kwargs())
     c.append(k.float(), v.float())
     kq, vq = c.dequantize(torch.float32)
     # the cache stores sinks first; calibration tokens have no extra sinks, so the order is the time order
-    return attention_error(q, k, v, kq, vq, ref)
+    return attention_error(q, k, v, kq, vq, ref, window=max(1, residual), max_queries=max_queries)
 
 
 @dataclass
@@ -251,7 +299,9 @@ def measure_errors(captures: Iterable[tuple[Tensor, Tensor, Tensor]], candidates
 
         it = tqdm(caps, desc=f"calibrating {len(cands)} schemes per layer", unit="layer")
     for q, k, v in it:
-        ref, perm = _causal_attention(q, k, v), outlier_perm(k)
+        T = q.shape[2]
+        ref = _causal_attention(q, k, v)[:, :, query_positions(T, max(1, residual), MAX_QUERIES)]
+        perm = outlier_perm(k)
         errors.append({s: (scheme_error(q, k, v, s, residual, sinks, ref, perm), s.effective_bits(D))
                        for s in cands})
         perms.append(perm.tolist())
