@@ -158,6 +158,7 @@ def test_auto_plan_configures_each_layer_of_kvengine_cache(tmp_path, gen):
     plan = kvengine.calibrate(model, calib, budget_bits=3.6, candidates=cands, residual=16, sinks=2,
                               progress=False)
     assert len(plan.layers) == 3 and plan.effective_bits <= 3.6 + 1e-9
+    assert plan.meta["chosen"] == "per-layer" and set(plan.meta["validation"]) == {"per-layer"}
     assert plan.meta["tokens"] == 300 and plan.meta["num_layers"] == 3
     model.set_attn_implementation("kvengine")
     ids = torch.randint(0, 256, (1, 150), generator=gen)
@@ -264,12 +265,16 @@ def test_eval_auto_cli_on_smollm2(smollm2, tmp_path, capsys):
     d = json.loads(out.read_text())
     kinds = [r["kind"] for r in d["rows"]]
     assert kinds[:2] == ["fp", "auto"] and kinds.count("fixed") == 8  # INT2 G64 and G128 x 4 rotations
+    assert set(kinds) <= {"fp", "auto", "knapsack", "fixed"}
     auto = d["rows"][1]
     assert auto["packed_bits"] <= 2.5 + 1e-9 and len(auto["plan"]["layers"]) == 30
     for r in d["rows"][1:]:
         assert 1.0 < r["ppl_ratio"] < 2.0 and r["tokens"] == 255
     plan = AutoPlan.load(str(plan_path))
     assert plan.to_dict()["layers"] == auto["plan"]["layers"]
+    val = plan.meta["validation"]  # the knapsack plan and the 8 uniform schemes, run on the calibration text
+    assert len(val) == 9 and "per-layer" in val and plan.meta["chosen"] == min(val, key=val.get)
+    assert ("per-layer knapsack @ 2.5 (not chosen)" in text) == (plan.meta["chosen"] != "per-layer")
 
 
 def test_decode_emulation_reads_the_recent_window_exactly(gen):

@@ -230,6 +230,11 @@ class AutoPlan:
             rows.append(f"{i:>5}  {s.bits_k:>4}/{s.bits_v:<3}  {s.group_size:>4}  {s.rotate:>6}  {str(s.reorder):>7}  "
                         f"{c.error:>9.4f}  {c.eff_bits:>8.3f}")
         rows.append(f"average effective bits {self.effective_bits:.3f} (budget {self.budget_bits})")
+        val = self.meta.get("validation")
+        if val:
+            rows.append("calibration-text PPL: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(val.items(),
+                                                                                            key=lambda kv: kv[1]))
+                        + f" -> chosen: {self.meta.get('chosen')}")
         return "\n".join(rows)
 
 
@@ -398,17 +403,71 @@ def capture_qkv(model, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
     return caps
 
 
+def calibration_ppl(model, ids: Tensor, plan: AutoPlan, prefill: Optional[int] = None, chunk: int = 8) -> float:
+    """Perplexity of ``model`` on token ids [T] run the way it runs in production with ``KVEngineCache(plan=plan)``:
+    a prefill of ``prefill`` tokens (default T/4), then teacher-forced decode in chunks of ``chunk`` over the packed
+    cache."""
+    from .cli import teacher_forced_nll
+    from .integrations.transformers import ATTN_NAME, KVEngineCache
+
+    ids = ids.flatten().long()
+    T = ids.numel()
+    prefill = prefill or max(1, T // 4)
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    prev = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+        res = teacher_forced_nll(model, ids.view(1, T), lambda: KVEngineCache(model.config, plan=plan), prefill,
+                                 chunk, progress=False)
+    finally:
+        model.set_attn_implementation(prev)
+    return res["ppl"]
+
+
+def candidate_plans(errors: Sequence[dict], perms: Sequence[list], budget_bits: float, head_dim: int,
+                    residual: int = 128, sinks: int = 4, fixed_reorder: bool = False) -> dict:
+    """{name: AutoPlan}: the per-layer knapsack plan ("per-layer") and every uniform scheme using the budget
+    (``fixed_schemes``; with the key reorder variants if ``fixed_reorder``)."""
+    out = {"per-layer": plan_from_errors(errors, perms, budget_bits, head_dim, residual, sinks)}
+    for s in fixed_schemes(budget_bits, head_dim, candidates=list(errors[0])):
+        if s.reorder and not fixed_reorder:
+            continue
+        out[f"fixed {s.name}"] = plan_from_errors(errors, perms, budget_bits, head_dim, residual, sinks, fixed=s)
+    return out
+
+
+def select_plan(model, ids: Tensor, plans: dict, progress: bool = False) -> tuple[str, AutoPlan, dict]:
+    """The plan with the lowest calibration perplexity (``calibration_ppl``): the per-layer errors rank schemes
+    within a layer well, but do not say exactly how much each layer's error costs the model, so the knapsack plan is
+    checked against the uniform schemes of the same budget on the calibration text before it is trusted.
+    Returns (name, plan, {name: ppl})."""
+    ppl = {}
+    items = list(plans.items())
+    it = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(items, desc="validating plans on the calibration text", unit="plan")
+    for name, p in it:
+        ppl[name] = calibration_ppl(model, ids, p)
+    best = min(ppl, key=lambda n: (ppl[n], n != "per-layer"))
+    return best, plans[best], ppl
+
+
 def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens: int = 1024,
               candidates: Optional[Sequence[Scheme]] = None, residual: int = 128, sinks: int = 4,
-              progress: bool = True, model_name: Optional[str] = None) -> AutoPlan:
+              validate: bool = True, progress: bool = True, model_name: Optional[str] = None) -> AutoPlan:
     """Per-layer automatic configuration from calibration text.
 
     ``text``: a string (tokenized with ``tokenizer``) or token ids; ``n_tokens`` of it are used (a few hundred to a
     thousand: keep it disjoint from any evaluation text).  Each layer's queries/keys/values are captured in full
     precision; every candidate scheme (``default_candidates()``: 2/4 bits for K and V, groups 32/64/128, rotation of
     none/keys/values/both, outlier-aware key reorder) is applied to the layer with the real cache code and scored by
-    the relative error of the layer's causal attention output; per layer the scheme with the lowest error is chosen
-    such that the average effective bits of the packed part (codes + fp16 scale/zero) meet ``budget_bits``.
+    the relative error of the layer's attention output as a decode reads the cache; per layer the scheme with the
+    lowest error is chosen such that the average effective bits of the packed part (codes + fp16 scale/zero) meet
+    ``budget_bits``.  With ``validate`` (default) that plan and every uniform scheme of the same budget are run on
+    the calibration text through the real cache and the one with the lowest perplexity is returned
+    (``plan.meta["validation"]`` holds the perplexities, ``plan.meta["chosen"]`` the winner).
     Returns an ``AutoPlan`` (``.save(path)``, ``.format_table()``, ``KVEngineCache(config, plan=...)``)."""
     import time
 
@@ -425,7 +484,17 @@ def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens
         raise ValueError(f"kvengine.calibrate: need at least 64 calibration tokens, got {ids.numel()}")
     ids = ids[:n_tokens]
     caps = capture_qkv(model, ids)
-    plan = plan_from_captures(caps, budget_bits, candidates, residual=residual, sinks=sinks, progress=progress)
-    plan.meta = {"model": model_name, "tokens": int(ids.numel()), "num_layers": len(caps),
-                 "seconds": round(time.perf_counter() - t0, 1)}
+    D = caps[0][1].shape[-1]
+    errors, perms = measure_errors(caps, candidates, residual, sinks, progress)
+    del caps
+    meta = {"model": model_name, "tokens": int(ids.numel()), "num_layers": len(errors)}
+    if validate:
+        name, plan, ppl = select_plan(model, ids, candidate_plans(errors, perms, budget_bits, D, residual, sinks),
+                                      progress)
+        meta.update(chosen=name, validation={k: round(v, 4) for k, v in ppl.items()})
+    else:
+        plan = plan_from_errors(errors, perms, budget_bits, D, residual, sinks)
+        meta["chosen"] = "per-layer"
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    plan.meta = meta
     return plan

@@ -153,7 +153,7 @@ def make_cache_factory(model, row: dict, plan=None) -> Callable:
     kind = row["kind"]
     if kind == "fp":
         return lambda: DynamicCache()
-    if kind in ("auto", "fixed"):  # a per-layer plan (auto) or the same scheme in every layer (fixed)
+    if kind in ("auto", "fixed", "knapsack"):  # a per-layer plan or the same scheme in every layer (fixed)
         return lambda: KVEngineCache(model.config, plan=row["auto_plan"])
     if kind in ("kvengine", "kivi"):
         p = plan if row.get("plan") else None
@@ -364,12 +364,22 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
         errors, perms = ac.measure_errors(caps, residual=args.residual, sinks=args.sinks, progress=not args.quiet)
         D = caps[0][1].shape[-1]
         del caps
+        knapsack = {}
         for b in args.budget:
             try:
-                p = ac.plan_from_errors(errors, perms, b, D, args.residual, args.sinks)
+                cands = ac.candidate_plans(errors, perms, b, D, args.residual, args.sinks)
             except ValueError as e:
                 raise CLIError(str(e))
-            p.meta = {"model": lm.name, "tokens": int(calib_ids.numel()), "num_layers": len(errors)}
+            meta = {"model": lm.name, "tokens": int(calib_ids.numel()), "num_layers": len(errors)}
+            if args.no_validate:
+                p = cands["per-layer"]
+                meta["chosen"] = "per-layer"
+            else:
+                name, p, ppl = ac.select_plan(lm.model, calib_ids, cands, progress=not args.quiet)
+                meta.update(chosen=name, validation={k: round(v, 4) for k, v in ppl.items()})
+                if name != "per-layer":
+                    knapsack[b] = cands["per-layer"]
+            p.meta = meta
             plans.append((b, p))
         notes.append(f"calibrated on {calib_ids.numel()} tokens from the end of the text (no 16-token chunk shared "
                      f"with the evaluation windows) in {time.perf_counter() - t_cal:.1f}s: "
@@ -383,6 +393,11 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
             print(f"wrote {path}")
         rows.append({"config": f"auto plan @ {b} bits", "kind": "auto", "budget": b, "auto_plan": p,
                      "packed_bits": p.effective_bits, "calib_error": sum(c.error for c in p.layers)})
+        if errors is not None and b in knapsack:  # validation preferred a uniform scheme: show the knapsack too
+            kp = knapsack[b]
+            rows.append({"config": f"per-layer knapsack @ {b} (not chosen)", "kind": "knapsack", "budget": b,
+                         "auto_plan": kp, "packed_bits": kp.effective_bits,
+                         "calib_error": sum(c.error for c in kp.layers)})
         if errors is not None and not args.no_baseline:
             for s in ac.fixed_schemes(b, p.head_dim, candidates=list(errors[0])):
                 if s.reorder and not args.all_fixed:
@@ -420,7 +435,7 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
         for r in results:
             r = dict(r)
             p = r.pop("auto_plan", None)
-            if p is not None and r["kind"] == "auto":
+            if p is not None and r["kind"] in ("auto", "knapsack"):
                 r["plan"] = p.to_dict()
             out_rows.append(r)
         doc = {"schema": "kvengine-eval-auto", "version": EVAL_SCHEMA_VERSION, "model": lm.name,
@@ -655,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", type=_float_list, default=[2.5],
                    help="bits per K/V element of the packed part for --auto, comma list (default 2.5)")
     e.add_argument("--save-plan", default=None, help="with --auto: write the plan JSON here")
+    e.add_argument("--no-validate", action="store_true",
+                   help="with --auto: take the per-layer knapsack plan without checking it against the uniform "
+                        "schemes of the same budget on the calibration text")
     e.add_argument("--all-fixed", action="store_true",
                    help="with --auto: also evaluate the fixed schemes with the outlier-aware key reorder")
     e.add_argument("--json", default=None, help="write the results here")
