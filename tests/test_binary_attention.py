@@ -118,6 +118,22 @@ def test_default_scale_and_fully_masked_rows(device, D, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_softmax_exp_range(device, gen):
+    """Logit gaps across the whole exp2 range: weights from 1 down to past fp32's normal range (exactly 0 below
+    2^-126 on the CPU), single dominant keys, a block of keys far below the rest."""
+    B, H, L, D = 1, 2, 150, 64
+    q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
+    bias = -torch.rand(H, L, L, generator=gen) * 120  # natural-log gaps up to 120 (≈ 173 in base 2)
+    bias[0, torch.arange(L), torch.randint(0, L, (L,), generator=gen)] = 5.0  # head 0: one dominant key per row
+    bias[1, :, 100:] -= 200  # head 1: keys >= 100 far below the rest (p underflows to 0)
+    args = [t.to(device) for t in (q, k, v)]
+    for scale in (0.01, 1.0):
+        out = ops.binary_attention(*args, bias=bias.to(device), softmax_scale=scale)
+        expect = _ref_out(ref.binary_attention, args, dict(bias=bias, softmax_scale=scale))
+        assert_rows_close(out.cpu(), expect, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_matches_unpacked(device, dtype, gen):
     (q, k, v), kw = _inputs(2, 2, 2, 3, 150, 64, dtype, gen, device, None, True)
