@@ -43,8 +43,8 @@ try:
     from transformers.modeling_utils import AttentionInterface
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "kvengine.integrations.transformers needs transformers>=4.56,<6 (the Cache/CacheLayerMixin and "
-        "AttentionInterface APIs); install with: pip install 'transformers>=4.56,<6' gguf accelerate") from e
+        "kvengine.integrations.transformers needs transformers>=4.56,<5.40 (the Cache/CacheLayerMixin and "
+        "AttentionInterface APIs); install with: pip install 'transformers>=4.56,<5.40' gguf accelerate") from e
 
 ATTN_NAME = "kvengine"
 MAX_DECODE_CHUNK = 8  # the fused decode kernel's query tile (Tq <= 8)
