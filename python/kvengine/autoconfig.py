@@ -148,10 +148,12 @@ MAX_QUERIES = 256  # query positions scored per layer (strided): the error estim
 
 def scheme_error(q: Tensor, k: Tensor, v: Tensor, s: Scheme, residual: int = 128, sinks: int = 4,
                  ref: Optional[Tensor] = None, perm: Optional[Tensor] = None,
-                 max_queries: int = MAX_QUERIES) -> float:
+                 max_queries: int = MAX_QUERIES, full_ref: Optional[Tensor] = None):
     """Attention-output error of scheme s on one layer (k, v [B, Hkv, T, D] as the model produced them), as a
     decode sees it: every query position t attends the tokens older than its ``residual``-token recent window in
-    their quantized form (sinks exact, the cache's own kernels and group boundaries) and the window exactly."""
+    their quantized form (sinks exact, the cache's own kernels and group boundaries) and the window exactly.
+    With ``full_ref`` (the exact causal attention at all positions) returns (that error, the error when every query
+    reads every non-sink token quantized) — the second is a coarser, prefill-like estimate."""
     B, H, T, D = k.shape
     perm = (outlier_perm(k) if perm is None else perm) if s.reorder else None
     # residual=0: every full group quantized, with the group boundaries a decode flush produces (after the sinks)
@@ -160,7 +162,10 @@ def scheme_error(q: Tensor, k: Tensor, v: Tensor, s: Scheme, residual: int = 128
     c.append(k.float(), v.float())
     kq, vq = c.dequantize(torch.float32)
     # the cache stores sinks first; calibration tokens have no extra sinks, so the order is the time order
-    return attention_error(q, k, v, kq, vq, ref, window=max(1, residual), max_queries=max_queries)
+    err = attention_error(q, k, v, kq, vq, ref, window=max(1, residual), max_queries=max_queries)
+    if full_ref is None:
+        return err
+    return err, attention_error(q, k, v, kq, vq, full_ref)
 
 
 @dataclass
@@ -271,8 +276,8 @@ def choose(errors: Sequence[dict], budget_bits: float) -> list:
         improved = False
         best = None
         for i, e in enumerate(errors):
-            for s, (err, bits) in e.items():
-                cur_err, cur_bits = e[sel[i]]
+            for s, (err, bits, *_) in e.items():
+                cur_err, cur_bits = e[sel[i]][:2]
                 if err < cur_err and bits > cur_bits:
                     new = sel[:i] + [s] + sel[i + 1:]
                     if avg_bits(new) <= budget_bits + 1e-9:
@@ -288,8 +293,9 @@ def choose(errors: Sequence[dict], budget_bits: float) -> list:
 def measure_errors(captures: Iterable[tuple[Tensor, Tensor, Tensor]], candidates: Optional[Sequence[Scheme]] = None,
                    residual: int = 128, sinks: int = 4, progress: bool = False) -> tuple[list, list]:
     """Attention-output error and effective bits of every candidate on every layer.  captures: per layer
-    (q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]).  Returns (errors: per layer {Scheme: (error, bits)},
-    perms: per layer the outlier-aware key order)."""
+    (q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]).  Returns (errors: per layer {Scheme: (error, bits,
+    all-quantized error)}, perms: per layer the outlier-aware key order); ``error`` is the decode-view error of
+    ``scheme_error``, the third value its coarser all-quantized variant."""
     caps = list(captures)
     if not caps:
         raise ValueError("kvengine: calibration needs at least one layer")
@@ -305,10 +311,14 @@ def measure_errors(captures: Iterable[tuple[Tensor, Tensor, Tensor]], candidates
         it = tqdm(caps, desc=f"calibrating {len(cands)} schemes per layer", unit="layer")
     for q, k, v in it:
         T = q.shape[2]
-        ref = _causal_attention(q, k, v)[:, :, query_positions(T, max(1, residual), MAX_QUERIES)]
+        full = _causal_attention(q, k, v)
+        ref = full[:, :, query_positions(T, max(1, residual), MAX_QUERIES)]
         perm = outlier_perm(k)
-        errors.append({s: (scheme_error(q, k, v, s, residual, sinks, ref, perm), s.effective_bits(D))
-                       for s in cands})
+        e = {}
+        for s in cands:
+            ed, ef = scheme_error(q, k, v, s, residual, sinks, ref, perm, full_ref=full)
+            e[s] = (ed, s.effective_bits(D), ef)
+        errors.append(e)
         perms.append(perm.tolist())
     return errors, perms
 
@@ -429,6 +439,13 @@ def candidate_plans(errors: Sequence[dict], perms: Sequence[list], budget_bits: 
     """{name: AutoPlan}: the per-layer knapsack plan ("per-layer") and every uniform scheme using the budget
     (``fixed_schemes``; with the key reorder variants if ``fixed_reorder``)."""
     out = {"per-layer": plan_from_errors(errors, perms, budget_bits, head_dim, residual, sinks)}
+    if all(len(v) > 2 for e in errors for v in e.values()):  # the same knapsack on the all-quantized errors
+        alt = [{s: (v[2], v[1]) for s, v in e.items()} for e in errors]
+        p = plan_from_errors(alt, perms, budget_bits, head_dim, residual, sinks)
+        if [c.scheme for c in p.layers] != [c.scheme for c in out["per-layer"].layers]:
+            for c, e in zip(p.layers, errors):
+                c.error = e[c.scheme][0]  # report the decode-view error like every other plan
+            out["per-layer (all-quantized error)"] = p
     for s in fixed_schemes(budget_bits, head_dim, candidates=list(errors[0])):
         if s.reorder and not fixed_reorder:
             continue
@@ -450,7 +467,7 @@ def select_plan(model, ids: Tensor, plans: dict, progress: bool = False) -> tupl
         it = tqdm(items, desc="validating plans on the calibration text", unit="plan")
     for name, p in it:
         ppl[name] = calibration_ppl(model, ids, p)
-    best = min(ppl, key=lambda n: (ppl[n], n != "per-layer"))
+    best = min(ppl, key=lambda n: (ppl[n], not n.startswith("per-layer")))
     return best, plans[best], ppl
 
 
