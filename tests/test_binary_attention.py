@@ -117,6 +117,35 @@ def test_default_scale_and_fully_masked_rows(device, D, gen):
     assert_rows_close(out[:, :, 16:], expect[:, :, 16:], TOL[torch.float32])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread CPU times from Linux /proc")
+def test_cpu_kernel_uses_torch_threads(gen):
+    """The CPU kernels run on torch's intra-op pool (at::parallel_for, which is serial unless the binding is compiled
+    with OpenMP): with 2 torch threads, 2 threads of this process accumulate CPU time during the calls."""
+    def ticks():
+        out = {}
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # thread gone
+                continue
+            out[t] = int(fields[11]) + int(fields[12])  # utime + stime
+        return out
+    q, k, v = (torch.randn(1, 8, 2048, 64, generator=gen) for _ in range(3))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ops.binary_attention(q, k, v)
+        a = ticks()
+        for _ in range(8):  # ~1 s of CPU: each of the two static halves is far above the 10 ms tick
+            ops.binary_attention(q, k, v)
+        b = ticks()
+    finally:
+        torch.set_num_threads(prev)
+    busy = [t for t in b if b[t] - a.get(t, 0) > 0]
+    assert len(busy) >= 2, f"kernel ran on {len(busy)} thread(s): {b}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_softmax_exp_range(device, gen):
     """Logit gaps across the whole exp2 range: weights from 1 down to past fp32's normal range (exactly 0 below
