@@ -269,8 +269,8 @@ def test_eval_auto_cli_on_smollm2(smollm2, tmp_path, capsys):
     assert set(kinds) <= {"fp", "auto", "knapsack", "fixed"}
     auto = d["rows"][1]
     assert auto["packed_bits"] <= 2.5 + 1e-9 and len(auto["plan"]["layers"]) == 30
-    for r in d["rows"][1:]:
-        assert 1.0 < r["ppl_ratio"] < 2.0 and r["tokens"] == 255
+    for r in d["rows"][1:]:  # 192 decoded tokens: a 2-bit cache can even land slightly below fp by chance
+        assert 0.9 < r["ppl_ratio"] < 1.5 and r["tokens"] == 255
     plan = AutoPlan.load(str(plan_path))
     assert plan.to_dict()["layers"] == auto["plan"]["layers"]
     val = plan.meta["validation"]  # the knapsack plan and the 8 uniform schemes, run on the calibration text
