@@ -22,10 +22,11 @@ def sdpa(q, k, v, scale=None):
 @pytest.mark.parametrize("g", [1, 3, 4, 8])
 @pytest.mark.parametrize("rotate", [False, True, "k", "v"])
 @pytest.mark.parametrize("sinks", [0, 4])
-def test_attend_matches_sdpa_over_dequantized(device, g, rotate, sinks, gen):
+@pytest.mark.parametrize("clip", ["auto", "none", "kv"])
+def test_attend_matches_sdpa_over_dequantized(device, g, rotate, sinks, clip, gen):
     B, H, D, G, R = 2, 2, 64, 32, 16
     c = QuantizedKVCache(H, D, bits_k=2, bits_v=4, group_size=G, residual=R, sinks=sinks, rotate=rotate,
-                         batch_size=B, device=device)
+                         batch_size=B, device=device, clip=clip)
     T0 = int(torch.randint(40, 140, (1,), generator=gen))
     c.append(outlier_randn(B, H, T0, D, generator=gen).to(device), outlier_randn(B, H, T0, D, generator=gen).to(device))
     for step in range(int(torch.randint(1, 40, (1,), generator=gen))):
@@ -214,6 +215,39 @@ def test_constructor_errors():
         QuantizedKVCache(2, 64, rotate="q")
     with pytest.raises(ValueError, match="v_group"):
         QuantizedKVCache(2, 64, v_group=24)
+    with pytest.raises(ValueError, match="clip must be"):
+        QuantizedKVCache(2, 64, clip="q")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_clip_stores_what_the_search_op_produces(device, rotate, gen):
+    """clip="auto" searches the key groups' range and leaves the values min/max (kvengine.cache.DEFAULT_CLIP);
+    the packed keys are exactly quantize_pack(..., clip=CLIP_STEPS) of what was appended, and they reconstruct the
+    keys better than min/max."""
+    from kvengine.cache import CLIP_STEPS
+
+    B, H, D, G = 1, 2, 64, 32
+    k = outlier_randn(B, H, 4 + 3 * G, D, generator=gen).to(device)
+    v = outlier_randn(B, H, 4 + 3 * G, D, generator=gen).to(device)
+    caches = {}
+    for clip in ("auto", "none", "v"):
+        c = QuantizedKVCache(H, D, group_size=G, residual=0, sinks=4, rotate=rotate, batch_size=B, device=device,
+                             clip=clip)
+        c.append(k, v)
+        caches[clip] = c
+    auto, none, vonly = caches["auto"], caches["none"], caches["v"]
+    assert (auto.clip_k, auto.clip_v) == (CLIP_STEPS, 0) and (none.clip_k, none.clip_v) == (0, 0)
+    assert (vonly.clip_k, vonly.clip_v) == (0, CLIP_STEPS)
+    kr = kvengine.fwht(k[:, :, 4:]) if rotate else k[:, :, 4:]
+    want = kvengine.quantize_pack(kr, 2, G, "per_channel", torch.float16, CLIP_STEPS)
+    qa, qn, qv = auto._q_used(), none._q_used(), vonly._q_used()
+    assert qa["k_codes"].shape[2] == 3 * G
+    assert torch.equal(qa["k_codes"], want.codes) and torch.equal(qa["k_scale"], want.scale)
+    assert torch.equal(qa["v_codes"], qn["v_codes"])  # values: min/max in both
+    assert not torch.equal(qv["v_codes"], qn["v_codes"])
+    err = {n: (c.dequantize()[0][:, :, 4:] - k[:, :, 4:]).pow(2).sum().item() for n, c in caches.items()}
+    assert err["auto"] < 0.9 * err["none"], err
 
 
 @pytest.mark.parametrize("where", ["quantize", "grow", "fwht"])

@@ -7,10 +7,10 @@ TORCH_LIBRARY(kvengine, m) {
   m.def("fwht(Tensor x, float? scale=None, Tensor? perm=None) -> Tensor");
   m.def("fwht_(Tensor(a!) x, float? scale=None, Tensor? perm=None) -> ()");  // in place
   // ---- quantization + packing --------------------------------------------------------------------------------------
-  m.def("quantize_pack(Tensor x, int bits, int group_size, str mode, ScalarType? meta_dtype=None) "
+  m.def("quantize_pack(Tensor x, int bits, int group_size, str mode, ScalarType? meta_dtype=None, int clip=0) "
         "-> (Tensor codes, Tensor scale, Tensor zero)");
   m.def("rotate_quantize_pack(Tensor x, int bits, int group_size, str mode, float? scale=None, Tensor? perm=None, "
-        "ScalarType? meta_dtype=None) -> (Tensor codes, Tensor scale, Tensor zero)");
+        "ScalarType? meta_dtype=None, int clip=0) -> (Tensor codes, Tensor scale, Tensor zero)");
   m.def("dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, str mode, ScalarType dtype) "
         "-> Tensor");
   // ---- attention over the quantized cache -------------------------------------------------------------------------

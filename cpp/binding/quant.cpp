@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_impl(const char* op, const 
                                                           int64_t group_size, const std::string& mode,
                                                           bool rotate, std::optional<double> rot_scale,
                                                           const std::optional<at::Tensor>& perm,
-                                                          std::optional<at::ScalarType> meta_dtype) {
+                                                          std::optional<at::ScalarType> meta_dtype, int64_t clip) {
   check_supported_device(op, x);
   check_float(op, "x", x);
   KVE_CHECK(x.dim() >= 2, op, ": x must be [..., T, D] (at least 2 dims), got shape ", x.sizes());
@@ -62,6 +62,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_impl(const char* op, const 
   KVE_CHECK(mt == at::kFloat || mt == at::kHalf || mt == at::kBFloat16, op,
             ": meta_dtype must be float32, float16 or bfloat16, got ", mt);
   qp.meta_dtype = to_dtype(mt);
+  KVE_CHECK(clip >= 0 && clip <= kMaxClip, op, ": clip (range-search candidates) must be in [0, ", kMaxClip,
+            "], got ", clip);
+  qp.clip = static_cast<int>(clip);
   RotateParams rp;
   at::Tensor p;
   if (rotate) {
@@ -115,17 +118,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_impl(const char* op, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack(const at::Tensor& x, int64_t bits, int64_t group_size,
                                                              c10::string_view mode,
-                                                             std::optional<at::ScalarType> meta_dtype) {
+                                                             std::optional<at::ScalarType> meta_dtype,
+                                                             int64_t clip) {
   return quant_impl("quantize_pack", x, bits, group_size, std::string(mode), false, std::nullopt, std::nullopt,
-                    meta_dtype);
+                    meta_dtype, clip);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_quantize_pack(const at::Tensor& x, int64_t bits,
                                                                     int64_t group_size, c10::string_view mode,
                                                                     std::optional<double> scale,
                                                                     const std::optional<at::Tensor>& perm,
-                                                                    std::optional<at::ScalarType> meta_dtype) {
-  return quant_impl("rotate_quantize_pack", x, bits, group_size, std::string(mode), true, scale, perm, meta_dtype);
+                                                                    std::optional<at::ScalarType> meta_dtype,
+                                                                    int64_t clip) {
+  return quant_impl("rotate_quantize_pack", x, bits, group_size, std::string(mode), true, scale, perm, meta_dtype,
+                    clip);
 }
 
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,

@@ -28,6 +28,40 @@ inline uint8_t quant_code(float x, float s, float z, float qmax) {
   return static_cast<uint8_t>(c);
 }
 
+// Σ over the n values v[i·stride] of (code·s + z − v)², in order (fp32)
+inline float group_sse(const float* v, int64_t n, int64_t stride, float s, float z, float qmax) {
+  float e = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = v[i * stride];
+    const float d = static_cast<float>(quant_code(x, s, z, qmax)) * s + z - x;
+    e += d * d;
+  }
+  return e;
+}
+
+// scale / zero of one group of n values v[i·stride] with fp32 min/max lo/hi: min/max, or the best of `clip`
+// range-search candidates (quant.h)
+inline void group_meta(const float* v, int64_t n, int64_t stride, float lo, float hi, float qmax, DType md,
+                       int clip, float& s, float& z) {
+  s = round_to((hi - lo) / qmax, md);
+  z = round_to(lo, md);
+  if (clip <= 1) return;
+  float best = group_sse(v, n, stride, s, z, qmax);
+  if (!std::isfinite(best)) return;
+  const float w = hi - lo;
+  for (int c = 1; c < clip; ++c) {
+    const float aw = clip_shrink(c) * w;
+    const float l = lo + aw, h = hi - aw;
+    const float sc = round_to((h - l) / qmax, md), zc = round_to(l, md);
+    const float e = group_sse(v, n, stride, sc, zc, qmax);
+    if (e < best) {
+      best = e;
+      s = sc;
+      z = zc;
+    }
+  }
+}
+
 // pack D one-byte codes into D*bits/8 bytes (first element in the lowest bits)
 inline void pack_codes(const uint8_t* c, int64_t D, int bits, uint8_t* out) {
   if (bits == 8) { std::memcpy(out, c, D); return; }
@@ -98,7 +132,8 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
         }
         const int64_t moff = (b * groups + g) * D;
         for (int64_t d = 0; d < D; ++d) {
-          const float sc = round_to((hi[d] - lo[d]) / qmax, md), zz = round_to(lo[d], md);
+          float sc, zz;
+          group_meta(buf.data() + d, G, D, lo[d], hi[d], qmax, md, qp.clip, sc, zz);
           store_from_float(scale, moff + d, md, sc);
           store_from_float(zero, moff + d, md, zz);
           s[d] = sc;
@@ -124,7 +159,8 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
           const float* v = buf.data() + g * G;
           float lo = v[0], hi = v[0];
           for (int i = 1; i < G; ++i) { lo = nan_min(lo, v[i]); hi = nan_max(hi, v[i]); }
-          const float sc = round_to((hi - lo) / qmax, md), zz = round_to(lo, md);
+          float sc, zz;
+          group_meta(v, G, 1, lo, hi, qmax, md, qp.clip, sc, zz);
           store_from_float(scale, rr * gpr + g, md, sc);
           store_from_float(zero, rr * gpr + g, md, zz);
           for (int i = 0; i < G; ++i) c[g * G + i] = quant_code(v[i], sc, zz, qmax);

@@ -51,6 +51,7 @@ struct QuantArgs {
   bool codes_aligned;      // codes base is 8-byte aligned (packed words are stored whole)
   int bits, G, meta;       // meta: DType of scale/zero as int
   int log2G;               // log2(G) when G is a power of two (per-token lane groups)
+  int clip;                // range-search candidates (quant.h); <= 1: min/max only
   float qmax;
   // rotation
   bool rotate;
@@ -138,6 +139,19 @@ __device__ __forceinline__ uint32_t quant_code(float x, float sc, float zr, floa
   return static_cast<uint32_t>(c);
 }
 
+// (code·scale + zero − x)², the CPU's operation order, never contracted to FMA
+__device__ __forceinline__ float sq_err(float x, float sc, float zr, float qmax) {
+  const float d = __fsub_rn(__fadd_rn(__fmul_rn(static_cast<float>(quant_code(x, sc, zr, qmax)), sc), zr), x);
+  return __fmul_rn(d, d);
+}
+
+// scale / zero of range-search candidate c >= 1 (quant.h): both ends of [lo, hi] moved in by 0.025·c·(hi − lo)
+__device__ __forceinline__ void clip_params(float lo, float hi, int c, float qmax, int meta, float& sc, float& zr) {
+  const float aw = __fmul_rn(__fmul_rn(0.025f, static_cast<float>(c)), __fsub_rn(hi, lo));
+  sc = round_meta(__fdiv_rn(__fsub_rn(__fsub_rn(hi, aw), __fadd_rn(lo, aw)), qmax), meta);
+  zr = round_meta(__fadd_rn(lo, aw), meta);
+}
+
 // the low nbytes (1, 2, 4 or 8) of w, as one store when aligned
 __device__ __forceinline__ void store_packed(uint8_t* p, uint64_t w, int nbytes, bool aligned) {
   if (aligned) {
@@ -202,9 +216,33 @@ __device__ __forceinline__ void token_lane_quant(const QuantArgs& a, const float
     lo = nan_min(lo, __shfl_xor_sync(0xffffffffu, lo, m));
     hi = nan_max(hi, __shfl_xor_sync(0xffffffffu, hi, m));
   }
-  if (!active) return;
   float sc, zr;
   group_params(lo, hi, a.qmax, a.meta, sc, zr);
+  if (a.clip > 1) {  // warp-uniform; every lane takes part in the shuffles (inactive ones add 0)
+    const int leader = lane & ~(L - 1);
+    auto group_sse = [&](float s_, float z_) {
+      float e = 0.0f;
+      if (active) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) e = __fadd_rn(e, sq_err(v[j], s_, z_, a.qmax));
+      }
+      for (int m = 1; m < L; m <<= 1) e = __fadd_rn(e, __shfl_xor_sync(0xffffffffu, e, m));
+      return __shfl_sync(0xffffffffu, e, leader);  // one value per group: its lanes must agree
+    };
+    float best = group_sse(sc, zr);
+    const bool keep = !isfinite(best);
+    for (int c = 1; c < a.clip; ++c) {
+      float s2, z2;
+      clip_params(lo, hi, c, a.qmax, a.meta, s2, z2);
+      const float e = group_sse(s2, z2);
+      if (!keep && e < best) {
+        best = e;
+        sc = s2;
+        zr = z2;
+      }
+    }
+  }
+  if (!active) return;
   if ((lane & (L - 1)) == 0) {
     const int64_t mi = fr * (a.D >> a.log2G) + (off >> a.log2G);
     store_meta(a.scale, mi, a.meta, sc);
@@ -406,10 +444,49 @@ __device__ void quant_channel_view(const QuantArgs& a, const TileArgs& g, const 
         hi[i] = nan_max(hi[i], __shfl_xor_sync(0xffffffffu, hi[i], m));
       }
     }
-    if (!active) continue;
     float sc[8], zr[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) group_params(lo[i], hi[i], a.qmax, a.meta, sc[i], zr[i]);
+    if (a.clip > 1) {  // warp-uniform; every lane takes part in the shuffles (inactive ones add 0)
+      auto unit_sse = [&](const float (&s_)[8], const float (&z_)[8], float (&e)[8]) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = 0.0f;
+        if (active) {
+          for (int r = part; r < G; r += P) {
+            float v[8];
+            load_vals(base + r * vrs, v, cpt, g.view_vec);
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+              if (i < cpt) e[i] = __fadd_rn(e[i], sq_err(v[i], s_[i], z_[i], a.qmax));
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          for (int m = UPW; m < 32; m <<= 1) e[i] = __fadd_rn(e[i], __shfl_xor_sync(0xffffffffu, e[i], m));
+          e[i] = __shfl_sync(0xffffffffu, e[i], ul);  // the unit's parts must agree: part 0's sum
+        }
+      };
+      float best[8];
+      unit_sse(sc, zr, best);
+      bool keep[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) keep[i] = !isfinite(best[i]);
+      for (int c = 1; c < a.clip; ++c) {
+        float s2[8], z2[8], e[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) clip_params(lo[i], hi[i], c, a.qmax, a.meta, s2[i], z2[i]);
+        unit_sse(s2, z2, e);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (!keep[i] && e[i] < best[i]) {
+            best[i] = e[i];
+            sc[i] = s2[i];
+            zr[i] = z2[i];
+          }
+        }
+      }
+    }
+    if (!active) continue;
     const int64_t fr_g = fr0 + static_cast<int64_t>(j) * G;  // first flat row of the group
     const int64_t c = c0 + static_cast<int64_t>(k) * cpt;
     if (part == 0) {
@@ -469,6 +546,26 @@ __device__ void quant_token_view_general(const QuantArgs& a, const T* view, int6
     }
     float sc, zr;
     group_params(lo, hi, a.qmax, a.meta, sc, zr);
+    if (a.clip > 1) {
+      auto group_sse = [&](float s_, float z_) {
+        float e = 0.0f;
+        for (int q = 0; q < G; ++q) e = __fadd_rn(e, sq_err(Storage<T>::to_float(p[q]), s_, z_, a.qmax));
+        return e;
+      };
+      float best = group_sse(sc, zr);
+      if (isfinite(best)) {
+        for (int c = 1; c < a.clip; ++c) {
+          float s2, z2;
+          clip_params(lo, hi, c, a.qmax, a.meta, s2, z2);
+          const float e = group_sse(s2, z2);
+          if (e < best) {
+            best = e;
+            sc = s2;
+            zr = z2;
+          }
+        }
+      }
+    }
     store_meta(a.scale, (fr0 + r) * gpr + gi, a.meta, sc);
     store_meta(a.zero, (fr0 + r) * gpr + gi, a.meta, zr);
   }
@@ -639,6 +736,7 @@ void launch_quant(const void* x, int64_t batch, int64_t T_, int64_t D, int64_t x
   a.bits = qp.bits;
   a.G = G;
   a.log2G = log2i(G);
+  a.clip = qp.clip;
   a.meta = static_cast<int>(qp.meta_dtype);
   a.qmax = static_cast<float>((1 << qp.bits) - 1);
   a.rotate = rp.enabled;

@@ -36,6 +36,13 @@ def _rotate_arg(s: str):
     return m[str(s).lower()]
 
 
+def _clip_arg(s: str):
+    m = {"kv": True, "true": True, "none": False, "false": False, "k": "k", "v": "v", "auto": "auto"}
+    if str(s).lower() not in m:
+        raise argparse.ArgumentTypeError(f"--clip takes auto, k, v, kv or none, got '{s}'")
+    return m[str(s).lower()]
+
+
 def _float_list(s: str) -> list[float]:
     try:
         return [float(x) for x in str(s).split(",") if x.strip()]
@@ -109,7 +116,7 @@ def teacher_forced_nll(model, windows, make_cache: Callable, prefill: int = 256,
 
 
 def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, baseline=True, quanto=True,
-                 plan=None) -> list[dict]:
+                 plan=None, clip="auto") -> list[dict]:
     """The rows ``kvengine eval`` runs: fp, then per (bits, group) the kvengine config and the KIVI-style baseline
     (per-channel K / per-token V, same group/residual, no rotation, no sinks), then transformers' QuantizedCache
     (quanto backend) if requested."""
@@ -118,12 +125,16 @@ def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, 
              "auto": "rotV(auto)"}[rotate]
     for b in bits:
         for g in groups:
-            name = f"kvengine INT{b} G{g} R{residual} S{sinks} {rot_s}" + (" +plan" if plan is not None else "")
+            clip_s = {"auto": "", True: " clipKV", "kv": " clipKV", False: " minmax", "none": " minmax", "k": " clipK",
+                      "v": " clipV"}[clip]
+            name = (f"kvengine INT{b} G{g} R{residual} S{sinks} {rot_s}{clip_s}"
+                    + (" +plan" if plan is not None else ""))
             rows.append({"config": name, "kind": "kvengine", "bits": b, "group_size": g, "residual": residual,
-                         "sinks": sinks, "rotate": rotate, "plan": plan is not None})
+                         "sinks": sinks, "rotate": rotate, "clip": clip, "plan": plan is not None})
             if baseline:
                 rows.append({"config": f"KIVI-style INT{b} G{g} R{residual}", "kind": "kivi", "bits": b,
-                             "group_size": g, "residual": residual, "sinks": 0, "rotate": False, "plan": False})
+                             "group_size": g, "residual": residual, "sinks": 0, "rotate": False, "clip": False,
+                             "plan": False})
     if quanto:  # one row per group at the lowest bit width: quanto dequantizes the whole cache every step (slow)
         for b in sorted(bits)[:1]:
             for g in groups:
@@ -158,7 +169,8 @@ def make_cache_factory(model, row: dict, plan=None) -> Callable:
     if kind in ("kvengine", "kivi"):
         p = plan if row.get("plan") else None
         return lambda: KVEngineCache(model.config, bits=row["bits"], group_size=row["group_size"],
-                                     residual=row["residual"], sinks=row["sinks"], rotate=row["rotate"], plan=p)
+                                     residual=row["residual"], sinks=row["sinks"], rotate=row["rotate"], plan=p,
+                                     clip=row.get("clip", "auto"))
     if kind == "quanto":
         from transformers import QuantizedCache
 
@@ -298,7 +310,7 @@ def cmd_eval(args) -> int:
             quanto = False
             notes.append(f"transformers QuantizedCache(quanto) skipped: {why}")
     rows = eval_configs(args.bits, args.group, args.residual, args.sinks, args.rotate, not args.no_baseline,
-                        quanto, plan)
+                        quanto, plan, args.clip)
     load_s = time.perf_counter() - t_load
     results = run_eval(lm, win, rows, args.prefill, args.chunk, plan, progress=not args.quiet)
     header = (f"{lm.name}: {args.windows} windows x {args.window_len} tokens, prefill {args.prefill}, decode chunks "
@@ -492,7 +504,7 @@ def cmd_generate(args) -> int:
         cache = KVEngineCache(model.config, plan=plan)
     else:
         cache = KVEngineCache(model.config, bits=args.bits, group_size=args.group, residual=args.residual,
-                              sinks=args.sinks, rotate=args.rotate, plan=plan)
+                              sinks=args.sinks, rotate=args.rotate, plan=plan, clip=args.clip)
     st = run(cache, f"kvengine INT{args.bits}")
     ratio = st["fp_nbytes"] / st["nbytes"] if st["nbytes"] else float("nan")
     print(f"KV memory: {st['nbytes'] / 1024:.1f} KiB for {st['seq_len']} tokens (effective {st['effective_bits']:.2f} "
@@ -638,6 +650,9 @@ def _add_cache_args(p, bits_list: bool):
                    help="FWHT rotation of keys+values (default; also plain --rotate), keys, values, none, or auto "
                         "(a per-layer auto plan's choice; values only without one)")
     p.add_argument("--no-rotate", dest="rotate", action="store_false")
+    p.add_argument("--clip", default="auto", type=_clip_arg, metavar="{auto,k,v,kv,none}",
+                   help="MSE range search of the quantization groups: auto (keys only, default), k, v, kv, or none "
+                        "(plain min/max)")
     p.add_argument("--plan", default=None, help="calibration plan JSON from `kvengine calibrate`")
 
 

@@ -38,10 +38,12 @@ class QuantizedTensor:
 
 
 def quantize_pack(
-    x: Tensor, bits: int = 2, group_size: int = 32, mode: str = "per_channel", meta_dtype: Optional[torch.dtype] = None
+    x: Tensor, bits: int = 2, group_size: int = 32, mode: str = "per_channel", meta_dtype: Optional[torch.dtype] = None,
+    clip: int = 0,
 ) -> QuantizedTensor:
-    """Quantize x [..., T, D] (see README: semantics, packing order)."""
-    c, s, z = ops.quantize_pack(x, bits, group_size, mode, meta_dtype)
+    """Quantize x [..., T, D] (see README: semantics, packing order); ``clip`` > 1: MSE range search over that many
+    candidate ranges per group (``ops.quantize_pack``)."""
+    c, s, z = ops.quantize_pack(x, bits, group_size, mode, meta_dtype, clip)
     return QuantizedTensor(c, s, z, bits, group_size, mode, tuple(x.shape), x.dtype)
 
 
@@ -53,9 +55,10 @@ def rotate_quantize_pack(
     scale: Optional[float] = None,
     perm: Optional[Tensor] = None,
     meta_dtype: Optional[torch.dtype] = None,
+    clip: int = 0,
 ) -> QuantizedTensor:
     """FWHT-rotate the last dim (optional channel permutation first), then quantize, in one fused pass."""
-    c, s, z = ops.rotate_quantize_pack(x, bits, group_size, mode, scale, perm, meta_dtype)
+    c, s, z = ops.rotate_quantize_pack(x, bits, group_size, mode, scale, perm, meta_dtype, clip)
     return QuantizedTensor(c, s, z, bits, group_size, mode, tuple(x.shape), x.dtype, True, scale, perm)
 
 

@@ -54,8 +54,18 @@ def _groups(xf: Tensor, group_size: int, mode: str) -> Tensor:
     return xf.reshape(*lead, T, D // group_size, group_size), -1
 
 
-def quantize(x: Tensor, bits: int, group_size: int, mode: str, meta_dtype=None):
-    """Unpacked codes (uint8 [..., T, D]) + scale + zero."""
+def _codes(xg: Tensor, s: Tensor, z: Tensor, qmax: float) -> Tensor:
+    code = torch.floor((xg - z) / s + 0.5).clamp(0, qmax)
+    return torch.where((s == 0) | torch.isnan(code), torch.zeros_like(code), code)
+
+
+def quantize(x: Tensor, bits: int, group_size: int, mode: str, meta_dtype=None, clip: int = 0):
+    """Unpacked codes (uint8 [..., T, D]) + scale + zero.
+
+    Per group: lo/hi = min/max (fp32); scale = round_meta((hi − lo)/(2^bits − 1)), zero = round_meta(lo), codes from
+    the rounded values.  ``clip`` = n > 1: candidates c = 1 … n−1 move both ends in by a·w (a = fp32(0.025)·c,
+    w = hi − lo, all fp32), and the candidate (c = 0 being min/max) with the smallest Σ (code·scale + zero − x)²
+    over the group wins, ties to the lower c; a group whose min/max error is not finite keeps min/max."""
     md = meta_dtype or x.dtype
     qmax = float(2**bits - 1)
     xg, ax = _groups(x.float(), group_size, mode)
@@ -63,8 +73,24 @@ def quantize(x: Tensor, bits: int, group_size: int, mode: str, meta_dtype=None):
     scale = ((hi - lo) / qmax).to(md)
     zero = lo.to(md)
     s, z = scale.float(), zero.float()
-    code = torch.floor((xg - z) / s + 0.5).clamp(0, qmax)
-    code = torch.where((s == 0) | torch.isnan(code), torch.zeros_like(code), code)
+    code = _codes(xg, s, z, qmax)
+    if clip > 1:
+        def sse(c, s, z):
+            return ((c * s + z - xg) ** 2).sum(ax, keepdim=True)
+
+        best = sse(code, s, z)
+        keep = ~torch.isfinite(best)
+        w = hi - lo
+        for c in range(1, clip):
+            aw = torch.tensor(0.025, dtype=torch.float32) * float(c) * w
+            lc, hc = lo + aw, hi - aw
+            sc_c, z_c = ((hc - lc) / qmax).to(md), lc.to(md)
+            cd = _codes(xg, sc_c.float(), z_c.float(), qmax)
+            e = sse(cd, sc_c.float(), z_c.float())
+            better = (e < best) & ~keep
+            best = torch.where(better, e, best)
+            scale, zero = torch.where(better, sc_c, scale), torch.where(better, z_c, zero)
+            code = torch.where(better, cd, code)
     return code.to(torch.uint8).reshape(x.shape), scale.squeeze(ax), zero.squeeze(ax)
 
 
@@ -87,13 +113,13 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per).to(torch.uint8)
 
 
-def quantize_pack(x: Tensor, bits: int, group_size: int, mode: str, meta_dtype=None):
-    c, s, z = quantize(x, bits, group_size, mode, meta_dtype)
+def quantize_pack(x: Tensor, bits: int, group_size: int, mode: str, meta_dtype=None, clip: int = 0):
+    c, s, z = quantize(x, bits, group_size, mode, meta_dtype, clip)
     return pack(c, bits), s, z
 
 
-def rotate_quantize_pack(x, bits, group_size, mode, scale=None, perm=None, meta_dtype=None):
-    return quantize_pack(fwht(x, scale, perm), bits, group_size, mode, meta_dtype)
+def rotate_quantize_pack(x, bits, group_size, mode, scale=None, perm=None, meta_dtype=None, clip: int = 0):
+    return quantize_pack(fwht(x, scale, perm), bits, group_size, mode, meta_dtype, clip)
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int, mode: str, dtype) -> Tensor:
