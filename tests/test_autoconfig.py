@@ -22,7 +22,9 @@ def layer(kind, gen):
     return q, k, v
 
 
-ROT_ONLY = [Scheme(2, 2, 32, r) for r in ("none", "k", "v", "kv")]
+# min/max quantization: the synthetic layers are built for the rotation question (the key range search, the default
+# quantizer, also tames outlier channels and makes the outcome on the first layer depend on the draw)
+ROT_ONLY = [Scheme(2, 2, 32, r, clip="none") for r in ("none", "k", "v", "kv")]
 
 
 def test_rotation_chosen_where_it_wins_and_not_where_it_loses(gen):
@@ -74,6 +76,14 @@ def test_plan_round_trips_through_json(tmp_path, gen):
         assert sorted(kw["k_perm"].tolist()) == list(range(D))
     with pytest.raises(ValueError, match="version"):
         AutoPlan.from_dict({"version": 7})
+    # the quantizer is part of a plan: version-2 plans keep each layer's clip; version-1 plans (made before the
+    # range search existed) load as min/max, the quantizer they were measured with
+    d = plan.to_dict()
+    assert d["version"] == 2 and d["layers"][0]["clip"] == "auto" and kw["clip"] == "auto"
+    d["layers"][0]["clip"] = "kv"
+    assert AutoPlan.from_dict(d).cache_kwargs(0)["clip"] == "kv"
+    d1 = dict(d, version=1, layers=[{k: v for k, v in L.items() if k != "clip"} for L in d["layers"]])
+    assert AutoPlan.from_dict(d1).cache_kwargs(0)["clip"] == "none"
 
 
 def test_choose_is_exact_on_small_knapsacks():

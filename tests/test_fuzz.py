@@ -104,6 +104,32 @@ def test_fuzz_quantize_pack_dequantize(data):
 
 @FUZZ
 @given(st.data())
+def test_fuzz_quantize_pack_clip(data):
+    """The MSE range search: every group holds one of its candidates, its codes match it, and it is the best."""
+    from test_quant import _check_clip_result
+
+    draw = data.draw
+    dev = draw(st.sampled_from(DEVS))
+    dtype = draw(st.sampled_from(DTYPES))
+    bits = draw(st.sampled_from([1, 2, 4, 8]))
+    mode = draw(st.sampled_from(["per_channel", "per_token"]))
+    G = draw(st.sampled_from([2, 8, 16, 24, 32, 64]))
+    clip = draw(st.integers(0, ops.CLIP_MAX))
+    mult = draw(st.integers(1, 3))
+    D = G * mult if mode == "per_token" else 8 * draw(st.integers(1, 24))
+    T = G * mult if mode == "per_channel" else draw(st.integers(1, 40))
+    if D * bits % 8:
+        return
+    x = tensor(draw, (draw(st.integers(1, 3)), T, D), dtype, special=False).to(dev)
+    rotate = draw(st.booleans()) and D & (D - 1) == 0 and D >= 2
+    xr = ops.fwht(x) if rotate else x
+    c, s, z = (ops.rotate_quantize_pack(x, bits, G, mode, None, None, None, clip) if rotate
+               else ops.quantize_pack(x, bits, G, mode, None, clip))
+    _check_clip_result(xr.cpu(), c.cpu(), s.cpu(), z.cpu(), bits, G, mode, dtype, max(clip, 1))
+
+
+@FUZZ
+@given(st.data())
 def test_fuzz_rotate_quantize_pack(data):
     draw = data.draw
     dev = draw(st.sampled_from(DEVS))

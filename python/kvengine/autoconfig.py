@@ -36,6 +36,7 @@ class Scheme:
     group_size: int = 32
     rotate: str = "kv"  # none | k | v | kv
     reorder: bool = False  # outlier-aware key channel reorder before the rotation
+    clip: str = "auto"  # MSE range search: auto (keys; kvengine.cache.DEFAULT_CLIP) | none | k | v | kv
 
     def effective_bits(self, head_dim: int, meta_bits: int = 16) -> float:
         """Bits per element of the packed part (codes + scale/zero), K and V averaged (the recent window and
@@ -47,12 +48,13 @@ class Scheme:
 
     def cache_kwargs(self) -> dict:
         return dict(bits_k=self.bits_k, bits_v=self.bits_v, group_size=self.group_size,
-                    rotate={"none": False, "k": "k", "v": "v", "kv": True}[self.rotate])
+                    rotate={"none": False, "k": "k", "v": "v", "kv": True}[self.rotate], clip=self.clip)
 
     @property
     def name(self) -> str:
         b = f"INT{self.bits_k}" if self.bits_k == self.bits_v else f"K{self.bits_k}V{self.bits_v}"
-        return f"{b} G{self.group_size} rot={self.rotate}{' +reorder' if self.reorder else ''}"
+        clip = "" if self.clip == "auto" else f" clip={self.clip}"
+        return f"{b} G{self.group_size} rot={self.rotate}{' +reorder' if self.reorder else ''}{clip}"
 
 
 def default_candidates(bits=BIT_PAIRS, groups=(32, 64, 128), rotations=ROTATIONS,
@@ -198,7 +200,7 @@ class AutoPlan:
         return dict(kw, residual=self.residual, sinks=self.sinks)
 
     def to_dict(self) -> dict:
-        return {"version": 1, "kind": "kvengine-auto-plan", "budget_bits": self.budget_bits,
+        return {"version": 2, "kind": "kvengine-auto-plan", "budget_bits": self.budget_bits,
                 "head_dim": self.head_dim, "residual": self.residual, "sinks": self.sinks,
                 "effective_bits": self.effective_bits, "meta": self.meta,
                 "layers": [dict(asdict(c.scheme), error=c.error, eff_bits=c.eff_bits, k_perm=c.k_perm)
@@ -212,11 +214,13 @@ class AutoPlan:
 
     @staticmethod
     def from_dict(d: dict) -> "AutoPlan":
-        if d.get("version") != 1:
-            raise ValueError(f"kvengine: auto plan version {d.get('version')} is not supported (expected 1)")
+        if d.get("version") not in (1, 2):
+            raise ValueError(f"kvengine: auto plan version {d.get('version')} is not supported (expected 1 or 2)")
         layers = []
         for L in d["layers"]:
-            s = Scheme(L["bits_k"], L["bits_v"], L["group_size"], L["rotate"], L["reorder"])
+            # version 1 plans predate the range search: their schemes were measured with min/max quantization
+            clip = L.get("clip", "auto") if d["version"] >= 2 else "none"
+            s = Scheme(L["bits_k"], L["bits_v"], L["group_size"], L["rotate"], L["reorder"], clip)
             layers.append(LayerChoice(s, L["error"], L["eff_bits"], L.get("k_perm")))
         return AutoPlan(d["budget_bits"], d["head_dim"], d["residual"], d["sinks"], layers, [], dict(d.get("meta") or {}))
 
