@@ -80,6 +80,12 @@ def test_parser_and_module_entry():
     p = cli.build_parser()
     a = p.parse_args(["eval", "--bits", "4,2", "--group", "32,128", "--no-rotate"])
     assert a.bits == [4, 2] and a.group == [32, 128] and a.rotate is False
+    assert a.clip == "auto"
+    assert p.parse_args(["eval", "--clip", "none"]).clip is False
+    assert p.parse_args(["eval", "--clip", "KV"]).clip is True
+    assert p.parse_args(["generate", "hello", "--clip", "k"]).clip == "k"
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--clip", "q"])
     a = p.parse_args(["bench", "attention", "--quick", "--json", "out"])
     assert (a.name, a.quick, a.json) == ("attention", True, "out")
     r = subprocess.run([sys.executable, "-m", "kvengine", "--help"], capture_output=True, text=True, timeout=120)
