@@ -115,6 +115,10 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
     const int64_t groups = T / G, tiles = batch * groups;
     parallel_for(tiles, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> buf(static_cast<size_t>(G) * D), s(D), z(D);
+      std::vector<float> lo2, hi2, cs, cz, ce, be;  // range search scratch
+      if (qp.clip > 1) {
+        for (auto* v : {&lo2, &hi2, &cs, &cz, &ce, &be}) v->resize(D);
+      }
       std::vector<uint8_t> c(D);
       for (int64_t tile = i0; tile < i1; ++tile) {
         const int64_t b = tile / groups, g = tile % groups;
@@ -131,13 +135,49 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
           }
         }
         const int64_t moff = (b * groups + g) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          float sc, zz;
-          group_meta(buf.data() + d, G, D, lo[d], hi[d], qmax, md, qp.clip, sc, zz);
-          store_from_float(scale, moff + d, md, sc);
-          store_from_float(zero, moff + d, md, zz);
-          s[d] = sc;
-          z[d] = zz;
+        if (qp.clip > 1) {
+          // range search, channels in the inner loop (vectorizable); each channel's error summed over the rows in
+          // order, as group_meta does
+          for (int64_t d = 0; d < D; ++d) { lo2[d] = lo[d]; hi2[d] = hi[d]; }
+          for (int cand = 0; cand < qp.clip; ++cand) {
+            for (int64_t d = 0; d < D; ++d) {
+              const float aw = clip_shrink(cand) * (hi2[d] - lo2[d]);
+              const float l = cand ? lo2[d] + aw : lo2[d], h = cand ? hi2[d] - aw : hi2[d];
+              cs[d] = round_to((h - l) / qmax, md);
+              cz[d] = round_to(l, md);
+              ce[d] = 0.0f;
+            }
+            for (int r = 0; r < G; ++r) {
+              const float* row = buf.data() + static_cast<int64_t>(r) * D;
+              for (int64_t d = 0; d < D; ++d) {
+                const float e = static_cast<float>(quant_code(row[d], cs[d], cz[d], qmax)) * cs[d] + cz[d] - row[d];
+                ce[d] += e * e;
+              }
+            }
+            for (int64_t d = 0; d < D; ++d) {
+              if (cand == 0) {
+                be[d] = std::isfinite(ce[d]) ? ce[d] : -1.0f;  // -1: not finite, keep min/max
+                s[d] = cs[d];
+                z[d] = cz[d];
+              } else if (ce[d] < be[d]) {
+                be[d] = ce[d];
+                s[d] = cs[d];
+                z[d] = cz[d];
+              }
+            }
+          }
+          for (int64_t d = 0; d < D; ++d) {
+            store_from_float(scale, moff + d, md, s[d]);
+            store_from_float(zero, moff + d, md, z[d]);
+          }
+        } else {
+          for (int64_t d = 0; d < D; ++d) {
+            const float sc = round_to((hi[d] - lo[d]) / qmax, md), zz = round_to(lo[d], md);
+            store_from_float(scale, moff + d, md, sc);
+            store_from_float(zero, moff + d, md, zz);
+            s[d] = sc;
+            z[d] = zz;
+          }
         }
         for (int r = 0; r < G; ++r) {
           const float* row = buf.data() + static_cast<int64_t>(r) * D;

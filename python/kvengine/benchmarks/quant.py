@@ -1,4 +1,5 @@
-"""quantize_pack and the fused rotate_quantize_pack vs their unfused torch compositions, and vs memcpy of the input."""
+"""quantize_pack and the fused rotate_quantize_pack vs their unfused torch compositions, and vs memcpy of the input;
+the MSE range search (clip=11, the cache's key setting) vs min/max and vs the torch reference of the search."""
 from __future__ import annotations
 
 import torch
@@ -25,18 +26,22 @@ def run(device: str, shapes=((8, 8192, 128), (32, 2048, 64)), bits=(2, 4), quick
                 t_f = timeit(lambda: ops.rotate_quantize_pack(x, nb, G, mode), device, repeat=rep)
                 t_ft = timeit(lambda: ref.quantize_pack(x @ H, nb, G, mode), device, repeat=max(3, rep // 3))
                 t_un = timeit(lambda: ops.quantize_pack(ops.fwht(x), nb, G, mode), device, repeat=rep)
+                t_c = timeit(lambda: ops.quantize_pack(x, nb, G, mode, None, 11), device, repeat=rep)
+                t_ct = timeit(lambda: ref.quantize_pack(x, nb, G, mode, None, 11), device, repeat=3)
                 rows.append({
                     "shape": f"{b}x{T}x{D}", "bits": nb, "mode": mode, "G": G,
                     "quant_us": t_q * 1e6, "torch_quant_us": t_qt * 1e6, "quant_speedup": t_qt / t_q,
                     "fused_us": t_f * 1e6, "unfused_ops_us": t_un * 1e6, "torch_fused_us": t_ft * 1e6,
                     "fused_speedup_vs_torch": t_ft / t_f, "fused_vs_unfused_ops": t_un / t_f,
                     "fused_x_memcpy": t_f / t_copy,
+                    "clip11_us": t_c * 1e6, "clip11_x_minmax": t_c / t_q, "torch_clip11_us": t_ct * 1e6,
+                    "clip11_speedup": t_ct / t_c,
                 })
     print_table(f"quantize_pack / rotate_quantize_pack on {device}, {dtype} (speedups: torch time / kvengine time; "
                 "fused_x_memcpy: fused time / memcpy time of the input)", rows,
                 ["shape", "bits", "mode", "quant_us", "torch_quant_us", "quant_speedup", "fused_us",
                  "unfused_ops_us", "torch_fused_us", "fused_speedup_vs_torch", "fused_vs_unfused_ops",
-                 "fused_x_memcpy"])
+                 "fused_x_memcpy", "clip11_us", "clip11_x_minmax", "clip11_speedup"])
     return rows
 
 
