@@ -572,10 +572,11 @@ def cmd_retrieval_eval(args) -> int:
     elif args.train:
         ids = models.token_ids(lm.tokenizer, args.train_tokens, args.text, reverse=True)
         t0 = time.perf_counter()
-        trained = R.train_layer_hashes(lm.model, ids, nbits=args.nbits, steps=args.train_steps,
-                                       verbose=not args.quiet)
-        notes.append(f"trained MLP hashes of {len(trained)} layers on {ids.numel()} held-out tokens, "
-                     f"{args.train_steps} steps each, in {time.perf_counter() - t0:.0f}s")
+        trained = R.train_layer_hashes(lm.model, ids, nbits=args.nbits, steps=args.train_steps, sinks=args.sinks,
+                                       recent=args.recent, verbose=not args.quiet)
+        notes.append(f"trained MLP hashes of {len(trained)} layers on {ids.numel()} held-out tokens (the last 25% "
+                     f"choose the best step, LSH = step 0), up to {args.train_steps} steps each, in "
+                     f"{time.perf_counter() - t0:.0f}s")
         if args.save_hashes:
             R.save_hashes(trained, args.save_hashes)
             notes.append(f"wrote {args.save_hashes}")
@@ -733,9 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-lsh", action="store_true", help="skip the random-hyperplane LSH rows")
     r.add_argument("--no-oracle", action="store_true", help="skip the oracle rows (true attention top-k)")
     r.add_argument("--train", action="store_true",
-                   help="train per-layer MLP hashes on held-out text first (slow on CPU: minutes per layer)")
-    r.add_argument("--train-tokens", type=int, default=1024)
-    r.add_argument("--train-steps", type=int, default=200)
+                   help="train per-layer MLP hashes on held-out text first (seconds per layer on CPU)")
+    r.add_argument("--train-tokens", type=int, default=2048)
+    r.add_argument("--train-steps", type=int, default=300)
     r.add_argument("--hashes", default=None, help="trained hashes file (save_hashes / --save-hashes) to evaluate")
     r.add_argument("--save-hashes", default=None, help="with --train: write the trained hashes here")
     r.add_argument("--json", default=None, help="write the results here")

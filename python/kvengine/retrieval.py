@@ -22,7 +22,8 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["SpotlightHash", "HashCodeCache", "RetrievalAttention", "train_hash", "topk_recall",
+__all__ = ["SpotlightHash", "HashCodeCache", "RetrievalAttention", "train_hash", "topk_recall", "layer_problem",
+           "sample_positions",
            "capture_qk", "model_recall_report"]
 
 
@@ -197,77 +198,172 @@ class RetrievalAttention:
 
 # ---- training ---------------------------------------------------------------------------------------------------------
 def _project(x: Tensor, w1, b1, w2, b2) -> Tensor:
+    """x [H, N, D] or [H, g, N, D] (per-head weights [H, ...])."""
+    if x.dim() == 4:
+        w1, b1, w2, b2 = w1[:, None], b1[:, None], w2[:, None], b2[:, None]
     u = x @ w1 + b1.unsqueeze(-2)
     return u + F.silu(u) @ w2 + b2.unsqueeze(-2)
 
 
-def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits: int = 128, steps: int = 300,
-               lr: float = 1e-2, tau: float = 1.0, top: int = 32, negatives: int = 64, queries_per_step: int = 64,
-               shared: bool = False, seed: int = 0, verbose: bool = False) -> SpotlightHash:
-    """Train per-KV-head query/key MLP hashes with a Bradley–Terry ranking loss.
+def _grouped(q: Tensor, scores: Optional[Tensor]):
+    """q [H, Nq, D] (one query head per KV head) or [H, g, Nq, D]; scores likewise -> 4-D views."""
+    if q.dim() == 3:
+        q = q.unsqueeze(1)
+        scores = None if scores is None else scores.unsqueeze(1)
+    return q, scores
 
-    q_samples [H, Nq, D] (the post-RoPE queries of each KV head's group), k_samples [H, Nk, D], attn_scores
-    [H, Nq, Nk] (true logits, e.g. q·k/√D; -inf marks keys a query cannot see — they enter no pair).  Relaxed similarity ``s = Σ_j tanh(fq_j/τ)·tanh(fk_j/τ) / √nbits``
-    (= (nbits − 2·hamming)/√nbits at the sign limit).  Per step and query: ``top`` keys sampled among the true best
-    ``4·top`` and ``negatives`` random keys; loss = mean over pairs (i, j) with ``a_i > a_j`` of
-    ``softplus(−(s_i − s_j))``.  Initialised at the LSH (w1 Gaussian, w2 = 0) and trained with Adam.
+
+def _free_mask(q_pos: Tensor, nk: int, sinks: int, recent: int) -> Tensor:
+    """[Nq, Nk] bool: keys a query at position q_pos can see (j <= q_pos) that the run-time rule does NOT force
+    (the first ``sinks`` and the query's last ``recent`` positions are always attended)."""
+    j = torch.arange(nk)[None, :]
+    end = q_pos[:, None] + 1
+    return (j < end) & (j >= sinks) & (j < end - recent)
+
+
+def _group_probs(scores: Tensor) -> Tensor:
+    """scores [H, g, Nq, Nk] (-inf = invisible) -> true attention weights averaged over each group [H, Nq, Nk]."""
+    return torch.softmax(scores.float(), -1).nan_to_num_(0.0).mean(1)
+
+
+def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits: int = 128, steps: int = 300,
+               lr: float = 1e-2, tau: float = 1.0, top: int = 32, queries_per_step: int = 64, shared: bool = False,
+               seed: int = 0, verbose: bool = False, q_pos: Optional[Tensor] = None, sinks: int = 0,
+               recent: int = 0, val_frac: float = 0.25, eval_every: int = 10, return_info: bool = False,
+               val: Optional[tuple] = None):
+    """Train per-KV-head query/key MLP hashes for top-k selection, starting from (and never returning worse than)
+    random-hyperplane LSH on a held-out split.
+
+    q_samples [H, Nq, D] or [H, g, Nq, D] (the g post-RoPE query heads of each KV head at Nq positions),
+    k_samples [H, Nk, D], attn_scores [H, (g,) Nq, Nk] (true logits q·k/√D; -inf marks keys a query cannot see).
+    ``q_pos`` [Nq] (default: every query sees all Nk keys, position Nk − 1): with ``sinks`` / ``recent`` the keys
+    the run-time selection always keeps (``hamming_topk(keep=(sinks, recent))``) are excluded from the objective, so
+    the hash only ranks the keys it actually chooses among.
+
+    Objective (listwise, attention-mass weighted): the selection scores a key by the Hamming similarity summed over
+    the group's query heads, relaxed to ``S = Σ_heads Σ_bits tanh(fq/τ)·tanh(fk/τ) / √nbits``; loss per query =
+    cross-entropy of the group's true attention weights P (mean over the g heads of softmax(attn_scores)) on the free
+    keys against ``softmax(β·S)`` over the free keys (β learned per head) — un-normalised P, so queries whose free
+    keys hold little mass weigh little.  Initialised at LSH (w1 Gaussian / scale, b = 0, w2 = 0: the codes of
+    ``SpotlightHash.random(H, D, nbits, generator=torch.Generator().manual_seed(seed))``), Adam.  A ``val_frac``
+    split of the queries (the last positions) is held out — or ``val = (q, k, attn_scores, q_pos)`` from another
+    sequence (better: the split shares its keys with training); every ``eval_every`` steps (and at step 0 = LSH)
+    the free attention mass the sign codes' top-``top`` free keys capture is measured there and the best weights
+    are returned (LSH's when training never beats it).  ``return_info=True`` returns ``(hash, info)`` with the
+    validation curve.
     """
     g = torch.Generator().manual_seed(seed)
-    H, Nq, D = q_samples.shape
-    Nk = k_samples.shape[1]
-    qs, ks, a = q_samples.float(), k_samples.float(), attn_scores.float()
-    sx = torch.cat([qs, ks], 1).std(dim=(1, 2)).clamp_min(1e-6)  # [H]
+    qs, a = _grouped(q_samples.float(), attn_scores)
+    H, G, Nq, D = qs.shape
+    ks = k_samples.float()
+    Nk = ks.shape[1]
+    if q_pos is None:
+        q_pos = torch.full((Nq,), Nk - 1, dtype=torch.long)
+    q_pos = q_pos.long().cpu()
+    P = _group_probs(a)  # [H, Nq, Nk]
+    free = _free_mask(q_pos, Nk, sinks, recent)[None]  # [1, Nq, Nk]
+    P = P * free
+    n_val = 0 if val is not None else (int(round(Nq * val_frac)) if Nq >= 8 else 0)
+    tr = torch.arange(Nq - n_val)
+    if val is not None:
+        vq, vs = _grouped(val[0].float(), val[2])
+        vk = val[1].float()
+        vpos = (torch.full((vq.shape[2],), vk.shape[1] - 1, dtype=torch.long) if len(val) < 4 or val[3] is None
+                else val[3].long().cpu())
+        vfree = _free_mask(vpos, vk.shape[1], sinks, recent)[None]
+        vP = _group_probs(vs) * vfree
+        n_val = vq.shape[2]
+    else:
+        va = torch.arange(Nq - n_val, Nq)
+        vq, vk, vfree, vP = qs[:, :, va], ks, free[:, va], P[:, va]
+    has_free = free[0, tr].any(-1)
+    tr = tr[has_free] if has_free.any() else tr
+    sx = torch.cat([qs.reshape(H, -1, D), ks], 1).std(dim=(1, 2)).clamp_min(1e-6)  # [H]
 
     def init():
         w1 = torch.randn(H, D, nbits, generator=g) / (math.sqrt(D) * sx[:, None, None])
         return [w1, torch.zeros(H, nbits), torch.zeros(H, nbits, nbits), torch.zeros(H, nbits)]
 
     pk = [t.requires_grad_() for t in init()]
-    pq = pk if shared else [t.requires_grad_() for t in init()]
-    for t_q, t_k in zip(pq, pk):  # start from the same LSH hyperplanes
-        if t_q is not t_k:
-            t_q.data.copy_(t_k.data)
-    params = pk if shared else pk + pq
+    pq = pk if shared else [t.detach().clone().requires_grad_() for t in pk]  # start from the same hyperplanes
+    log_beta = torch.zeros(H, 1, 1, requires_grad=True)
+    params = (pk if shared else pk + pq) + [log_beta]
     opt = torch.optim.Adam(params, lr=lr)
-    ntop = min(4 * top, Nk)
-    best = a.topk(ntop, dim=-1).indices  # [H, Nq, ntop]
-    hh = torch.arange(H)[:, None, None]
-    for step in range(steps):
-        qi = torch.randint(0, Nq, (queries_per_step,), generator=g)
-        pos = best[:, qi].gather(-1, torch.randint(0, ntop, (H, queries_per_step, min(top, ntop)), generator=g))
-        neg = torch.randint(0, Nk, (H, queries_per_step, negatives), generator=g)
-        sel = torch.cat([pos, neg], -1)  # [H, Qs, P]
-        fq = torch.tanh(_project(qs[:, qi], *pq) / tau)  # [H, Qs, nbits]
-        fk = torch.tanh(_project(ks[hh, sel].reshape(H, -1, D), *pk) / tau).reshape(*sel.shape, nbits)
-        s = (fk * fq.unsqueeze(2)).sum(-1) / math.sqrt(nbits)  # [H, Qs, P]
-        at = a[hh, qi[None, :, None], sel]
-        diff = s.unsqueeze(-1) - s.unsqueeze(-2)  # s_i - s_j
-        fin = torch.isfinite(at)  # masked (-inf) keys never enter a pair
-        label = ((at.unsqueeze(-1) > at.unsqueeze(-2)) & fin.unsqueeze(-1) & fin.unsqueeze(-2)).float()
-        loss = (F.softplus(-diff) * label).sum() / label.sum().clamp_min(1)
+    rs = 1.0 / math.sqrt(nbits)
+    ntop = max(1, min(top, Nk))
+
+    @torch.no_grad()
+    def val_recall() -> float:
+        if n_val == 0:
+            return float("nan")
+        sq = torch.sign(_project(vq, *pq)).sum(1)  # [H, Nv, nbits] (group-summed ±1 codes)
+        sk = torch.sign(_project(vk, *pk))
+        sim = (sq @ sk.transpose(-1, -2)).masked_fill(~vfree, float("-inf"))  # [H, Nv, Nk]
+        idx = sim.topk(min(ntop, vk.shape[1]), -1).indices
+        got = vP.gather(-1, idx) * vfree.expand(H, -1, -1).gather(-1, idx)
+        return got.sum(-1).mean().item()
+
+    best_r, best_step = val_recall(), 0
+    best = [t.detach().clone() for t in params]
+    curve = [(0, best_r)]
+    for step in range(1, steps + 1):
+        qi = tr[torch.randint(0, len(tr), (min(queries_per_step, len(tr)),), generator=g)]
+        fq = torch.tanh(_project(qs[:, :, qi], *pq) / tau).sum(1)  # [H, Qs, nbits]
+        fk = torch.tanh(_project(ks, *pk) / tau)  # [H, Nk, nbits]
+        S = (fq @ fk.transpose(-1, -2)) * (rs * log_beta.exp())  # [H, Qs, Nk]
+        m = free[:, qi]
+        logp = torch.log_softmax(S.masked_fill(~m, float("-inf")), -1).masked_fill(~m, 0.0)
+        loss = -(P[:, qi] * logp).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if verbose and (step % 50 == 0 or step == steps - 1):
-            print(f"train_hash step {step}: loss {loss.item():.4f}")
-    kw = _Weights(*(t.detach().clone() for t in pk))
-    qw = None if shared else _Weights(*(t.detach().clone() for t in pq))
-    return SpotlightHash(kw, qw)
+        if step % eval_every == 0 or step == steps:
+            r = val_recall()
+            curve.append((step, r))
+            if r > best_r:
+                best_r, best_step = r, step
+                best = [t.detach().clone() for t in params]
+            if verbose:
+                print(f"train_hash step {step}: loss {loss.item():.4f} val recall {r:.4f}", flush=True)
+    if n_val == 0:  # nothing to select on: the final weights
+        best = [t.detach().clone() for t in params]
+        best_step = steps
+    nk_ = 4
+    kw = _Weights(*best[:nk_])
+    qw = None if shared else _Weights(*best[nk_:2 * nk_])
+    h = SpotlightHash(kw, qw)
+    if return_info:
+        return h, {"best_step": best_step, "val_recall": best_r, "lsh_val_recall": curve[0][1], "curve": curve}
+    return h
 
 
 @torch.no_grad()
-def topk_recall(hasher: SpotlightHash, q: Tensor, k: Tensor, attn_scores: Tensor, top_k: int) -> float:
-    """Mean attention mass (softmax of attn_scores over the keys) that the hash's top_k keys capture.
+def topk_recall(hasher: SpotlightHash, q: Tensor, k: Tensor, attn_scores: Tensor, top_k: int,
+                q_pos: Optional[Tensor] = None, sinks: int = 0, recent: int = 0, free_only: bool = False) -> float:
+    """Mean attention mass that the run-time selection captures: per query position and KV head,
+    ``hamming_topk`` (Hamming similarity summed over the group's query heads) picks ``top_k`` keys among those the
+    query sees, the first ``sinks`` and last ``recent`` always among them; each query head's captured mass =
+    Σ softmax(attn_scores) over the picked keys.  ``free_only``: only the mass of picked keys that are not forced
+    (sinks / recent) counts — what the hash itself contributes.
 
-    q [H, Nq, D], k [H, Nk, D], attn_scores [H, Nq, Nk] (per KV head; every query scored on its own)."""
-    H, Nq, D = q.shape
+    q [H, Nq, D] or [H, g, Nq, D], k [H, Nk, D], attn_scores [H, (g,) Nq, Nk]; q_pos [Nq] (default: all see Nk)."""
+    qg, a = _grouped(q, attn_scores)
+    H, G, Nq, D = qg.shape
+    Nk = k.shape[1]
+    lens = (torch.full((Nq,), Nk, dtype=torch.long) if q_pos is None else q_pos.long().cpu() + 1)
     kc = hasher.encode_keys(k.unsqueeze(0))  # [1, H, Nk, W]
-    qc = hasher.encode_queries(q.unsqueeze(0))[0]  # [H, Nq, W] (one query head per KV head)
-    # one "batch" per query: q codes [Nq, H, W], k codes expanded (no copy)
-    qc = qc.transpose(0, 1).contiguous()
-    idx, _ = ops.hamming_topk(qc, kc.expand(Nq, -1, -1, -1), top_k)  # [Nq, H, top_k]
-    p = torch.softmax(attn_scores.float(), -1)  # [H, Nq, Nk]
-    return p.transpose(0, 1).gather(-1, idx.long()).sum(-1).mean().item()
+    qc = hasher.encode_queries(qg.reshape(1, H * G, Nq, D))[0]  # [H*g, Nq, W]
+    qc = qc.transpose(0, 1).contiguous()  # one "batch" per query position
+    kk = min(top_k, int(lens.min()))
+    s, r = min(sinks, kk), min(recent, kk - min(sinks, kk))
+    idx, _ = ops.hamming_topk(qc, kc.expand(Nq, -1, -1, -1), kk, lens.to(torch.int32),
+                              keep=(s, r) if (s or r) else None)  # [Nq, H, kk]
+    p = torch.softmax(a.float(), -1).nan_to_num(0.0)  # [H, g, Nq, Nk]
+    if free_only:
+        p = p * _free_mask(q_pos if q_pos is not None else torch.full((Nq,), Nk - 1), Nk, sinks, recent)
+    idx = idx.long().clamp_min(0)  # (no -1 padding: kk <= every query's context)
+    gi = idx.permute(1, 0, 2)[:, None].expand(H, G, Nq, kk)
+    return p.gather(-1, gi).sum(-1).mean().item()
 
 
 # ---- real-model q/k capture (SmolLM2 via kvengine.models) ------------------------------------------------------------
@@ -315,37 +411,88 @@ def capture_qk(layers=(4, 12, 20), n_tokens: int = 2048, model=None):
     return out
 
 
+def layer_problem(q: Tensor, k: Tensor, positions: Tensor, scale: Optional[float] = None):
+    """One layer's queries at ``positions`` as a grouped training / evaluation problem.
+
+    q [Hq, T, D], k [Hkv, T, D] (post-RoPE, one sequence) -> (q [Hkv, g, n, D], k [Hkv, T, D] float, causal scores
+    [Hkv, g, n, T] (-inf beyond each position), positions [n]).  Only the n chosen rows of the score matrix are
+    computed."""
+    Hq, T, D = q.shape
+    Hkv = k.shape[0]
+    positions = positions.long().cpu()
+    qg = q.float().reshape(Hkv, Hq // Hkv, T, D)[:, :, positions]
+    kf = k.float()
+    s = qg @ kf.transpose(-1, -2)[:, None] * (scale if scale is not None else 1.0 / math.sqrt(D))
+    s.masked_fill_(torch.arange(T)[None, :] > positions[:, None], float("-inf"))
+    return qg, kf, s, positions
+
+
+def sample_positions(T: int, n: int, min_pos: int, seed: int = 0) -> Tensor:
+    """n distinct positions in [min_pos, T), sorted (all of them when n >= T − min_pos)."""
+    avail = torch.arange(min_pos, T)
+    if n >= len(avail):
+        return avail
+    return avail[torch.randperm(len(avail), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
+
+
 def model_recall_report(layers=(4, 12, 20), n_tokens: int = 2048, bits=(32, 64, 128), top_k: int = 64,
-                        steps: int = 300, n_eval_queries: int = 128, verbose: bool = True) -> list[dict]:
-    """Attention-mass recall of the top_k keys chosen by LSH vs a trained MLP hash, per layer and code length, on
-    q/k captured from SmolLM2.  Queries are the last ``n_eval_queries`` positions (held out from training), each
-    attending causally over all earlier keys restricted to the first ``n_tokens − n_eval_queries`` (one shared key
-    set)."""
-    caps = capture_qk(layers, n_tokens)
+                        steps: int = 300, n_train_queries: int = 768, n_eval_queries: int = 256, sinks: int = 4,
+                        recent: int = 32, min_pos: int = 256, model=None, verbose: bool = True,
+                        **train_kw) -> list[dict]:
+    """Attention-mass recall of the run-time top-k selection (``hamming_topk`` with the first ``sinks`` and last
+    ``recent`` tokens kept, ``top_k`` in all) by LSH vs a trained MLP hash on SmolLM2, on held-out text.
+
+    The hashes are trained (``train_hash`` with the same sinks / recent, initialised at the LSH they are compared
+    with) on ``n_train_queries`` positions of ``n_tokens`` tokens read from the END of the text (what
+    ``kvengine retrieval-eval --train`` uses), the best step chosen on the next ``n_tokens`` (also from the end);
+    recall is measured on ``n_eval_queries`` positions (≥ ``min_pos``) of
+    ``n_tokens`` tokens from the START of the text (disjoint), each query over its causal context.  One forward
+    pass per text captures every layer."""
+    import time
+
+    from . import models
+    from .integrations.retrieval import capture_qk_all
+
+    lm = model or models.load_model(verbose=False)
+    tok = lm.tokenizer
+    t0 = time.perf_counter()
+    rev = models.token_ids(tok, 2 * n_tokens, reverse=True)
+    cap_tr = capture_qk_all(lm.model, rev[:n_tokens])
+    cap_va = capture_qk_all(lm.model, rev[n_tokens:])
+    cap_ev = capture_qk_all(lm.model, models.token_ids(tok, n_tokens))
+    capture_s = time.perf_counter() - t0
     rows = []
-    for li, (q, k) in caps.items():
-        Hq, T, D = q.shape
-        Hkv = k.shape[0]
-        g = Hq // Hkv
-        n_keys = T - n_eval_queries
-        kk = k[:, :n_keys]
-        # queries of each group: [Hkv, g·T', D]
-        qg = q.reshape(Hkv, g, T, D)
-        q_tr = qg[:, :, : n_keys].reshape(Hkv, g * n_keys, D)
-        q_ev = qg[:, :, n_keys:].reshape(Hkv, g * n_eval_queries, D)
-        s_tr = q_tr @ kk.transpose(-1, -2) / math.sqrt(D)
-        # causal training scores: query at position t sees keys <= t
-        t_idx = torch.arange(n_keys).repeat(g)
-        s_tr = s_tr.masked_fill(torch.arange(n_keys)[None, None, :] > t_idx[None, :, None], float("-inf"))
-        s_ev = q_ev @ kk.transpose(-1, -2) / math.sqrt(D)
-        oracle = torch.softmax(s_ev, -1).topk(top_k, -1).values.sum(-1).mean().item()
+    for li in layers:
+        qe, ke, se, pe = layer_problem(*cap_ev[li], sample_positions(n_tokens, n_eval_queries, min_pos, seed=1))
+        qt, kt, st, pt = layer_problem(*cap_tr[li], sample_positions(n_tokens, n_train_queries, min_pos, seed=2))
+        va = layer_problem(*cap_va[li], sample_positions(n_tokens, n_eval_queries, min_pos, seed=3))
+        H, G, _, D = qe.shape
+        p = torch.softmax(se, -1)
+        oracle_full = p.topk(top_k, -1).values.sum(-1).mean().item()
+        free = _free_mask(pe, n_tokens, sinks, recent)
+        forced = (p * (~free & (torch.arange(n_tokens)[None, :] <= pe[:, None]))).sum(-1).mean().item()
+        # the ceiling under the run-time rule: forced tokens + the best free tokens by the group's mean weight
+        pf = p.mean(1) * free  # [H, n, T]
+        best_free = pf.topk(top_k - sinks - recent, -1).indices[:, None].expand(-1, G, -1, -1)
+        oracle_keep = forced + (p * free).gather(-1, best_free).sum(-1).mean().item()
         for nb in bits:
-            lsh = SpotlightHash.random(Hkv, D, nb, generator=torch.Generator().manual_seed(nb))
-            trained = train_hash(q_tr, kk, s_tr, nbits=nb, steps=steps)
-            r = {"layer": li, "bits": nb, "top_k": top_k, "keys": n_keys, "oracle_mass": oracle,
-                 "lsh_mass": topk_recall(lsh, q_ev, kk, s_ev, top_k),
-                 "mlp_mass": topk_recall(trained, q_ev, kk, s_ev, top_k)}
+            lsh = SpotlightHash.random(H, D, nb, generator=torch.Generator().manual_seed(li))
+            t1 = time.perf_counter()
+            trained, info = train_hash(qt, kt, st, nbits=nb, steps=steps, q_pos=pt, sinks=sinks, recent=recent,
+                                       top=top_k - sinks - recent, seed=li, return_info=True, val=va, **train_kw)
+            train_s = time.perf_counter() - t1
+            kw = dict(q_pos=pe, sinks=sinks, recent=recent)
+            r = {"layer": li, "bits": nb, "top_k": top_k, "sinks": sinks, "recent": recent,
+                 "oracle_top_k_mass": oracle_full, "oracle_mass": oracle_keep, "forced_mass": forced,
+                 "lsh_mass": topk_recall(lsh, qe, ke, se, top_k, **kw),
+                 "trained_mass": topk_recall(trained, qe, ke, se, top_k, **kw),
+                 "lsh_mass_no_keep": topk_recall(lsh, qe, ke, se, top_k),
+                 "trained_mass_no_keep": topk_recall(trained, qe, ke, se, top_k),
+                 "train_s": train_s, "best_step": info["best_step"], "val_lsh": info["lsh_val_recall"],
+                 "val_trained": info["val_recall"]}
             rows.append(r)
             if verbose:
-                print(r, flush=True)
+                print({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items()}, flush=True)
+    if rows:
+        rows[0]["capture_s"] = capture_s
     return rows

@@ -429,28 +429,50 @@ def capture_qk_all(model, ids: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
     return out
 
 
-def train_layer_hashes(model, ids: Tensor, nbits: int = 128, steps: int = 200, layers=None, verbose: bool = False,
-                       **train_kw) -> dict[int, SpotlightHash]:
+def train_layer_hashes(model, ids: Tensor, nbits: int = 128, steps: int = 300, layers=None, verbose: bool = False,
+                       sinks: int = 4, recent: int = 32, top: Optional[int] = None, n_queries: int = 768,
+                       val_ids: Optional[Tensor] = None, val_frac: float = 0.25, return_info: bool = False,
+                       **train_kw):
     """Trained MLP hashes (``kvengine.retrieval.train_hash``) for every layer, from q/k captured on ``ids`` (use
-    text held out from the evaluation).  Each query is trained against the keys it can causally see."""
+    text held out from the evaluation).  One forward pass captures every layer (two with the validation text).
+
+    Each layer trains on ``n_queries`` positions of ``ids`` (each query against the keys it causally sees, the
+    ``sinks`` first / ``recent`` last tokens — always attended by ``RetrievalCache`` — excluded from the objective)
+    and keeps the step (0 = the layer's LSH, ``lsh_hashes(seed=0)``'s hyperplanes) whose sign codes capture the most
+    free attention mass in their top ``top`` free slots (default 64 − sinks − recent, at least 16) on the
+    validation text: ``val_ids``, or else the last ``val_frac`` of ``ids`` run as a separate sequence.
+    ``return_info=True`` returns ``(hashes, {layer: info})`` (best step, validation recall of LSH / trained, time)."""
+    from ..retrieval import layer_problem, sample_positions
+
+    ids = ids.view(-1)
+    if val_ids is None and val_frac > 0 and ids.numel() >= 256:
+        n_va = int(ids.numel() * val_frac)
+        ids, val_ids = ids[: ids.numel() - n_va], ids[ids.numel() - n_va:]
     caps = capture_qk_all(model, ids)
-    out = {}
+    caps_va = capture_qk_all(model, val_ids.view(-1)) if val_ids is not None else None
+    if top is None:
+        top = max(16, 64 - sinks - recent)
+    out, infos = {}, {}
     for li in sorted(caps) if layers is None else layers:
         t0 = time.perf_counter()
         q, k = caps[li]
-        Hq, T, D = q.shape
-        Hkv = k.shape[0]
-        g = Hq // Hkv
-        qg = q.float().reshape(Hkv, g * T, D)  # query heads h*g .. h*g+g-1 belong to KV head h
-        kf = k.float()
-        s = qg @ kf.transpose(-1, -2) / math.sqrt(D)  # [Hkv, g*T, T]
-        pos = torch.arange(T).repeat(g)
-        s.masked_fill_(torch.arange(T)[None, None, :] > pos[None, :, None], float("-inf"))
+        T = q.shape[1]
+        min_pos = min(sinks + recent + top, T - 1)
+        qg, kf, s, pos = layer_problem(q, k, sample_positions(T, n_queries, min_pos, seed=li))
+        val = None
+        if caps_va is not None:
+            qv, kv = caps_va[li]
+            Tv = qv.shape[1]
+            val = layer_problem(qv, kv, sample_positions(Tv, n_queries // 2, min(min_pos, Tv - 1), seed=li + 1))
         with torch.enable_grad():
-            out[li] = train_hash(qg, kf, s, nbits=nbits, steps=steps, seed=li, **train_kw)
+            out[li], info = train_hash(qg, kf, s, nbits=nbits, steps=steps, seed=li, q_pos=pos, sinks=sinks,
+                                       recent=recent, top=top, val=val, return_info=True, **train_kw)
+        info["time_s"] = time.perf_counter() - t0
+        infos[li] = info
         if verbose:
-            print(f"trained hash of layer {li} in {time.perf_counter() - t0:.1f}s", flush=True)
-    return out
+            print(f"trained hash of layer {li} in {info['time_s']:.1f}s: best step {info['best_step']}, validation "
+                  f"free-mass recall LSH {info['lsh_val_recall']:.4f} -> {info['val_recall']:.4f}", flush=True)
+    return (out, infos) if return_info else out
 
 
 # ---- perplexity evaluation --------------------------------------------------------------------------------------------------
