@@ -5,6 +5,11 @@
 //     in shared memory as fp32; u[t][j] = Σ_d x[t][d]·w1[d][j] with w1 read coalesced (L1/L2 resident per head);
 //     with the MLP, silu(u) goes to shared memory and f = u + silu(u)·w2 + b2 the same way.  Epilogue: the sign
 //     bits of a warp's 32 outputs are one __ballot_sync = one code word, written by lane 0.
+// hash_encode_mma_kernel  (T >= 16, D % 8 == 0, D <= 256, 32-byte aligned weights) the same math on the tensor cores:
+//     CTA = 4 warps × 16 rows of one (o, h); both GEMMs (x·w1, silu(u)·w2) as WMMA m16n16k8 TF32 with the 3xTF32
+//     split (a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi, ~fp32 accuracy, so codes agree with the fp32 path away from
+//     |f| ≈ 0); warps own column tiles of 16 outputs; u, silu(u) and f pass through shared memory; the epilogue packs
+//     the signs of a row's 32 outputs into one word per thread.
 // hamming_topk: three kernels, no host sync, workspace sized from shapes only (graph capturable)
 //     topk_score_kernel   grid (chunk, Hkv, B), 256 threads: q codes of the group in shared memory, one thread per
 //                         position (16-byte loads for W >= 4), score -> uint16 workspace, shared-memory histogram of
@@ -20,8 +25,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -121,6 +128,120 @@ __global__ void hash_encode_kernel(const EncParams p) {
     if (task != blockIdx.x) __syncthreads();  // the previous task's shared rows are consumed
     hash_encode_task(p, task, enc_smem);
   }
+}
+
+// ---- hash_encode on the tensor cores ----------------------------------------------------------------------------------
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define KVENGINE_TF32_MMA 1
+#endif
+constexpr int kMmaWarps = 4, kMmaRows = 16, kMmaMaxD = 256;
+namespace wmma = nvcuda::wmma;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+#ifdef KVENGINE_TF32_MMA
+// hi = tf32(v), lo = tf32(v − hi), element-wise over a loaded fp32 fragment
+template <typename Frag>
+__device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int i = 0; i < hi.num_elements; ++i) {
+    const float v = hi.x[i];
+    const float h = wmma::__float_to_tf32(v);
+    hi.x[i] = h;
+    lo.x[i] = wmma::__float_to_tf32(v - h);
+  }
+}
+
+// acc[c] += A[16 × K] (shared, row stride lda) · B[K × 16 cols of column tile c] (global, row stride ldb), for the
+// column tiles c = warp, warp + kMmaWarps, … < ntile (3xTF32)
+__device__ __forceinline__ void mma_rows(const float* A, int lda, const float* B, int ldb, int K, int ntile, int warp,
+                                         FragC (&acc)[4]) {
+  for (int k = 0; k < K; k += 8) {
+    FragA a_hi, a_lo;
+    wmma::load_matrix_sync(a_hi, A + k, lda);
+    split_tf32(a_hi, a_lo);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int tile = warp + c * kMmaWarps;
+      if (tile >= ntile) break;
+      FragB b_hi, b_lo;
+      wmma::load_matrix_sync(b_hi, B + static_cast<int64_t>(k) * ldb + tile * 16, ldb);
+      split_tf32(b_hi, b_lo);
+      wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
+      wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
+      wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
+    }
+  }
+}
+#endif
+
+// smem: xs [16][D], us [16][nbits], hs [16][nbits] (fp32)
+__global__ void __launch_bounds__(kMmaWarps * 32) hash_encode_mma_kernel(const EncParams p) {
+#ifdef KVENGINE_TF32_MMA
+  extern __shared__ __align__(128) float4 mma_smem4[];
+  float* smem = reinterpret_cast<float*>(mma_smem4);
+  const int nb = p.nbits, D = static_cast<int>(p.D), tid = threadIdx.x, warp = tid >> 5;
+  const int ntile = nb / 16;
+  float* xs = smem;
+  float* us = xs + kMmaRows * D;
+  float* hs = us + kMmaRows * nb;
+  const int64_t ntasks = p.O * p.H * p.tiles;
+  for (int64_t task = blockIdx.x; task < ntasks; task += gridDim.x) {  // block-uniform
+    const int64_t tile = task % p.tiles, oh = task / p.tiles, o = oh / p.H, h = oh % p.H;
+    const int64_t t0 = tile * kMmaRows;
+    const int rows = static_cast<int>(mn64(kMmaRows, p.T - t0));
+    __syncthreads();  // the previous task's shared rows are consumed
+    for (int i = tid; i < kMmaRows * D; i += blockDim.x) {
+      const int r = i / D, d = i - r * D;
+      xs[i] = r < rows ? load_f(p.x, o * p.so + h * p.sh + (t0 + r) * p.st + d, p.dtype) : 0.f;
+    }
+    __syncthreads();
+    const int64_t hw = p.per_head ? h : 0;
+    FragC acc[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) wmma::fill_fragment(acc[c], 0.0f);
+    mma_rows(xs, D, p.w1 + hw * p.D * nb, nb, D, ntile, warp, acc);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int t = warp + c * kMmaWarps;
+      if (t < ntile) wmma::store_matrix_sync(us + t * 16, acc[c], nb, wmma::mem_row_major);
+    }
+    __syncthreads();
+    const float* b1 = p.b1 ? p.b1 + hw * nb : nullptr;
+    for (int i = tid; i < kMmaRows * nb; i += blockDim.x) {
+      const float u = us[i] + (b1 ? b1[i % nb] : 0.f);
+      us[i] = u;
+      hs[i] = u / (1.f + __expf(-u));
+    }
+    __syncthreads();
+    if (p.w2) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) wmma::fill_fragment(acc[c], 0.0f);
+      mma_rows(hs, nb, p.w2 + hw * static_cast<int64_t>(nb) * nb, nb, nb, ntile, warp, acc);
+      __syncthreads();  // every warp has read hs: reuse it for f
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int t = warp + c * kMmaWarps;
+        if (t < ntile) wmma::store_matrix_sync(hs + t * 16, acc[c], nb, wmma::mem_row_major);
+      }
+      __syncthreads();
+      const float* b2 = p.b2 ? p.b2 + hw * nb : nullptr;
+      for (int i = tid; i < kMmaRows * nb; i += blockDim.x) us[i] = us[i] + (hs[i] + (b2 ? b2[i % nb] : 0.f));
+      __syncthreads();
+    }
+    // signs -> one code word per (row, word)
+    const int W = nb >> 5;
+    for (int i = tid; i < rows * W; i += blockDim.x) {
+      const int r = i / W, w = i - r * W;
+      const float* f = us + r * nb + w * 32;
+      uint32_t bits = 0;
+#pragma unroll 8
+      for (int b = 0; b < 32; ++b) bits |= (f[b] > 0.f ? 1u : 0u) << b;
+      p.codes[(oh * p.T + t0 + r) * W + w] = bits;
+    }
+  }
+#endif
 }
 
 // ---- hamming_topk ---------------------------------------------------------------------------------------------------
@@ -508,6 +629,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32) sparse_attn_kernel(const Spar
 
 }  // namespace
 
+// KVENGINE_HASH_MMA=0 forces the CUDA-core kernel (for A/B tests and benchmarks)
+static bool hash_encode_mma_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KVENGINE_HASH_MMA");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
 void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {
   EncParams p;
   p.x = a.x;
@@ -526,6 +656,17 @@ void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {
   p.per_head = a.per_head ? 1 : 0;
   p.nbits = a.nbits;
   p.codes = a.codes;
+  const bool w_aligned = (reinterpret_cast<uintptr_t>(a.w1) & 31) == 0 &&
+                         (!a.w2 || (reinterpret_cast<uintptr_t>(a.w2) & 31) == 0);
+  if (a.T >= kMmaRows && a.D % 8 == 0 && a.D <= kMmaMaxD && w_aligned && a.O * a.H > 0 && hash_encode_mma_enabled()) {
+    p.tiles = (a.T + kMmaRows - 1) / kMmaRows;
+    const int64_t grid = a.O * a.H * p.tiles;
+    const size_t smem = sizeof(float) * kMmaRows * (a.D + 2 * a.nbits);  // <= 48 KB for D, nbits <= 256
+    hash_encode_mma_kernel<<<static_cast<unsigned>(grid < 0x7fffffff ? grid : 0x7fffffff), kMmaWarps * 32, smem,
+                             stream>>>(p);
+    check(cudaGetLastError(), "hash_encode (tensor cores) launch");
+    return;
+  }
   p.tiles = (a.T + kEncRows - 1) / kEncRows;
   const int64_t grid = a.O * a.H * p.tiles;
   if (grid == 0) return;
