@@ -629,13 +629,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32) sparse_attn_kernel(const Spar
 
 }  // namespace
 
-// KVENGINE_HASH_MMA=0 forces the CUDA-core kernel (for A/B tests and benchmarks)
+// KVENGINE_HASH_MMA=0 forces the CUDA-core kernel (for A/B tests and benchmarks; read at every call)
 static bool hash_encode_mma_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("KVENGINE_HASH_MMA");
-    return !(e && e[0] == '0');
-  }();
-  return on;
+  const char* e = std::getenv("KVENGINE_HASH_MMA");
+  return !(e && e[0] == '0');
 }
 
 void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {

@@ -1,13 +1,18 @@
 """Hash-based top-k retrieval (Spotlight-style) at long context: kvengine ``hamming_topk`` (fused score + counting
 select) vs the torch path (XOR + bit-trick popcount + torch.topk over the materialized score matrix), and a full
 retrieval decode step (encode q + hamming_topk + sparse_decode_attention) vs full attention (SDPA) over the same
-context.  8 KV heads, 32 query heads, D = 128, 128-bit codes, k = 1024."""
+context; and hashing the context's keys (``hash_encode``, Spotlight MLP: on CUDA the tensor-core kernel and the
+CUDA-core kernel) vs the torch composition (matmul, SiLU, matmul, sign pack).  8 KV heads, 32 query heads, D = 128,
+128-bit codes, k = 1024."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from kvengine import ops
+from kvengine import reference as ref
 from kvengine.retrieval import SpotlightHash
 
 from . import bench_main, print_table, timeit
@@ -29,6 +34,25 @@ def torch_hamming_topk(q_codes: torch.Tensor, k_codes: torch.Tensor, k: int):
     x = q_codes.view(B, Hkv, g, 1, W) ^ k_codes.unsqueeze(2)
     s = g * 32 * W - torch_popcount32(x).sum(dim=(2, 4))
     return torch.topk(s, k, dim=-1)
+
+
+def torch_hash_encode(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """The unfused baseline in the input's precision (fp32 accumulation on CPU, cuBLAS on CUDA)."""
+    u = x @ w1.to(x.dtype) + b1.to(x.dtype).unsqueeze(-2)
+    f = u + F.silu(u) @ w2.to(x.dtype) + b2.to(x.dtype).unsqueeze(-2)
+    return ref.pack_bits(f > 0)
+
+
+def _encode_cuda_core(hasher, k):
+    old = os.environ.get("KVENGINE_HASH_MMA")
+    os.environ["KVENGINE_HASH_MMA"] = "0"
+    try:
+        return hasher.encode_keys(k)
+    finally:
+        if old is None:
+            del os.environ["KVENGINE_HASH_MMA"]
+        else:
+            os.environ["KVENGINE_HASH_MMA"] = old
 
 
 def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=128, top_k=1024,
@@ -59,20 +83,32 @@ def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=1
         t_step = timeit(step, device, repeat=rep)
         t_full = timeit(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device,
                         repeat=max(3, rep // 2))
+        # hashing the context's keys (a prefill / bulk append): kvengine vs the torch composition
+        w = hasher.weights("k")
+        t_enc = timeit(lambda: hasher.encode_keys(k), device, repeat=rep)
+        t_enc_t = timeit(lambda: torch_hash_encode(k, *w), device, repeat=max(3, rep // 2))
+        enc_row = {"encode_us": t_enc * 1e6, "torch_encode_us": t_enc_t * 1e6, "encode_speedup": t_enc_t / t_enc}
+        if device != "cpu":  # the tensor-core kernel vs the CUDA-core kernel, same codes away from |f| ~ 0
+            cc = _encode_cuda_core(hasher, k)
+            agree = (cc == kc).float().mean().item()
+            t_cc = timeit(lambda: _encode_cuda_core(hasher, k), device, repeat=rep)
+            enc_row.update(encode_cudacore_us=t_cc * 1e6, mma_speedup=t_cc / t_enc, code_word_agreement=agree)
         code_bytes = kc.numel() * 4
         rows.append({
             "context": N, "k": top_k, "bits": nbits,
             "topk_us": t_k * 1e6, "torch_topk_us": t_t * 1e6, "speedup_vs_torch": t_t / t_k,
             "codes_GBps": code_bytes / t_k / 1e9,
             "sparse_attn_us": t_att * 1e6, "retrieval_step_us": t_step * 1e6, "full_sdpa_us": t_full * 1e6,
-            "step_speedup_vs_full": t_full / t_step,
+            "step_speedup_vs_full": t_full / t_step, **enc_row,
         })
         del k, v, kc
     print_table(f"hash retrieval on {device} ({dtype} K/V, B={B}, Hkv={hkv}, Hq={hq}, D={D}, {nbits}-bit codes, "
                 f"k={top_k}); speedups = baseline time / kvengine time; retrieval step = encode q + hamming_topk "
                 "(keep 4 sinks + 64 recent) + sparse_decode_attention", rows,
                 ["context", "topk_us", "torch_topk_us", "speedup_vs_torch", "codes_GBps", "sparse_attn_us",
-                 "retrieval_step_us", "full_sdpa_us", "step_speedup_vs_full"])
+                 "retrieval_step_us", "full_sdpa_us", "step_speedup_vs_full", "encode_us", "torch_encode_us",
+                 "encode_speedup"] + (["encode_cudacore_us", "mma_speedup", "code_word_agreement"]
+                                      if device != "cpu" else []))
     return rows
 
 
