@@ -23,15 +23,16 @@ KVENGINE_CUDA=ON KVENGINE_CUDA_ARCHS=$ARCH SKBUILD_BUILD_DIR=build/gpu \
   python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 (cd /tmp && python3 -c "import kvengine, json; print(json.dumps(kvengine.build_info()))") | tee "$OUT/build_info.json"
 stage "CUDA tests"
-python3 -m pytest tests -q -p no:cacheprovider -m "not model" -x 2>&1 | tee "$OUT/tests.log" | tail -15
+python3 -m pytest tests -q -p no:cacheprovider -m "not model" --maxfail=25 2>&1 | tee "$OUT/tests.log" | tail -30
 stage "benchmarks"
-for b in fwht quant attention binary; do
+for b in fwht quant attention binary retrieval; do
   [ -f "bench/bench_$b.py" ] && python3 "bench/bench_$b.py" --json "$OUT/bench_$b.json" 2>&1 | tee -a "$OUT/bench.log"
 done
 stage "compute-sanitizer"
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
-    tests/test_attention.py tests/test_fwht.py tests/test_quant.py -k "cuda" > "$OUT/sanitizer_$tool.log" 2>&1
+    tests/test_attention.py tests/test_fwht.py tests/test_quant.py tests/test_retrieval_paths.py -k "cuda" \
+    > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool exit=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tail -2 | tr '\n' ' ')" | tee -a "$OUT/sanitizer_summary.txt"
 done
 stage "done"
