@@ -268,24 +268,114 @@ def test_retrieval_attention_exact_when_k_covers_context(device, gen):
     assert_rows_close(out32, ops.sparse_decode_attention(q, k, v, idx), 1e-6)
 
 
-def test_train_hash_improves_recall(gen, tmp_path):
-    # synthetic heads: a few "important" directions; trained hash should beat LSH at equal bits
-    H, D, N = 2, 32, 512
-    torch.manual_seed(0)
-    basis = torch.randn(H, D, D)
-    k = torch.randn(H, N, D) @ basis * 0.3
-    q = torch.randn(H, 64, D) @ basis * 0.3
-    scores = q @ k.transpose(-1, -2) / D ** 0.5
-    hasher = retrieval.train_hash(q, k, scores, nbits=32, steps=80, lr=3e-2, queries_per_step=16, seed=0)
-    lsh = retrieval.SpotlightHash.random(H, D, 32, generator=torch.Generator().manual_seed(0))
+def _synthetic(H=2, D=32, N=512, NQ=64, seed=0, sink_logit=0.0):
+    """Queries/keys sharing a few "important" directions; ``sink_logit`` > 0 adds attention sinks (keys 0..3 get a
+    direction every query points at)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(H, D, D, generator=g)
+    k = torch.randn(H, N, D, generator=g) @ basis * 0.3
+    q = torch.randn(H, NQ, D, generator=g) @ basis * 0.3
+    if sink_logit:
+        c = torch.randn(H, 1, D, generator=g)
+        c = c / c.norm(dim=-1, keepdim=True)
+        a = (sink_logit * D ** 0.5) ** 0.5  # q·k/√D gains sink_logit on the sinks
+        q = q + c * a
+        k[:, :4] += c * a
+    return q, k, q @ k.transpose(-1, -2) / D ** 0.5
+
+
+def test_train_hash_improves_recall(tmp_path):
+    # trained from the LSH it is compared with (same seed), selected on a held-out query set: must beat it
+    q, k, scores = _synthetic()
+    g = torch.Generator().manual_seed(7)
+    qv = q[:, :16] + 0.05 * torch.randn(q[:, :16].shape, generator=g)
+    sv = qv @ k.transpose(-1, -2) / k.shape[-1] ** 0.5
+    hasher, info = retrieval.train_hash(q, k, scores, nbits=32, steps=80, lr=3e-2, queries_per_step=16, seed=0,
+                                        val=(qv, k, sv), return_info=True)
+    lsh = retrieval.SpotlightHash.random(2, 32, 32, generator=torch.Generator().manual_seed(0))
     r_tr = retrieval.topk_recall(hasher, q, k, scores, top_k=32)
     r_lsh = retrieval.topk_recall(lsh, q, k, scores, top_k=32)
-    assert r_tr > r_lsh, (r_tr, r_lsh)
+    assert r_tr > r_lsh + 0.05, (r_tr, r_lsh)
+    assert info["best_step"] > 0 and info["val_recall"] > info["lsh_val_recall"]
     p = tmp_path / "hash.pt"
     hasher.save(p)
     again = retrieval.SpotlightHash.load(p)
-    x = torch.randn(1, H, 5, D)
+    x = torch.randn(1, 2, 5, 32)
     assert torch.equal(again.encode_keys(x), hasher.encode_keys(x))
+    assert torch.equal(again.encode_queries(x), hasher.encode_queries(x))
+
+
+def test_train_hash_starts_at_lsh_and_falls_back_to_it():
+    q, k, scores = _synthetic()
+    lsh = retrieval.SpotlightHash.random(2, 32, 64, generator=torch.Generator().manual_seed(3))
+    h0 = retrieval.train_hash(q, k, scores, nbits=64, steps=0, seed=3)
+    x = torch.randn(1, 2, 40, 32)
+    assert torch.equal(h0.encode_keys(x), lsh.encode_keys(x))
+    assert torch.equal(h0.encode_queries(x), lsh.encode_queries(x))
+    # training on the REVERSED ranking hurts on the (true) validation set: the LSH (step 0) must come back
+    h, info = retrieval.train_hash(q, k, -scores, nbits=64, steps=60, lr=3e-2, queries_per_step=16, seed=3,
+                                   val=(q, k, scores), return_info=True)
+    assert info["best_step"] == 0, info["curve"]
+    assert min(r for _, r in info["curve"][1:]) < info["lsh_val_recall"]  # training really moved away
+    assert torch.equal(h.encode_keys(x), lsh.encode_keys(x))
+    assert torch.equal(h.encode_queries(x), lsh.encode_queries(x))
+
+
+@pytest.mark.parametrize("sinks,recent", [(4, 0), (4, 16), (0, 8)])
+def test_topk_recall_keep_rule(sinks, recent):
+    # causal queries at given positions: the always-kept tokens are selected, so total mass = forced + free-only mass
+    q, k, scores = _synthetic(NQ=24, sink_logit=12.0)
+    N = k.shape[1]
+    pos = torch.arange(100, N, (N - 100) // 24)[:24]
+    scores = scores.masked_fill(torch.arange(N)[None, None, :] > pos[None, :, None], float("-inf"))
+    free = retrieval._free_mask(pos, N, sinks, recent)
+    for t, pt in enumerate(pos.tolist()):
+        want = torch.zeros(N, dtype=torch.bool)
+        want[sinks : pt + 1 - recent] = True
+        assert torch.equal(free[t], want)
+    p = torch.softmax(scores, -1)
+    forced = (p * (~free & (torch.arange(N)[None, :] <= pos[:, None]))).sum(-1).mean().item()
+    lsh = retrieval.SpotlightHash.random(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(q_pos=pos, sinks=sinks, recent=recent)
+    total = retrieval.topk_recall(lsh, q, k, scores, 48, **kw)
+    free_part = retrieval.topk_recall(lsh, q, k, scores, 48, free_only=True, **kw)
+    assert abs(total - (forced + free_part)) < 1e-5, (total, forced, free_part)
+    if sinks:
+        assert forced > 0.5  # the sinks hold most of the mass here
+    # grouped queries ([H, g, Nq, D], 2 heads per group) go through the same selection
+    qg = torch.stack([q, q.flip(1)], 1)
+    sg = torch.stack([scores, (q.flip(1) @ k.transpose(-1, -2) / 32 ** 0.5).masked_fill(
+        torch.arange(N)[None, None, :] > pos[None, :, None], float("-inf"))], 1)
+    assert 0 < retrieval.topk_recall(lsh, qg, k, sg, 48, **kw) <= 1
+
+
+def test_train_hash_ignores_sinks():
+    # sink-dominated attention: trained with the sinks excluded, the hash must rank the OTHER keys better than LSH
+    q, k, scores = _synthetic(sink_logit=12.0, seed=1)
+    assert torch.softmax(scores, -1)[..., :4].sum(-1).mean() > 0.5
+    g = torch.Generator().manual_seed(5)
+    qv = q[:, :24] + 0.05 * torch.randn(q[:, :24].shape, generator=g)
+    sv = qv @ k.transpose(-1, -2) / 32 ** 0.5
+    kw = dict(sinks=4, recent=0)
+    h = retrieval.train_hash(q, k, scores, nbits=32, steps=80, lr=3e-2, queries_per_step=16, seed=1,
+                             val=(qv, k, sv), top=28, **kw)
+    lsh = retrieval.SpotlightHash.random(2, 32, 32, generator=torch.Generator().manual_seed(1))
+    r_tr = retrieval.topk_recall(h, q, k, scores, 32, free_only=True, **kw)
+    r_lsh = retrieval.topk_recall(lsh, q, k, scores, 32, free_only=True, **kw)
+    assert r_tr > r_lsh, (r_tr, r_lsh)
+
+
+def test_layer_problem_is_causal_and_grouped():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(6, 50, 8, generator=g), torch.randn(2, 50, 8, generator=g)
+    pos = retrieval.sample_positions(50, 10, 20, seed=1)
+    assert len(pos) == 10 and pos.min() >= 20 and pos.max() < 50 and torch.equal(pos, pos.sort().values)
+    qg, kf, s, p = retrieval.layer_problem(q, k, pos)
+    assert qg.shape == (2, 3, 10, 8) and s.shape == (2, 3, 10, 50)
+    # query head 4 belongs to KV head 1 (heads h*g .. h*g+g-1)
+    ref_ = q[4, pos[3]] @ k[1].T / 8 ** 0.5
+    torch.testing.assert_close(s[1, 1, 3, : pos[3] + 1], ref_[: pos[3] + 1])
+    assert torch.isinf(s[1, 1, 3, pos[3] + 1:]).all()
 
 
 @pytest.mark.cuda

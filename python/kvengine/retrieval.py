@@ -246,8 +246,8 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
     keys against ``softmax(β·S)`` over the free keys (β learned per head) — un-normalised P, so queries whose free
     keys hold little mass weigh little.  Initialised at LSH (w1 Gaussian / scale, b = 0, w2 = 0: the codes of
     ``SpotlightHash.random(H, D, nbits, generator=torch.Generator().manual_seed(seed))``), Adam.  A ``val_frac``
-    split of the queries (the last positions) is held out — or ``val = (q, k, attn_scores, q_pos)`` from another
-    sequence (better: the split shares its keys with training); every ``eval_every`` steps (and at step 0 = LSH)
+    split of the queries (the last positions) is held out — or, better (the split shares its keys with training),
+    ``val = (q, k, attn_scores, q_pos)`` from another sequence; every ``eval_every`` steps (and at step 0 = LSH)
     the free attention mass the sign codes' top-``top`` free keys capture is measured there and the best weights
     are returned (LSH's when training never beats it).  ``return_info=True`` returns ``(hash, info)`` with the
     validation curve.
