@@ -317,3 +317,23 @@ def test_query_positions():
     assert len(p) <= 256 and p[-1] == 1023 and p[0] >= 128 and (p.diff() == 4).all()
     assert query_positions(100, 16, 1000).tolist() == list(range(16, 100))
     assert query_positions(10, 128, 256).tolist() == [9]
+
+
+def test_upgrade_plan_spends_the_left_over_budget_where_the_error_drops_most():
+    from kvengine.autoconfig import upgrade_plan
+
+    base, mid, big = Scheme(2, 2, 128, "kv"), Scheme(2, 2, 64, "kv"), Scheme(4, 4, 128, "kv")
+    bits = {base: 2.375, mid: 2.5, big: 4.375}
+    # layer 1 gains most from 4 bits, layer 0 a little from G64, layer 2 nothing (its 4-bit error is higher)
+    err = [{base: 0.10, mid: 0.09, big: 0.05}, {base: 0.30, mid: 0.29, big: 0.05}, {base: 0.02, mid: 0.02, big: 0.03}]
+    errors = [{s: (e[s], bits[s], e[s]) for s in e} for e in err]
+    perms = [list(range(D))] * 3
+    # budget: room for exactly one 4-bit layer (+2.0) and one G64 step (+0.125)
+    budget = (3 * 2.375 + 2.0 + 0.125) / 3
+    p = upgrade_plan(errors, perms, base, budget, D, 16, 0)
+    assert [c.scheme for c in p.layers] == [mid, big, base]
+    assert p.effective_bits <= budget + 1e-9
+    # no slack, or no error that drops: nothing to upgrade
+    assert upgrade_plan(errors, perms, base, 2.375, D, 16, 0) is None
+    flat = [{s: (0.1, bits[s], 0.1) for s in e} for e in err]
+    assert upgrade_plan(flat, perms, base, 3.5, D, 16, 0) is None

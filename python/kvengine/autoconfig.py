@@ -457,10 +457,47 @@ def candidate_plans(errors: Sequence[dict], perms: Sequence[list], budget_bits: 
     return out
 
 
-def select_plan(model, ids: Tensor, plans: dict, progress: bool = False) -> tuple[str, AutoPlan, dict]:
+def upgrade_plan(errors: Sequence[dict], perms: Sequence[list], base: Scheme, budget_bits: float, head_dim: int,
+                 residual: int = 128, sinks: int = 4) -> Optional[AutoPlan]:
+    """The uniform plan of ``base`` with its left-over budget spent greedily: repeatedly the (layer, scheme) change
+    with the largest error reduction per extra bit that still fits, until none does.  A conservative per-layer plan:
+    it departs from a validated uniform scheme only where the measured error gain is largest.  None when nothing
+    fits or nothing lowers an error."""
+    L = len(errors)
+    cur = [base] * L
+    slack = budget_bits * L - sum(errors[i][base][1] for i in range(L))
+    changed = False
+    while True:
+        best = None
+        for i in range(L):
+            e0, b0 = errors[i][cur[i]][:2]
+            for s, v in errors[i].items():
+                gain, cost = e0 - v[0], v[1] - b0
+                if gain <= 0 or cost <= 1e-12 or cost > slack + 1e-9:
+                    continue
+                if best is None or gain / cost > best[0]:
+                    best = (gain / cost, i, s, cost)
+        if best is None:
+            break
+        _, i, s, cost = best
+        cur[i] = s
+        slack -= cost
+        changed = True
+    if not changed:
+        return None
+    layers = [LayerChoice(s, errors[i][s][0], errors[i][s][1], list(perms[i]) if s.reorder else None)
+              for i, s in enumerate(cur)]
+    table = [{s.name: v for s, v in e.items()} for e in errors]
+    return AutoPlan(budget_bits, head_dim, residual, sinks, layers, table)
+
+
+def select_plan(model, ids: Tensor, plans: dict, progress: bool = False, errors: Optional[Sequence[dict]] = None,
+                perms: Optional[Sequence[list]] = None) -> tuple[str, AutoPlan, dict]:
     """The plan with the lowest calibration perplexity (``calibration_ppl``): the per-layer errors rank schemes
     within a layer well, but do not say exactly how much each layer's error costs the model, so the knapsack plan is
-    checked against the uniform schemes of the same budget on the calibration text before it is trusted.
+    checked against the uniform schemes of the same budget on the calibration text before it is trusted.  With
+    ``errors``/``perms`` (from ``measure_errors``) and a uniform winner, that scheme with its left-over budget spent
+    (``upgrade_plan``) is validated too and taken if it is better.
     Returns (name, plan, {name: ppl})."""
     ppl = {}
     items = list(plans.items())
@@ -472,7 +509,17 @@ def select_plan(model, ids: Tensor, plans: dict, progress: bool = False) -> tupl
     for name, p in it:
         ppl[name] = calibration_ppl(model, ids, p)
     best = min(ppl, key=lambda n: (ppl[n], not n.startswith("per-layer")))
-    return best, plans[best], ppl
+    plan = plans[best]
+    if errors is not None and best.startswith("fixed "):
+        # a uniform scheme won: also try it with its left-over budget spent on the layers that gain most
+        base = plan.layers[0].scheme
+        up = upgrade_plan(errors, perms, base, plan.budget_bits, plan.head_dim, plan.residual, plan.sinks)
+        if up is not None:
+            name = f"{best} + upgrades"
+            ppl[name] = calibration_ppl(model, ids, up)
+            if ppl[name] < ppl[best]:
+                best, plan = name, up
+    return best, plan, ppl
 
 
 def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens: int = 1024,
@@ -511,7 +558,7 @@ def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens
     meta = {"model": model_name, "tokens": int(ids.numel()), "num_layers": len(errors)}
     if validate:
         name, plan, ppl = select_plan(model, ids, candidate_plans(errors, perms, budget_bits, D, residual, sinks),
-                                      progress)
+                                      progress, errors, perms)
         meta.update(chosen=name, validation={k: round(v, 4) for k, v in ppl.items()})
     else:
         plan = plan_from_errors(errors, perms, budget_bits, D, residual, sinks)

@@ -407,7 +407,8 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
                 p = cands["per-layer"]
                 meta["chosen"] = "per-layer"
             else:
-                name, p, ppl = ac.select_plan(lm.model, calib_ids, cands, progress=not args.quiet)
+                name, p, ppl = ac.select_plan(lm.model, calib_ids, cands, progress=not args.quiet, errors=errors,
+                                              perms=perms)
                 meta.update(chosen=name, validation={k: round(v, 4) for k, v in ppl.items()})
                 if name != "per-layer":
                     knapsack[b] = cands["per-layer"]
