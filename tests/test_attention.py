@@ -9,11 +9,13 @@ from kvengine import reference as ref
 from conftest import DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
 
 
-def make_inputs(B, Hkv, g, Tq, D, bits_k, bits_v, G, VG, lens, qcap, fcap, dtype, meta_dtype, gen, device):
-    """Random cache segments of the given capacities; lens [B, 3] = (n_sink, n_quant, n_res)."""
+def make_inputs(B, Hkv, g, Tq, D, bits_k, bits_v, G, VG, lens, qcap, fcap, dtype, meta_dtype, gen, device,
+                k_mode="per_channel"):
+    """Random cache segments of the given capacities; lens [B, 3] = (n_sink, n_quant, n_res).  Keys per-channel in
+    groups of G tokens, or (``k_mode="per_token"``) per token in groups of G channels."""
     kq = outlier_randn(B, Hkv, qcap, D, generator=gen)
     vq = outlier_randn(B, Hkv, qcap, D, generator=gen)
-    kc, ks, kz = ref.quantize_pack(kq, bits_k, G, "per_channel", meta_dtype)
+    kc, ks, kz = ref.quantize_pack(kq, bits_k, G, k_mode, meta_dtype)
     vc, vs, vz = ref.quantize_pack(vq, bits_v, VG, "per_token", meta_dtype)
     k_fp = outlier_randn(B, Hkv, fcap, D, generator=gen).to(dtype)
     v_fp = outlier_randn(B, Hkv, fcap, D, generator=gen).to(dtype)
@@ -49,6 +51,43 @@ def test_matches_reference(device, case, dtype, gen):
                       {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype])
 
 
+# per-token keys: G is the key channel group (a multiple of 32 on CUDA, 16 on CPU); quantized lengths need not be
+# multiples of anything
+CASES_KTOK = [
+    # B, Hkv, g, Tq, D, bits_k, bits_v, G, VG, lens, qcap, fcap
+    (2, 2, 3, 2, 64, 2, 2, 32, 32, [(4, 70, 5), (1, 33, 0)], 96, 16),          # varlen, GQA 3, odd lengths
+    (1, 1, 8, 4, 128, 4, 2, 64, 64, [(0, 129, 3)], 160, 8),                     # MQA, Tq=4, tile boundary + 1
+    (1, 2, 1, 3, 256, 1, 8, 256, 16, [(2, 40, 3)], 64, 8),                      # one group per token, D=256
+    (2, 1, 2, 1, 128, 8, 4, 32, 32, [(1, 300, 2), (3, 7, 9)], 320, 16),         # 8-bit K, several tiles
+    (1, 2, 4, 1, 32, 2, 4, 32, 16, [(0, 65, 1)], 96, 4),                        # tiny heads
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES_KTOK)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_keys_match_reference(device, case, dtype, gen):
+    B, Hkv, g, Tq, D, bk, bv, G, VG, lens, qcap, fcap = case
+    args = make_inputs(B, Hkv, g, Tq, D, bk, bv, G, VG, lens, qcap, fcap, dtype, torch.float16, gen, device,
+                       "per_token")
+    out = ops.quant_decode_attention(*args, bk, bv, G, VG, k_mode="per_token")
+    expect = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, k_mode="per_token").float()
+    assert out.shape == args[0].shape and out.dtype == dtype
+    assert_rows_close(out, expect, {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype])
+    # with rotation (q rotated in, out rotated back)
+    if dtype == torch.float32:
+        o2 = ops.quant_decode_attention(*args, bk, bv, G, VG, 0.3, True, True, k_mode="per_token")
+        e2 = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, 0.3, True, True, k_mode="per_token")
+        assert_rows_close(o2, e2, 1e-4)
+
+
+def test_per_token_keys_group16_cpu(gen):
+    args = make_inputs(2, 1, 2, 2, 48, 2, 2, 16, 16, [(2, 37, 3), (0, 5, 2)], 40, 8, torch.float32, torch.float16,
+                       gen, "cpu", "per_token")
+    assert_rows_close(ops.quant_decode_attention(*args, 2, 2, 16, 16, k_mode="per_token"),
+                      ref.quant_decode_attention(*args, 2, 2, 16, 16, k_mode="per_token"), 1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rotation_and_perms(device, gen):
     B, Hkv, g, Tq, D = 2, 2, 2, 2, 64
@@ -69,6 +108,10 @@ def test_opcheck(gen):
                           (*args, 2, 4, 32, 32, None, False, False, None, None))
     torch.library.opcheck(torch.ops.kvengine.quant_decode_attention.default,
                           (*args, 2, 4, 32, 32, 0.1, True, True, None, torch.randperm(64)))
+    args = make_inputs(2, 2, 2, 2, 64, 2, 4, 32, 32, [(4, 61, 10), (1, 3, 3)], 64, 16, torch.float32,
+                       torch.float16, gen, "cpu", "per_token")
+    torch.library.opcheck(torch.ops.kvengine.quant_decode_attention.default,
+                          (*args, 2, 4, 32, 32, None, False, False, None, None, "per_token"))
 
 
 @pytest.mark.cuda
@@ -122,6 +165,16 @@ def test_bad_inputs(gen):
         call(q, kc, ks, kz, vc, vs, vz, kf, vf, lens.long())
     with pytest.raises(ValueError, match="k_perm given but rotate_k is false"):
         call(*args, k_perm=torch.randperm(64))
+    with pytest.raises(ValueError, match="k_mode must be 'per_channel' or 'per_token', got 'token'"):
+        call(*args, k_mode="token")
+    with pytest.raises(ValueError, match=r"k_scale must have shape \[1, 2, 64, 2\]"):  # per-channel metadata
+        call(*args, k_mode="per_token")
+    t = make_inputs(1, 2, 2, 1, 64, 2, 2, 32, 32, [(4, 60, 10)], 64, 16, torch.float32, torch.float16, gen, "cpu",
+                    "per_token")
+    with pytest.raises(ValueError, match=r"per-token keys k_group \(24\) must be a multiple of 16 that divides"):
+        call(*t, G=24, k_mode="per_token")
+    with pytest.raises(ValueError, match=r"per-token keys k_group \(48\) must be a multiple of 16 that divides"):
+        call(*t, G=48, k_mode="per_token")
     with pytest.raises(ValueError, match="must be a power of two"):
         qq = torch.randn(1, 4, 1, 48)
         a2 = make_inputs(1, 2, 2, 1, 48, 2, 2, 32, 16, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cpu")
@@ -161,3 +214,16 @@ def test_cuda_alignment_and_lens_clamp(gen):
     clamped = torch.tensor([[16, 64, 0]], dtype=torch.int32)
     expect = ref.quant_decode_attention(*[a.cpu() for a in args[:-1]], clamped, 2, 2, 32, 32)
     assert_rows_close(out, expect, 1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_cuda_per_token_keys_group16_rejected(gen):
+    t = make_inputs(1, 2, 2, 1, 64, 2, 2, 16, 32, [(4, 60, 10)], 64, 16, torch.float32, torch.float16, gen, "cuda",
+                    "per_token")
+    with pytest.raises(ValueError, match="on CUDA per-token keys need k_group a multiple of 32"):
+        ops.quant_decode_attention(*t, 2, 2, 16, 32, k_mode="per_token")
+    # the CPU takes groups of 16
+    c = [a.cpu() for a in t]
+    assert_rows_close(ops.quant_decode_attention(*c, 2, 2, 16, 32, k_mode="per_token"),
+                      ref.quant_decode_attention(*c, 2, 2, 16, 32, k_mode="per_token"), 1e-4)

@@ -14,6 +14,9 @@ def layer(kind, gen):
     if kind == "outlier_channels":  # a few channels 12x larger in keys and queries: rotation evens them out
         k = torch.randn(B, H, T, D, generator=gen)
         k[..., ::16] *= 12
+    elif kind == "token_offsets":  # every token's key has its own offset (σ = 6): a per-token zero point absorbs it,
+        # per-channel groups of 32 tokens must span the offsets' spread
+        k = torch.randn(B, H, T, D, generator=gen) + 6 * torch.randn(B, H, T, 1, generator=gen)
     else:  # bounded near-binary channels (as per-head-normalized keys can be): 2-bit per-channel is ~exact
         k = torch.sign(torch.randn(B, H, T, D, generator=gen)) * (torch.rand(D, generator=gen) * 3 + 0.5)
     idx = torch.randint(0, T, (T,), generator=gen)
@@ -38,6 +41,25 @@ def test_rotation_chosen_where_it_wins_and_not_where_it_loses(gen):
     ea = {s.rotate: scheme_error(qa, ka, va, s, 16, 0) for s in ROT_ONLY}
     eb = {s.rotate: scheme_error(qb, kb, vb, s, 16, 0) for s in ROT_ONLY}
     assert ea["k"] < ea["none"] and eb["k"] > eb["none"]
+
+
+def test_key_mode_chosen_where_it_wins(gen):
+    """Keys per token win on keys whose offset varies token to token; per channel (KIVI) wins on keys with fixed
+    per-channel ranges.  Both candidates cost the same bits here (G = 32 tokens vs 32 channels)."""
+    cands = [Scheme(2, 2, 32, "none", clip="none", k_mode=m) for m in ("per_channel", "per_token")]
+    assert cands[0].effective_bits(D) == cands[1].effective_bits(D)
+    qa, ka, va = layer("token_offsets", gen)
+    qb, kb, vb = layer("binary", gen)
+    plan = plan_from_captures([(qa, ka, va), (qb, kb, vb)], budget_bits=8, candidates=cands, residual=16, sinks=0)
+    assert plan.layers[0].scheme.k_mode == "per_token", plan.format_table()
+    assert plan.layers[1].scheme.k_mode == "per_channel", plan.format_table()
+    ea = [scheme_error(qa, ka, va, s, 16, 0) for s in cands]
+    eb = [scheme_error(qb, kb, vb, s, 16, 0) for s in cands]
+    assert ea[1] < 0.9 * ea[0] and eb[0] < 0.9 * eb[1], (ea, eb)
+    # the per-token choice reaches the caches built from the plan
+    kw = plan.cache_kwargs(0)
+    assert kw["k_mode"] == "per_token" and "k_mode" not in plan.cache_kwargs(1)
+    assert "K/token" in plan.layers[0].scheme.name and "token" in plan.format_table()
 
 
 def test_budget_gives_more_bits_to_the_sensitive_layer_and_holds(gen):
@@ -79,7 +101,13 @@ def test_plan_round_trips_through_json(tmp_path, gen):
     # the quantizer is part of a plan: version-2 plans keep each layer's clip; version-1 plans (made before the
     # range search existed) load as min/max, the quantizer they were measured with
     d = plan.to_dict()
-    assert d["version"] == 2 and d["layers"][0]["clip"] == "auto" and kw["clip"] == "auto"
+    assert d["version"] == 3 and d["layers"][0]["clip"] == "auto" and kw["clip"] == "auto"
+    assert d["layers"][0]["k_mode"] == "per_channel"
+    # version 3 records the key mode; older plans (no such field) had per-channel keys only
+    d3 = dict(d, layers=[dict(L, k_mode="per_token") for L in d["layers"]])
+    assert AutoPlan.from_dict(d3).cache_kwargs(0)["k_mode"] == "per_token"
+    d2 = dict(d, version=2, layers=[{k: v for k, v in L.items() if k != "k_mode"} for L in d["layers"]])
+    assert AutoPlan.from_dict(d2).layers[0].scheme.k_mode == "per_channel"
     d["layers"][0]["clip"] = "kv"
     assert AutoPlan.from_dict(d).cache_kwargs(0)["clip"] == "kv"
     d1 = dict(d, version=1, layers=[{k: v for k, v in L.items() if k != "clip"} for L in d["layers"]])
@@ -275,7 +303,7 @@ def test_eval_auto_cli_on_smollm2(smollm2, tmp_path, capsys):
     assert "auto plan, budget 2.5 bits" in text and "budget 2.5 bits: auto plan PPL ratio" in text
     d = json.loads(out.read_text())
     kinds = [r["kind"] for r in d["rows"]]
-    assert kinds[:2] == ["fp", "auto"] and kinds.count("fixed") == 8  # INT2 G64 and G128 x 4 rotations
+    assert kinds[:2] == ["fp", "auto"] and kinds.count("fixed") == 16  # INT2 G64/G128 x 4 rotations x keys per channel/token
     assert set(kinds) <= {"fp", "auto", "knapsack", "fixed"}
     auto = d["rows"][1]
     assert auto["packed_bits"] <= 2.5 + 1e-9 and len(auto["plan"]["layers"]) == 30
@@ -283,8 +311,9 @@ def test_eval_auto_cli_on_smollm2(smollm2, tmp_path, capsys):
         assert 0.9 < r["ppl_ratio"] < 1.5 and r["tokens"] == 255
     plan = AutoPlan.load(str(plan_path))
     assert plan.to_dict()["layers"] == auto["plan"]["layers"]
-    val = plan.meta["validation"]  # the knapsack plan and the 8 uniform schemes, run on the calibration text
-    assert len(val) - ("per-layer (all-quantized error)" in val) == 9 and "per-layer" in val
+    val = plan.meta["validation"]  # the knapsack plan and the 16 uniform schemes, run on the calibration text
+    assert len(val) - ("per-layer (all-quantized error)" in val) - ("+ upgrades" in " ".join(val)) == 17
+    assert "per-layer" in val and any("K/token" in n for n in val)
     assert plan.meta["chosen"] == min(val, key=val.get)
     assert ("per-layer knapsack @ 2.5 (not chosen)" in text) == (plan.meta["chosen"] != "per-layer")
 

@@ -217,6 +217,12 @@ def test_constructor_errors():
         QuantizedKVCache(2, 64, v_group=24)
     with pytest.raises(ValueError, match="clip must be"):
         QuantizedKVCache(2, 64, clip="q")
+    with pytest.raises(ValueError, match="k_mode must be 'per_channel' or 'per_token'"):
+        QuantizedKVCache(2, 64, k_mode="token")
+    with pytest.raises(ValueError, match=r"k_group \(24\) must be a multiple of 16 dividing head_dim \(64\)"):
+        QuantizedKVCache(2, 64, k_mode="per_token", k_group=24)
+    with pytest.raises(ValueError, match="k_group is only for k_mode='per_token'"):
+        QuantizedKVCache(2, 64, k_group=32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -314,3 +320,40 @@ def test_distinct_caches_from_several_threads(gen):
     assert not errors, errors
     for a, b in zip(alone, results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rotate", [False, True, "k"])
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("clip", ["auto", "none"])
+def test_per_token_keys(device, rotate, g, clip, gen):
+    """k_mode="per_token": keys quantized per token in groups of k_group channels (like the values).  attend() is
+    exact attention over dequantize(); the packed keys are exactly quantize_pack(..., "per_token") of what was
+    appended (rotated when asked); the byte count holds one scale/zero pair per token and channel group."""
+    from kvengine.cache import CLIP_STEPS
+
+    B, H, D, G, R, S, KG = 2, 2, 64, 32, 16, 4, 32
+    c = QuantizedKVCache(H, D, bits_k=2, bits_v=4, group_size=G, residual=R, sinks=S, rotate=rotate, batch_size=B,
+                         device=device, clip=clip, k_mode="per_token", k_group=KG, dtype=torch.float32)
+    k0 = outlier_randn(B, H, 100, D, generator=gen).to(device)
+    v0 = outlier_randn(B, H, 100, D, generator=gen).to(device)
+    c.append(k0, v0)
+    assert c.q["k_scale"].shape[-1] == D // KG
+    # the bulk flush: tokens S .. S + n_quant of the input, quantized per token (fused rotation if asked)
+    kr = kvengine.fwht(k0) if rotate in (True, "k") else k0
+    want = kvengine.quantize_pack(kr[:, :, S : S + c.n_quant], 2, KG, "per_token", torch.float16,
+                                  CLIP_STEPS if clip == "auto" else 0)
+    used = c._q_used()
+    assert used["k_scale"].shape[2] == c.n_quant
+    assert torch.equal(used["k_codes"], want.codes) and torch.equal(used["k_scale"], want.scale)
+    for step in range(12):
+        Tq = 1 + step % 3
+        c.append(outlier_randn(B, H, Tq, D, generator=gen).to(device),
+                 outlier_randn(B, H, Tq, D, generator=gen).to(device))
+        if step % 4 == 0:
+            q = outlier_randn(B, H * g, Tq, D, generator=gen).to(device)
+            k, v = c.dequantize()
+            assert_rows_close(c.attend(q), sdpa(q, k, v), 1e-3)
+    nq, nfp = c.n_quant, c.n_sink + c.n_res
+    expect = (nq * D * (2 + 4) + nq * (D // KG) * 32 + nq * (D // 32) * 32 + nfp * D * 64) / 8 * B * H
+    assert c.nbytes == expect

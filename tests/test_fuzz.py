@@ -160,13 +160,21 @@ def test_fuzz_quant_decode_attention(data):
     Tq = draw(st.integers(1, 8))
     D = draw(st.sampled_from([32, 64, 128] + ([48, 80] if dev == "cpu" else [])))
     bk, bv = draw(st.sampled_from([1, 2, 4, 8])), draw(st.sampled_from([1, 2, 4, 8]))
-    G = draw(st.sampled_from([1, 8, 32, 64]))
+    k_mode = draw(st.sampled_from(["per_channel", "per_token"]))
+    if k_mode == "per_token":  # G = channels per key group; any quantized length
+        G = draw(st.sampled_from([v for v in ((32, 64) if dev == "cuda" else (16, 32, 64)) if D % v == 0]))
+        qcap = draw(st.integers(0, 150))
+    else:
+        G = draw(st.sampled_from([1, 8, 32, 64]))
+        qcap = G * draw(st.integers(0, 4))
     VG = draw(st.sampled_from([v for v in (16, 32, 64) if D % v == 0]))
-    qcap = G * draw(st.integers(0, 4))
     fcap = draw(st.integers(0, 40))
     lens = []
     for _ in range(B):
-        nq = G * draw(st.integers(0, qcap // G)) if qcap else 0
+        if k_mode == "per_token":
+            nq = draw(st.integers(0, qcap))
+        else:
+            nq = G * draw(st.integers(0, qcap // G)) if qcap else 0
         ns = draw(st.integers(0, fcap))
         nr = draw(st.integers(0, fcap - ns))
         if ns + nq + nr < Tq:
@@ -175,9 +183,10 @@ def test_fuzz_quant_decode_attention(data):
     meta = draw(st.sampled_from([torch.float16, torch.float32, torch.bfloat16]))
     kq = tensor(draw, (B, Hkv, qcap, D), torch.float32, special=False)
     vq = tensor(draw, (B, Hkv, qcap, D), torch.float32, special=False)
-    kc, ks, kz = ref.quantize_pack(kq, bk, G, "per_channel", meta) if qcap else (
-        torch.zeros(B, Hkv, 0, D * bk // 8, dtype=torch.uint8), torch.zeros(B, Hkv, 0, D, dtype=meta),
-        torch.zeros(B, Hkv, 0, D, dtype=meta))
+    kmeta = D // G if k_mode == "per_token" else D
+    kc, ks, kz = ref.quantize_pack(kq, bk, G, k_mode, meta) if qcap else (
+        torch.zeros(B, Hkv, 0, D * bk // 8, dtype=torch.uint8), torch.zeros(B, Hkv, 0, kmeta, dtype=meta),
+        torch.zeros(B, Hkv, 0, kmeta, dtype=meta))
     vc, vs, vz = ref.quantize_pack(vq, bv, VG, "per_token", meta) if qcap else (
         torch.zeros(B, Hkv, 0, D * bv // 8, dtype=torch.uint8), torch.zeros(B, Hkv, 0, D // VG, dtype=meta),
         torch.zeros(B, Hkv, 0, D // VG, dtype=meta))
@@ -186,8 +195,8 @@ def test_fuzz_quant_decode_attention(data):
     q = (0.3 * tensor(draw, (B, Hkv * g, Tq, D), torch.float32, special=False)).to(dtype)
     args = [t.to(dev) for t in (q, kc, ks, kz, vc, vs, vz, kf, vf, torch.tensor(lens, dtype=torch.int32))]
     rotate = draw(st.booleans()) and D & (D - 1) == 0
-    out = ops.quant_decode_attention(*args, bk, bv, G, VG, None, rotate, rotate)
-    e = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, None, rotate, rotate)
+    out = ops.quant_decode_attention(*args, bk, bv, G, VG, None, rotate, rotate, k_mode=k_mode)
+    e = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, None, rotate, rotate, k_mode=k_mode)
     assert_rows_close(out, e, {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype])
 
 

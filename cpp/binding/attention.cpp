@@ -31,7 +31,8 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
                                   const at::Tensor& v_zero, const at::Tensor& k_fp, const at::Tensor& v_fp,
                                   const at::Tensor& lens, int64_t bits_k, int64_t bits_v, int64_t k_group,
                                   int64_t v_group, std::optional<double> softmax_scale, bool rotate_k, bool rotate_v,
-                                  const std::optional<at::Tensor>& k_perm, const std::optional<at::Tensor>& v_perm) {
+                                  const std::optional<at::Tensor>& k_perm, const std::optional<at::Tensor>& v_perm,
+                                  c10::string_view k_mode) {
   const char* op = "quant_decode_attention";
   check_supported_device(op, q);
   check_float(op, "q", q);
@@ -50,8 +51,18 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
             ") must be a multiple of the KV head count Hkv (", Hkv, ")");
   check_bits(op, bits_k);
   check_bits(op, bits_v);
-  KVE_CHECK(k_group >= 1 && qcap % k_group == 0, op, ": k_group (", k_group,
-            ") must be >= 1 and divide the quantized capacity (dim 2 of k_codes, ", qcap, ")");
+  KVE_CHECK(k_mode == "per_channel" || k_mode == "per_token", op,
+            ": k_mode must be 'per_channel' or 'per_token', got '", std::string(k_mode), "'");
+  const bool ktok = k_mode == "per_token";
+  if (ktok) {
+    KVE_CHECK(k_group >= 16 && k_group % 16 == 0 && D % k_group == 0, op, ": with per-token keys k_group (", k_group,
+              ") must be a multiple of 16 that divides head_dim ", D);
+    KVE_CHECK(!q.is_cuda() || k_group % 32 == 0, op, ": on CUDA per-token keys need k_group a multiple of 32, got ",
+              k_group);
+  } else {
+    KVE_CHECK(k_group >= 1 && qcap % k_group == 0, op, ": k_group (", k_group,
+              ") must be >= 1 and divide the quantized capacity (dim 2 of k_codes, ", qcap, ")");
+  }
   KVE_CHECK(v_group >= 16 && v_group % 16 == 0 && D % v_group == 0, op, ": v_group (", v_group,
             ") must be a multiple of 16 that divides head_dim ", D);
   // lens are int32 and the kernels hold token positions (< n_sink + n_quant + n_res) in 32-bit ints
@@ -67,8 +78,8 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
     at::ScalarType dtype;
   } tensors[] = {
       {"k_codes", k_codes, {B, Hkv, qcap, D * bits_k / 8}, at::kByte},
-      {"k_scale", k_scale, {B, Hkv, qcap / k_group, D}, mt},
-      {"k_zero", k_zero, {B, Hkv, qcap / k_group, D}, mt},
+      {"k_scale", k_scale, ktok ? std::vector<int64_t>{B, Hkv, qcap, D / k_group} : std::vector<int64_t>{B, Hkv, qcap / k_group, D}, mt},
+      {"k_zero", k_zero, ktok ? std::vector<int64_t>{B, Hkv, qcap, D / k_group} : std::vector<int64_t>{B, Hkv, qcap / k_group, D}, mt},
       {"v_codes", v_codes, {B, Hkv, qcap, D * bits_v / 8}, at::kByte},
       {"v_scale", v_scale, {B, Hkv, qcap, D / v_group}, mt},
       {"v_zero", v_zero, {B, Hkv, qcap, D / v_group}, mt},
@@ -138,6 +149,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   a.bits_k = int(bits_k);
   a.bits_v = int(bits_v);
   a.k_group = int(k_group);
+  a.k_per_token = ktok;
   a.v_group = int(v_group);
   a.q_cap = qcap;
   a.k_fp = k_fp.data_ptr();

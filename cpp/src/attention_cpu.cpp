@@ -6,7 +6,9 @@
 // a time and dequantized (x̂ = code·scale + zero — folding the scale into q would be cheaper but loses precision to
 // cancellation against large zero points) into a 32-token block that stays in L1, then used by every query row
 // (scores four tokens at a time with one combined horizontal reduction; P·V with the accumulators in registers).
-// Nothing dequantized is ever written to the cache or to main memory.  Built with FMA contraction allowed.
+// Keys are per-channel (KIVI: one scale/zero row per group of k_group tokens) or per token (k_per_token: groups of
+// k_group channels, like the values).  Nothing dequantized is ever written to the cache or to main memory.  Built
+// with FMA contraction allowed.
 // Chunks are merged by the usual log-sum-exp rule (flash-decoding split-K).
 #include <algorithm>
 #include <cmath>
@@ -64,7 +66,7 @@ struct State {  // per work item: query rows, online softmax state, one block of
     s.assign(size_t(R) * BT, 0.f);
     kblk.resize(size_t(BT) * D);
     vblk.resize(size_t(BT) * D);
-    meta.resize(2 * size_t(D) + 2 * size_t(BT) * (D / 16));
+    meta.resize(2 * size_t(D) + 4 * size_t(BT) * (D / 16));  // K rows | V per token | K per token
   }
 };
 
@@ -224,44 +226,63 @@ class Worker {
     }
   }
 
-  // packed tokens: blocks never straddle a K group, so one per-channel scale/zero serves the whole block
+  // packed tokens: with per-channel keys blocks never straddle a K group, so one per-channel scale/zero serves the
+  // whole block; per-token keys (and values) take their scale/zero per token and channel group
   void quant_range(State& st, int64_t b, int64_t h, int64_t ns, int64_t nq, int64_t c0, int64_t c1) {
     const DecodeAttentionArgs& a = a_;
     const int64_t lo = std::max(ns, c0), hi = std::min(ns + nq, c1);
     if (lo >= hi) return;
+    const bool ktok = a.k_per_token;
     const int D = int(a.D), G = a.k_group, VG = a.v_group, nv = D / W;
     const int64_t bh = b * a.Hkv + h;
     const int64_t krow_bytes = D * BK / 8, vrow_bytes = D * BV / 8;
     const uint8_t* kc = a.k_codes + bh * a.q_cap * krow_bytes;
     const uint8_t* vc = a.v_codes + bh * a.q_cap * vrow_bytes;
-    const int64_t kmeta0 = bh * (a.q_cap / G) * D, vmeta0 = bh * a.q_cap * (D / VG);
+    const int64_t kmeta0 = ktok ? bh * a.q_cap * (D / G) : bh * (a.q_cap / G) * D, vmeta0 = bh * a.q_cap * (D / VG);
+    const int msz = dtype_size(a.meta_dtype);
     float* ks = st.meta.data();
     float* kz = st.meta.data() + D;
     int64_t cur_group = -1;
     for (int64_t p0 = lo; p0 < hi;) {
       const int64_t j0 = p0 - ns;  // index in the quantized segment
-      const int64_t gid = j0 / G;
-      const int nt = int(std::min<int64_t>({int64_t(BT), hi - p0, (gid + 1) * G + ns - p0}));
-      if (gid != cur_group) {
-        cur_group = gid;
-        detail::load_row(static_cast<const char*>(a.k_scale) + (kmeta0 + gid * D) * dtype_size(a.meta_dtype),
-                         a.meta_dtype, D, nullptr, ks);
-        detail::load_row(static_cast<const char*>(a.k_zero) + (kmeta0 + gid * D) * dtype_size(a.meta_dtype),
-                         a.meta_dtype, D, nullptr, kz);
-      }
-      // this block's per-token V scales / zeros, converted to fp32 in one vectorized pass each
-      const int gpr = D / VG;
+      const int64_t gid = ktok ? 0 : j0 / G;
+      const int64_t glim = ktok ? hi - p0 : (gid + 1) * G + ns - p0;
+      const int nt = int(std::min<int64_t>({int64_t(BT), hi - p0, glim}));
+      // this block's per-token scales / zeros (V, and K when per token), converted to fp32 in one pass each
+      const int gpr = D / VG, gpk = ktok ? D / G : 0;
       float* vs = st.meta.data() + 2 * D;
       float* vz = vs + BT * gpr;
-      detail::load_row(static_cast<const char*>(a.v_scale) + (vmeta0 + j0 * gpr) * dtype_size(a.meta_dtype),
-                       a.meta_dtype, int64_t(nt) * gpr, nullptr, vs);
-      detail::load_row(static_cast<const char*>(a.v_zero) + (vmeta0 + j0 * gpr) * dtype_size(a.meta_dtype),
-                       a.meta_dtype, int64_t(nt) * gpr, nullptr, vz);
+      detail::load_row(static_cast<const char*>(a.v_scale) + (vmeta0 + j0 * gpr) * msz, a.meta_dtype,
+                       int64_t(nt) * gpr, nullptr, vs);
+      detail::load_row(static_cast<const char*>(a.v_zero) + (vmeta0 + j0 * gpr) * msz, a.meta_dtype,
+                       int64_t(nt) * gpr, nullptr, vz);
+      float* kts = vz + BT * gpr;  // per-token K scales / zeros [nt][gpk] (gpk <= D / 16)
+      float* ktz = kts + BT * gpk;
+      if (ktok) {
+        detail::load_row(static_cast<const char*>(a.k_scale) + (kmeta0 + j0 * gpk) * msz, a.meta_dtype,
+                         int64_t(nt) * gpk, nullptr, kts);
+        detail::load_row(static_cast<const char*>(a.k_zero) + (kmeta0 + j0 * gpk) * msz, a.meta_dtype,
+                         int64_t(nt) * gpk, nullptr, ktz);
+      } else if (gid != cur_group) {
+        cur_group = gid;
+        detail::load_row(static_cast<const char*>(a.k_scale) + (kmeta0 + gid * D) * msz, a.meta_dtype, D, nullptr,
+                         ks);
+        detail::load_row(static_cast<const char*>(a.k_zero) + (kmeta0 + gid * D) * msz, a.meta_dtype, D, nullptr,
+                         kz);
+      }
       // dequantize in registers, k̂ = code·scale + zero / v̂ likewise — the same fp32 operations as dequantize
       for (int t = 0; t < nt; ++t) {
         const uint8_t* krow = kc + (j0 + t) * krow_bytes;
         float* kd = st.kblk.data() + size_t(t) * D;
-        for (int i = 0; i < nv; ++i) stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * ld(ks + i * W) + ld(kz + i * W));
+        if (ktok) {
+          for (int i = 0; i < nv; ++i) {
+            const int gk = t * gpk + i * W / G;
+            stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * splat(kts[gk]) + splat(ktz[gk]));
+          }
+        } else {
+          for (int i = 0; i < nv; ++i)
+            stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * ld(ks + i * W) + ld(kz + i * W));
+        }
         const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
         float* vd = st.vblk.data() + size_t(t) * D;
         for (int i = 0; i < nv; ++i) {

@@ -35,6 +35,10 @@
 // span more than nslot K groups, so a token pair shares its qs slot unless k_group is odd (handled per token).
 // Nothing dequantized is ever written to global memory.
 //
+// Per-token keys (k_per_token, groups of k_group channels, k_group a multiple of 32): qs is q·2^-pos once per CTA
+// (fold_per_token_keys) and qz the per-row sums of q over each 32-channel slice; a lane's slice lies in one channel
+// group, so its partial dot becomes scale·dot + zero·Σq with the token's own metadata (staged like V's) before the
+// lane reduction.  Tiles are then limited only by TT.
 // Supported: D in {32, 64, 128, 256}; bits_k, bits_v in {1, 2, 4, 8} (fast paths (2,2), (4,4), (2,4), (4,2), the
 // others through one runtime-bits kernel); v_group % 16 == 0 and D % v_group == 0; any k_group >= 1; any g, Tq.
 // k_codes/v_codes/k_fp/v_fp must be 16-byte aligned, metadata aligned to its element size, workspace 8-byte aligned.
@@ -80,6 +84,7 @@ struct Params {
   const uint8_t* vs;
   const uint8_t* vz;
   int bits_k, bits_v, kg, ngv, vg_log2, nslot;
+  int ktok, ngk, kgc_log2;  // per-token keys: D / k_group channel groups of 2^kgc_log2 channels (kg = tile limit)
   int64_t q_cap, f_cap;
   const void* kf;
   const void* vf;
@@ -362,11 +367,33 @@ struct SplitCta {
     const int64_t vm0 = tok0 * p.ngv * p.msz, vmn = static_cast<int64_t>(nt) * p.ngv * p.msz;
     stage_copy(buf + p.st_vs, p.vs + vm0, vmn, tid);
     stage_copy(buf + p.st_vz, p.vz + vm0, vmn, tid);
+    if (p.ktok) {  // per-token K metadata of the tile, like V's
+      const int64_t km0 = tok0 * p.ngk * p.msz, kmn = static_cast<int64_t>(nt) * p.ngk * p.msz;
+      stage_copy(buf + p.st_ks, p.ks + km0, kmn, tid);
+      stage_copy(buf + p.st_kz, p.kz + km0, kmn, tid);
+      return;
+    }
     const int g0 = j0 / p.kg, g1 = (j0 + nt - 1) / p.kg;
     const int64_t km0 = (bh * (p.q_cap / p.kg) + g0) * p.D * p.msz;
     const int64_t kmn = static_cast<int64_t>(g1 - g0 + 1) * p.D * p.msz;
     stage_copy(buf + p.st_ks, p.ks + km0, kmn, tid);
     stage_copy(buf + p.st_kz, p.kz + km0, kmn, tid);
+  }
+
+  // per-token keys: qs slot 0 = q · 2^-pos (no K scale: it is applied per token in score_quant) and
+  // qz_s[r · LPT + cp] = Σ q over the 32-channel slice cp of row r (times the token's zero point there), once per CTA
+  __device__ __forceinline__ void fold_per_token_keys() {
+    const int D = p.D, LPT = D >> 5;
+    for (int i = tid; i < RB * D; i += kThreads) {
+      const int r = i / D, d = i - r * D;
+      qs_s[r * D + swz(d)] = q_s[r * D + swz(d)] * pow2i(-bits_k * code_pos(bits_k, d & 31));
+    }
+    for (int i = tid; i < RB * LPT; i += kThreads) {
+      const int r = i / LPT, cp = i - r * LPT;
+      float sum = 0.f;
+      for (int e = 0; e < 32; ++e) sum += q_s[r * D + swz(32 * cp + e)];
+      qz_s[r * LPT + cp] = sum;
+    }
   }
 
   // qs / qz for the K groups of the tile; V metadata -> fp32 pairs
@@ -377,7 +404,7 @@ struct SplitCta {
     const int64_t km0 = (bh * (p.q_cap / p.kg) + g0) * D * p.msz;
     const uint8_t* ks = buf + p.st_ks + stage_mis(p.ks + km0);
     const uint8_t* kz = buf + p.st_kz + stage_mis(p.kz + km0);
-    const int items = nsl * RB * LPT;
+    const int items = p.ktok ? 0 : nsl * RB * LPT;  // per-token keys: qs / qz are fixed (fold_per_token_keys)
     for (int base = 0; base < items; base += kThreads) {  // uniform trip count: shuffles below
       const int it = base + tid;
       const int cp = it & (LPT - 1);
@@ -493,9 +520,30 @@ struct SplitCta {
     uint32_t wA[8], wB[8];
     load_slice_any<BK>(bits_k, kcs + tA * p.krow, cp, wA);
     load_slice_any<BK>(bits_k, kcs + tB * p.krow, cp, wB);
+    float ra[RB], rb[RB];
+    const bool vA = tA < nt && j0 + tA >= jlo, vB = tB < nt && j0 + tB >= jlo;
+    if (p.ktok) {
+      // per-token keys: the lane's 32 channels lie in one channel group gk; score part = s·(q·code) + z·Σq
+      dot2(qs_s, cp, wA, wB, ra, rb);
+      const int gk = (32 * cp) >> p.kgc_log2;
+      const int64_t km0 = (bh * p.q_cap + j0) * p.ngk * p.msz;
+      const uint8_t* ks = buf + p.st_ks + stage_mis(p.ks + km0);
+      const uint8_t* kz = buf + p.st_kz + stage_mis(p.kz + km0);
+      // tokens past the tile end read the tile's first token (staged) instead; their scores are masked below
+      const int iA = (tA < nt ? tA : 0) * p.ngk + gk, iB = (tB < nt ? tB : 0) * p.ngk + gk;
+      const float sA = meta_at(ks, iA, p.meta), zA = meta_at(kz, iA, p.meta);
+      const float sB = meta_at(ks, iB, p.meta), zB = meta_at(kz, iB, p.meta);
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        const float qsum = qz_s[r * (p.D >> 5) + cp];
+        ra[r] = fmaf(ra[r], sA, zA * qsum);
+        rb[r] = fmaf(rb[r], sB, zB * qsum);
+      }
+      store_scores(ra, rb, cp, tA, nt, vA, vB, ns + j0 + tA, nullptr, nullptr);
+      return;
+    }
     const int g0 = j0 / p.kg, nsl = (j0 + nt - 1) / p.kg - g0 + 1;
     const int sa = min((j0 + tA) / p.kg - g0, nsl - 1), sb = min((j0 + tB) / p.kg - g0, nsl - 1);
-    float ra[RB], rb[RB];
     dot2(qs_s + sa * RB * p.D, cp, wA, wB, ra, rb);
     if (sb != sa) {  // the pair straddles a K group boundary (odd k_group): token B again with its own slot
       float t0[RB], t1[RB];
@@ -503,7 +551,6 @@ struct SplitCta {
 #pragma unroll
       for (int r = 0; r < RB; ++r) rb[r] = t0[r];
     }
-    const bool vA = tA < nt && j0 + tA >= jlo, vB = tB < nt && j0 + tB >= jlo;
     store_scores(ra, rb, cp, tA, nt, vA, vB, ns + j0 + tA, qz_s + sa * RB, qz_s + sb * RB);
   }
 
@@ -670,6 +717,10 @@ struct SplitCta {
     }
     for (int i = tid; i < TT * RB; i += kThreads) p_s[i] = 0.f;
     if (tid < RB) al_s[tid] = 1.f;
+    if (p.ktok) {
+      __syncthreads();  // q_s complete
+      fold_per_token_keys();  // read after the __syncthreads that precede every score phase
+    }
 #pragma unroll
     for (int i = 0; i < NROWW; ++i) {
       m_st[i] = ninf;
@@ -926,8 +977,12 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
   if (!bits_ok(a.bits_k) || !bits_ok(a.bits_v)) throw std::runtime_error(std::string(kErr) + "bits must be 1, 2, 4 or 8");
   if (a.v_group < 16 || a.v_group % 16 != 0 || a.D % a.v_group != 0 || !is_pow2(a.v_group))
     throw std::runtime_error(std::string(kErr) + "v_group must be a multiple of 16 dividing D");
-  if (a.k_group < 1 || a.q_cap % a.k_group != 0)
+  if (a.k_per_token) {
+    if (a.k_group < 32 || a.k_group % 32 != 0 || a.D % a.k_group != 0 || !is_pow2(a.k_group))
+      throw std::runtime_error(std::string(kErr) + "per-token keys need k_group a multiple of 32 dividing D");
+  } else if (a.k_group < 1 || a.q_cap % a.k_group != 0) {
     throw std::runtime_error(std::string(kErr) + "k_group must be >= 1 and divide q_cap");
+  }
   if (a.Hq % a.Hkv != 0) throw std::runtime_error(std::string(kErr) + "Hq must be a multiple of Hkv");
   // token positions and query rows are 32-bit ints in the kernels (the binding raises a ValueError first)
   if (a.q_cap + a.f_cap > 0x7fffffff || a.B * a.Hq * a.Tq > 0x7fffffff)
@@ -962,7 +1017,11 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
   p.vz = static_cast<const uint8_t*>(a.v_zero);
   p.bits_k = a.bits_k;
   p.bits_v = a.bits_v;
-  p.kg = a.k_group;
+  p.ktok = a.k_per_token ? 1 : 0;
+  // per-token keys: no K group limits a tile (kg = the whole capacity), channel groups of k_group
+  p.kg = a.k_per_token ? static_cast<int>(a.q_cap > 0 ? a.q_cap : 1) : a.k_group;
+  p.ngk = a.k_per_token ? static_cast<int>(a.D / a.k_group) : 0;
+  p.kgc_log2 = a.k_per_token ? log2i(a.k_group) : 0;
   p.ngv = static_cast<int>(a.D / a.v_group);
   p.vg_log2 = log2i(a.v_group);
   p.q_cap = a.q_cap;
@@ -990,7 +1049,7 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
   const int TT = pl.TT;
   p.o_q = take(static_cast<size_t>(RB) * D * 4);
   p.o_qs = take(static_cast<size_t>(p.nslot) * RB * D * 4);
-  p.o_qz = take(static_cast<size_t>(p.nslot) * RB * 4);
+  p.o_qz = take(static_cast<size_t>(p.nslot > (D >> 5) ? p.nslot : (D >> 5)) * RB * 4);  // per-token keys: [RB][LPT]
   p.o_s = take(static_cast<size_t>(RB) * TT * 4);
   p.o_p = take(static_cast<size_t>(TT) * RB * 4);
   p.o_al = take(static_cast<size_t>(RB) * 4);
@@ -1006,8 +1065,9 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
     p.st_vc = stake(static_cast<size_t>(TT) * p.vrow);
     p.st_vs = stake(static_cast<size_t>(TT) * p.ngv * msz);
     p.st_vz = stake(static_cast<size_t>(TT) * p.ngv * msz);
-    p.st_ks = stake(static_cast<size_t>(p.nslot) * D * msz);
-    p.st_kz = stake(static_cast<size_t>(p.nslot) * D * msz);
+    const size_t kmeta = p.ktok ? static_cast<size_t>(TT) * p.ngk * msz : static_cast<size_t>(p.nslot) * D * msz;
+    p.st_ks = stake(kmeta);
+    p.st_kz = stake(kmeta);
     p.st_bytes = static_cast<int>(so);
   }
   const size_t ring = static_cast<size_t>(kStages) * p.st_bytes;

@@ -37,36 +37,45 @@ class Scheme:
     rotate: str = "kv"  # none | k | v | kv
     reorder: bool = False  # outlier-aware key channel reorder before the rotation
     clip: str = "auto"  # MSE range search: auto (keys; kvengine.cache.DEFAULT_CLIP) | none | k | v | kv
+    # keys per-channel (KIVI: groups of group_size tokens) or per-token (groups of min(group_size, D) channels)
+    k_mode: str = "per_channel"
 
     def effective_bits(self, head_dim: int, meta_bits: int = 16) -> float:
         """Bits per element of the packed part (codes + scale/zero), K and V averaged (the recent window and
         sinks add the same amount to every scheme)."""
         vg = min(self.group_size, head_dim)
-        k = self.bits_k + 2 * meta_bits / self.group_size
+        k = self.bits_k + 2 * meta_bits / (vg if self.k_mode == "per_token" else self.group_size)
         v = self.bits_v + 2 * meta_bits / vg
         return (k + v) / 2
 
     def cache_kwargs(self) -> dict:
-        return dict(bits_k=self.bits_k, bits_v=self.bits_v, group_size=self.group_size,
-                    rotate={"none": False, "k": "k", "v": "v", "kv": True}[self.rotate], clip=self.clip)
+        kw = dict(bits_k=self.bits_k, bits_v=self.bits_v, group_size=self.group_size,
+                  rotate={"none": False, "k": "k", "v": "v", "kv": True}[self.rotate], clip=self.clip)
+        if self.k_mode != "per_channel":
+            kw["k_mode"] = self.k_mode
+        return kw
 
     @property
     def name(self) -> str:
         b = f"INT{self.bits_k}" if self.bits_k == self.bits_v else f"K{self.bits_k}V{self.bits_v}"
         clip = "" if self.clip == "auto" else f" clip={self.clip}"
-        return f"{b} G{self.group_size} rot={self.rotate}{' +reorder' if self.reorder else ''}{clip}"
+        kt = " K/token" if self.k_mode == "per_token" else ""
+        return f"{b} G{self.group_size}{kt} rot={self.rotate}{' +reorder' if self.reorder else ''}{clip}"
 
 
 def default_candidates(bits=BIT_PAIRS, groups=(32, 64, 128), rotations=ROTATIONS,
-                       reorder=(False, True)) -> list[Scheme]:
+                       reorder=(False, True), k_modes=("per_channel", "per_token")) -> list[Scheme]:
     """Every (bits_k, bits_v) pair × group size × rotation (none / keys / values / both) × outlier-aware key reorder
-    (only with a key rotation).  ``bits`` may list ints (K and V the same) or (bits_k, bits_v) pairs."""
+    (only with a key rotation, per-channel keys) × key mode (per-channel KIVI groups of G tokens, or per-token
+    groups of G channels).  ``bits`` may list ints (K and V the same) or (bits_k, bits_v) pairs."""
     out = []
-    for b, g, r, ro in itertools.product(bits, groups, rotations, reorder):
+    for b, g, r, ro, km in itertools.product(bits, groups, rotations, reorder, k_modes):
         bk, bv = (b, b) if isinstance(b, int) else b
         if ro and r not in ("k", "kv"):
             continue  # a reorder only matters before a key rotation
-        out.append(Scheme(bk, bv, g, r, ro))
+        if ro and km == "per_token":
+            continue  # per-token groups mix all channels of a token anyway: the reorder does not change them much
+        out.append(Scheme(bk, bv, g, r, ro, k_mode=km))
     return out
 
 
@@ -200,7 +209,7 @@ class AutoPlan:
         return dict(kw, residual=self.residual, sinks=self.sinks)
 
     def to_dict(self) -> dict:
-        return {"version": 2, "kind": "kvengine-auto-plan", "budget_bits": self.budget_bits,
+        return {"version": 3, "kind": "kvengine-auto-plan", "budget_bits": self.budget_bits,
                 "head_dim": self.head_dim, "residual": self.residual, "sinks": self.sinks,
                 "effective_bits": self.effective_bits, "meta": self.meta,
                 "layers": [dict(asdict(c.scheme), error=c.error, eff_bits=c.eff_bits, k_perm=c.k_perm)
@@ -214,13 +223,15 @@ class AutoPlan:
 
     @staticmethod
     def from_dict(d: dict) -> "AutoPlan":
-        if d.get("version") not in (1, 2):
-            raise ValueError(f"kvengine: auto plan version {d.get('version')} is not supported (expected 1 or 2)")
+        if d.get("version") not in (1, 2, 3):
+            raise ValueError(f"kvengine: auto plan version {d.get('version')} is not supported (expected 1, 2 or 3)")
         layers = []
         for L in d["layers"]:
             # version 1 plans predate the range search: their schemes were measured with min/max quantization
             clip = L.get("clip", "auto") if d["version"] >= 2 else "none"
-            s = Scheme(L["bits_k"], L["bits_v"], L["group_size"], L["rotate"], L["reorder"], clip)
+            # version 3 added per-token keys; older plans only had KIVI per-channel keys
+            s = Scheme(L["bits_k"], L["bits_v"], L["group_size"], L["rotate"], L["reorder"], clip,
+                       L.get("k_mode", "per_channel"))
             layers.append(LayerChoice(s, L["error"], L["eff_bits"], L.get("k_perm")))
         return AutoPlan(d["budget_bits"], d["head_dim"], d["residual"], d["sinks"], layers, [], dict(d.get("meta") or {}))
 
@@ -233,11 +244,13 @@ class AutoPlan:
             return AutoPlan.from_dict(json.load(f))
 
     def format_table(self) -> str:
-        rows = [f"{'layer':>5}  {'bits K/V':>8}  {'G':>4}  {'rotate':>6}  {'reorder':>7}  {'error':>9}  {'eff bits':>8}"]
+        rows = [f"{'layer':>5}  {'bits K/V':>8}  {'G':>4}  {'keys':>7}  {'rotate':>6}  {'reorder':>7}  {'error':>9}  "
+                f"{'eff bits':>8}"]
         for i, c in enumerate(self.layers):
             s = c.scheme
-            rows.append(f"{i:>5}  {s.bits_k:>4}/{s.bits_v:<3}  {s.group_size:>4}  {s.rotate:>6}  {str(s.reorder):>7}  "
-                        f"{c.error:>9.4f}  {c.eff_bits:>8.3f}")
+            km = "token" if s.k_mode == "per_token" else "channel"
+            rows.append(f"{i:>5}  {s.bits_k:>4}/{s.bits_v:<3}  {s.group_size:>4}  {km:>7}  {s.rotate:>6}  "
+                        f"{str(s.reorder):>7}  {c.error:>9.4f}  {c.eff_bits:>8.3f}")
         rows.append(f"average effective bits {self.effective_bits:.3f} (budget {self.budget_bits})")
         val = self.meta.get("validation")
         if val:

@@ -5,8 +5,9 @@ Storage (per sequence b and KV head h, all tensors preallocated with capacity th
   * full-precision segment ``k_fp/v_fp [B, H, f_cap, D]``: slots [0, n_sink) are attention sinks (the first
     ``sinks`` tokens and any extra sink positions), slots [n_sink, n_sink + n_res) the most recent tokens;
   * quantized segment: keys ``k_codes [B, H, q_cap, D·bits_k/8]`` with per-channel scale/zero per group of
-    ``group_size`` tokens, values ``v_codes [B, H, q_cap, D·bits_v/8]`` with per-token scale/zero per group of
-    ``v_group`` channels.
+    ``group_size`` tokens (KIVI; or with ``k_mode="per_token"`` per-token scale/zero per group of ``k_group``
+    channels), values ``v_codes [B, H, q_cap, D·bits_v/8]`` with per-token scale/zero per group of ``v_group``
+    channels.
 New tokens enter the recent window; once it holds ``residual + group_size`` tokens its oldest ``group_size`` tokens
 are quantized (KIVI flush).  With rotation, everything stored (all segments) lives in the rotated space
 fwht(x[..., perm]); the attention op rotates the query and rotates the output back, so callers never see it.
@@ -110,6 +111,8 @@ class QuantizedKVCache:
         meta_dtype: Optional[torch.dtype] = None,
         chunk: int = 1024,
         clip: RotateSpec = "auto",
+        k_mode: str = "per_channel",
+        k_group: Optional[int] = None,
     ):
         if bits_k not in ops.BITS or bits_v not in ops.BITS:
             raise ValueError(f"QuantizedKVCache: bits_k/bits_v must be in {ops.BITS}, got {bits_k}/{bits_v}")
@@ -132,6 +135,17 @@ class QuantizedKVCache:
         if self.v_group % 16 or head_dim % self.v_group:
             raise ValueError(f"QuantizedKVCache: v_group ({self.v_group}) must be a multiple of 16 dividing "
                              f"head_dim ({head_dim})")
+        if k_mode not in ("per_channel", "per_token"):
+            raise ValueError(f"QuantizedKVCache: k_mode must be 'per_channel' or 'per_token', got {k_mode!r}")
+        self.k_mode = k_mode
+        # per-token keys: channels per key group (default like the values); per-channel keys: the token group G
+        self.k_group = (k_group or min(group_size, head_dim)) if k_mode == "per_token" else group_size
+        if k_mode == "per_token" and (self.k_group % 16 or head_dim % self.k_group):
+            raise ValueError(f"QuantizedKVCache: k_group ({self.k_group}) must be a multiple of 16 dividing "
+                             f"head_dim ({head_dim})")
+        if k_mode == "per_channel" and k_group is not None:
+            raise ValueError("QuantizedKVCache: k_group is only for k_mode='per_token' (per-channel keys are grouped "
+                             "by group_size tokens)")
         self.dtype, self.device = dtype, torch.device(device)
         # fp16 scale/zero (32/G bits per element) unless the data is bf16
         self.meta_dtype = meta_dtype or (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
@@ -261,8 +275,9 @@ class QuantizedKVCache:
             (kc, ks, kz), (vc, vs, vz) = q_parts
             a, b = self.n_quant, n_quant2
             self.q["k_codes"][:, :, a:b] = kc
-            self.q["k_scale"][:, :, a // self.G : b // self.G] = ks
-            self.q["k_zero"][:, :, a // self.G : b // self.G] = kz
+            ka, kb = (a, b) if self.k_mode == "per_token" else (a // self.G, b // self.G)
+            self.q["k_scale"][:, :, ka:kb] = ks
+            self.q["k_zero"][:, :, ka:kb] = kz
             self.q["v_codes"][:, :, a:b] = vc
             self.q["v_scale"][:, :, a:b] = vs
             self.q["v_zero"][:, :, a:b] = vz
@@ -279,10 +294,11 @@ class QuantizedKVCache:
     def _new_q(self, cap: int, old: Optional[dict] = None) -> dict:
         B, H, D, G = self.B, self.H, self.D, self.G
         dev, md = self.device, self.meta_dtype
+        kmeta = (cap, D // self.k_group) if self.k_mode == "per_token" else (cap // G, D)
         new = {
             "k_codes": torch.zeros(B, H, cap, D * self.bits_k // 8, dtype=torch.uint8, device=dev),
-            "k_scale": torch.zeros(B, H, cap // G, D, dtype=md, device=dev),
-            "k_zero": torch.zeros(B, H, cap // G, D, dtype=md, device=dev),
+            "k_scale": torch.zeros(B, H, *kmeta, dtype=md, device=dev),
+            "k_zero": torch.zeros(B, H, *kmeta, dtype=md, device=dev),
             "v_codes": torch.zeros(B, H, cap, D * self.bits_v // 8, dtype=torch.uint8, device=dev),
             "v_scale": torch.zeros(B, H, cap, D // self.v_group, dtype=md, device=dev),
             "v_zero": torch.zeros(B, H, cap, D // self.v_group, dtype=md, device=dev),
@@ -294,14 +310,15 @@ class QuantizedKVCache:
 
     def _q_used(self) -> dict:
         """Views of the filled part of the quantized buffers."""
-        n, ng = self.n_quant, self.n_quant // self.G
+        n = self.n_quant
+        ng = n if self.k_mode == "per_token" else n // self.G
         return {name: t[:, :, : (ng if name in ("k_scale", "k_zero") else n)] for name, t in self.q.items()}
 
     def _quant_k(self, x: Tensor, fused: bool):
         if fused:
-            return ops.rotate_quantize_pack(x, self.bits_k, self.G, "per_channel", None, self.k_perm, self.meta_dtype,
-                                            self.clip_k)
-        return ops.quantize_pack(x, self.bits_k, self.G, "per_channel", self.meta_dtype, self.clip_k)
+            return ops.rotate_quantize_pack(x, self.bits_k, self.k_group, self.k_mode, None, self.k_perm,
+                                            self.meta_dtype, self.clip_k)
+        return ops.quantize_pack(x, self.bits_k, self.k_group, self.k_mode, self.meta_dtype, self.clip_k)
 
     def _quant_v(self, x: Tensor, fused: bool):
         if fused:
@@ -326,8 +343,8 @@ class QuantizedKVCache:
         qq = q.to(self.dtype)
         out = ops.quant_decode_attention(
             qq, self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"], self.q["v_scale"],
-            self.q["v_zero"], self.k_fp, self.v_fp, self._lens, self.bits_k, self.bits_v, self.G, self.v_group,
-            scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm)
+            self.q["v_zero"], self.k_fp, self.v_fp, self._lens, self.bits_k, self.bits_v, self.k_group, self.v_group,
+            scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm, self.k_mode)
         return out.to(q.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
@@ -338,7 +355,8 @@ class QuantizedKVCache:
         for b in range(self.B):
             K, V = ref.gather_kv(self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"],
                                  self.q["v_scale"], self.q["v_zero"], self.k_fp, self.v_fp, self._lens.cpu(),
-                                 self.bits_k, self.bits_v, self.G, self.v_group, b, dtype=torch.float32)
+                                 self.bits_k, self.bits_v, self.k_group, self.v_group, b, dtype=torch.float32,
+                                 k_mode=self.k_mode)
             ks.append(K)
             vs.append(V)
         k, v = torch.stack(ks), torch.stack(vs)
@@ -355,7 +373,7 @@ class QuantizedKVCache:
             return t.shape[-1] * t.element_size() * self.B * self.H
         nq = self.n_quant
         b = (per_tok(self.q["k_codes"]) + per_tok(self.q["v_codes"]) + 2 * per_tok(self.q["v_scale"])) * nq
-        b += 2 * per_tok(self.q["k_scale"]) * (nq // self.G)
+        b += 2 * per_tok(self.q["k_scale"]) * (nq if self.k_mode == "per_token" else nq // self.G)
         b += 2 * per_tok(self.k_fp) * (self.n_sink + self.n_res)
         return b
 

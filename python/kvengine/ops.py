@@ -167,24 +167,28 @@ def quant_decode_attention(
     rotate_v: bool = False,
     k_perm: Optional[Tensor] = None,
     v_perm: Optional[Tensor] = None,
+    k_mode: str = "per_channel",
 ) -> Tensor:
     """Exact softmax attention of q [B, Hq, Tq, D] over a quantized KV cache, in one fused pass over the packed data.
 
     Per sequence b (``lens[b] = (n_sink, n_quant, n_res)``) the keys/values are, in time order: ``n_sink`` full-
     precision sinks (``k_fp/v_fp[b, :, :n_sink]``), ``n_quant`` packed tokens (keys per-channel in groups of
-    ``k_group`` tokens, values per-token in groups of ``v_group`` channels), and ``n_res`` full-precision recent tokens
+    ``k_group`` tokens — or with ``k_mode="per_token"`` per token in groups of ``k_group`` channels, scale/zero
+    ``[B, Hkv, capacity, D/k_group]`` —, values per-token in groups of ``v_group`` channels), and ``n_res``
+    full-precision recent tokens
     (``k_fp/v_fp[b, :, n_sink:n_sink+n_res]``).  The Tq queries are the newest Tq tokens (causal among themselves).
     With ``rotate_k`` the cache holds fwht(k[..., k_perm]) and q is rotated the same way; with ``rotate_v`` the
     values are rotated and the output is rotated back.  See ``QuantizedKVCache`` for the usual way to build these.
     """
     return _ops.quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
-                                       bits_v, k_group, v_group, softmax_scale, rotate_k, rotate_v, k_perm, v_perm)
+                                       bits_v, k_group, v_group, softmax_scale, rotate_k, rotate_v, k_perm, v_perm,
+                                       k_mode)
 
 
 @torch.library.register_fake("kvengine::quant_decode_attention")
 def _quant_decode_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
                                  bits_v, k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False,
-                                 k_perm=None, v_perm=None):
+                                 k_perm=None, v_perm=None, k_mode="per_channel"):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

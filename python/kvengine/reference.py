@@ -130,10 +130,15 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size
 
 
 def gather_kv(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v, k_group,
-              v_group, b: int, dtype=torch.float64):
-    """Keys and values of sequence b in time order (sinks, quantized, residual), dequantized: [Hkv, N, D] each."""
+              v_group, b: int, dtype=torch.float64, k_mode: str = "per_channel"):
+    """Keys and values of sequence b in time order (sinks, quantized, residual), dequantized: [Hkv, N, D] each.
+    ``k_mode``: keys per-channel (groups of ``k_group`` tokens) or per-token (groups of ``k_group`` channels)."""
     ns, nq, nr = (int(v) for v in lens[b].tolist())
-    kq = _dequant_partial_k(k_codes, k_scale, k_zero, bits_k, k_group, b, nq, dtype)
+    if k_mode == "per_token":
+        kq = dequantize(k_codes[b : b + 1, :, :nq], k_scale[b : b + 1, :, :nq], k_zero[b : b + 1, :, :nq], bits_k,
+                        k_group, "per_token", dtype)[0]
+    else:
+        kq = _dequant_partial_k(k_codes, k_scale, k_zero, bits_k, k_group, b, nq, dtype)
     vq = dequantize(v_codes[b : b + 1, :, :nq], v_scale[b : b + 1, :, :nq], v_zero[b : b + 1, :, :nq], bits_v, v_group,
                     "per_token", dtype)[0]
     K = torch.cat([k_fp[b, :, :ns].to(dtype), kq, k_fp[b, :, ns : ns + nr].to(dtype)], dim=1)
@@ -152,7 +157,7 @@ def _dequant_partial_k(k_codes, k_scale, k_zero, bits_k, k_group, b, nq, dtype):
 
 def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v,
                            k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False, k_perm=None,
-                           v_perm=None):
+                           v_perm=None, k_mode="per_channel"):
     B, Hq, Tq, D = q.shape
     Hkv = k_codes.shape[1]
     g = Hq // Hkv
@@ -163,7 +168,7 @@ def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
     out = torch.empty(B, Hq, Tq, D, dtype=torch.float64, device=q.device)
     for b in range(B):
         K, V = gather_kv(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v,
-                         k_group, v_group, b)
+                         k_group, v_group, b, k_mode=k_mode)
         N = K.shape[1]
         K = K.repeat_interleave(g, dim=0)
         V = V.repeat_interleave(g, dim=0)

@@ -2,7 +2,8 @@
 //
 // Per sequence b and KV head h the cache holds, in time order of their logical positions:
 //   sinks     n_sink[b] full-precision tokens      (fp segment, slots [0, n_sink))
-//   quantized n_quant[b] packed tokens             (K per-channel groups of k_group tokens, V per-token groups of
+//   quantized n_quant[b] packed tokens             (K per-channel groups of k_group tokens — or, with k_per_token,
+//                                                   per-token groups of k_group channels —, V per-token groups of
 //                                                   v_group channels; both packed along D as quantize_pack does)
 //   residual  n_res[b] full-precision tokens       (fp segment, slots [n_sink, n_sink + n_res))
 // logical position: sink f -> f; quantized j -> n_sink + j; residual r -> n_sink + n_quant + r; N = sum of the three.
@@ -25,6 +26,7 @@ struct DecodeAttentionArgs {
 
   // quantized segment, capacity q_cap tokens per (b, h) (a multiple of k_group); all contiguous:
   // k_codes [B, Hkv, q_cap, D*bits_k/8], k_scale/k_zero [B, Hkv, q_cap/k_group, D]
+  //   (k_per_token: k_scale/k_zero [B, Hkv, q_cap, D/k_group], k_group a multiple of 16 dividing D)
   // v_codes [B, Hkv, q_cap, D*bits_v/8], v_scale/v_zero [B, Hkv, q_cap, D/v_group]
   const uint8_t* k_codes = nullptr;
   const void* k_scale = nullptr;
@@ -35,6 +37,7 @@ struct DecodeAttentionArgs {
   DType meta_dtype = DType::F32;
   int bits_k = 2, bits_v = 2;
   int k_group = 32, v_group = 32;
+  bool k_per_token = false;  // keys quantized like the values (per token, groups of k_group channels)
   int64_t q_cap = 0;
 
   // full-precision segment [B, Hkv, f_cap, D] contiguous, `dtype`
