@@ -88,6 +88,13 @@ def test_parser_and_module_entry():
     assert p.parse_args(["generate", "hello", "--clip", "k"]).clip == "k"
     with pytest.raises(SystemExit):
         p.parse_args(["eval", "--clip", "q"])
+    assert a.k_mode == "per_channel" and p.parse_args(["eval", "--keys", "token"]).k_mode == "per_token"
+    assert p.parse_args(["generate", "hi", "--keys", "channel"]).k_mode == "per_channel"
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--keys", "head"])
+    rows = cli.eval_configs(bits=(2,), groups=(64,), k_mode="per_token", quanto=False)
+    assert rows[1]["k_mode"] == "per_token" and "K/token" in rows[1]["config"]
+    assert rows[2]["kind"] == "kivi" and "k_mode" not in rows[2]  # the KIVI baseline keeps per-channel keys
     a = p.parse_args(["bench", "attention", "--quick", "--json", "out"])
     assert (a.name, a.quick, a.json) == ("attention", True, "out")
     r = subprocess.run([sys.executable, "-m", "kvengine", "--help"], capture_output=True, text=True, timeout=120)

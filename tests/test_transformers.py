@@ -42,18 +42,19 @@ def test_dynamic_cache_keeps_fp_semantics():
 
 @torch.inference_mode()
 @pytest.mark.parametrize("chunk", [1, 8, 13])
-def test_kvengine_cache_tracks_fp(chunk):
+@pytest.mark.parametrize("k_mode", ["per_channel", "per_token"])
+def test_kvengine_cache_tracks_fp(chunk, k_mode):
     """8-bit packed cache, small residual so that most tokens are quantized: logits match fp closely; chunks > 8 on
-    a non-empty cache go through the 8-at-a-time path."""
+    a non-empty cache go through the 8-at-a-time path.  Keys per channel (KIVI) or per token."""
     model = tiny_llama()
     ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(2))
     ref = model(ids).logits
-    cache = KVEngineCache(model.config, bits=8, group_size=16, residual=16, sinks=2)
+    cache = KVEngineCache(model.config, bits=8, group_size=16, residual=16, sinks=2, k_mode=k_mode)
     got = run_chunks(model, ids, cache, 24, chunk)
     assert cache.get_seq_length() == 120
     assert all(isinstance(l, KVEngineLayer) for l in cache.layers)
     q = cache.layers[0].qcache
-    assert q.n_quant >= 64 and q.seq_len == 120
+    assert q.n_quant >= 64 and q.seq_len == 120 and q.k_mode == k_mode
     err = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert err.max() < 0.02, err.max()
     assert 0 < cache.nbytes < cache.fp_nbytes()

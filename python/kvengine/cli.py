@@ -43,6 +43,13 @@ def _clip_arg(s: str):
     return m[str(s).lower()]
 
 
+def _keys_arg(s: str) -> str:
+    m = {"channel": "per_channel", "per_channel": "per_channel", "token": "per_token", "per_token": "per_token"}
+    if str(s).lower() not in m:
+        raise argparse.ArgumentTypeError(f"--keys takes channel or token, got '{s}'")
+    return m[str(s).lower()]
+
+
 def _float_list(s: str) -> list[float]:
     try:
         return [float(x) for x in str(s).split(",") if x.strip()]
@@ -130,7 +137,7 @@ def paired_ratio(a, b) -> tuple[float, float]:
 
 
 def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, baseline=True, quanto=True,
-                 plan=None, clip="auto") -> list[dict]:
+                 plan=None, clip="auto", k_mode="per_channel") -> list[dict]:
     """The rows ``kvengine eval`` runs: fp, then per (bits, group) the kvengine config and the KIVI-style baseline
     (per-channel K / per-token V, same group/residual, no rotation, no sinks), then transformers' QuantizedCache
     (quanto backend) if requested."""
@@ -141,10 +148,12 @@ def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, 
         for g in groups:
             clip_s = {"auto": "", True: " clipKV", "kv": " clipKV", False: " minmax", "none": " minmax", "k": " clipK",
                       "v": " clipV"}[clip]
-            name = (f"kvengine INT{b} G{g} R{residual} S{sinks} {rot_s}{clip_s}"
+            kt_s = " K/token" if k_mode == "per_token" else ""
+            name = (f"kvengine INT{b} G{g}{kt_s} R{residual} S{sinks} {rot_s}{clip_s}"
                     + (" +plan" if plan is not None else ""))
             rows.append({"config": name, "kind": "kvengine", "bits": b, "group_size": g, "residual": residual,
-                         "sinks": sinks, "rotate": rotate, "clip": clip, "plan": plan is not None})
+                         "sinks": sinks, "rotate": rotate, "clip": clip, "k_mode": k_mode,
+                         "plan": plan is not None})
             if baseline:
                 rows.append({"config": f"KIVI-style INT{b} G{g} R{residual}", "kind": "kivi", "bits": b,
                              "group_size": g, "residual": residual, "sinks": 0, "rotate": False, "clip": False,
@@ -184,7 +193,7 @@ def make_cache_factory(model, row: dict, plan=None) -> Callable:
         p = plan if row.get("plan") else None
         return lambda: KVEngineCache(model.config, bits=row["bits"], group_size=row["group_size"],
                                      residual=row["residual"], sinks=row["sinks"], rotate=row["rotate"], plan=p,
-                                     clip=row.get("clip", "auto"))
+                                     clip=row.get("clip", "auto"), k_mode=row.get("k_mode", "per_channel"))
     if kind == "quanto":
         from transformers import QuantizedCache
 
@@ -330,7 +339,7 @@ def cmd_eval(args) -> int:
             quanto = False
             notes.append(f"transformers QuantizedCache(quanto) skipped: {why}")
     rows = eval_configs(args.bits, args.group, args.residual, args.sinks, args.rotate, not args.no_baseline,
-                        quanto, plan, args.clip)
+                        quanto, plan, args.clip, args.k_mode)
     load_s = time.perf_counter() - t_load
     results = run_eval(lm, win, rows, args.prefill, args.chunk, plan, progress=not args.quiet)
     header = (f"{lm.name}: {args.windows} windows x {args.window_len} tokens, prefill {args.prefill}, decode chunks "
@@ -528,7 +537,7 @@ def cmd_generate(args) -> int:
         cache = KVEngineCache(model.config, plan=plan)
     else:
         cache = KVEngineCache(model.config, bits=args.bits, group_size=args.group, residual=args.residual,
-                              sinks=args.sinks, rotate=args.rotate, plan=plan, clip=args.clip)
+                              sinks=args.sinks, rotate=args.rotate, plan=plan, clip=args.clip, k_mode=args.k_mode)
     st = run(cache, f"kvengine INT{args.bits}")
     ratio = st["fp_nbytes"] / st["nbytes"] if st["nbytes"] else float("nan")
     print(f"KV memory: {st['nbytes'] / 1024:.1f} KiB for {st['seq_len']} tokens (effective {st['effective_bits']:.2f} "
@@ -678,6 +687,9 @@ def _add_cache_args(p, bits_list: bool):
     p.add_argument("--clip", default="auto", type=_clip_arg, metavar="{auto,k,v,kv,none}",
                    help="MSE range search of the quantization groups: auto (keys only, default), k, v, kv, or none "
                         "(plain min/max)")
+    p.add_argument("--keys", dest="k_mode", default="per_channel", type=_keys_arg, metavar="{channel,token}",
+                   help="key quantization groups: per channel over group-size tokens (KIVI, default) or per token "
+                        "over min(group, head_dim) channels")
     p.add_argument("--plan", default=None, help="calibration plan JSON from `kvengine calibrate`")
 
 

@@ -251,13 +251,16 @@ class KVEngineCache(Cache):
         clip: "auto" (default) / True / False / 'k' / 'v' — MSE range search of the key and/or value groups
             (``kvengine.cache.DEFAULT_CLIP``: keys only, measured); min/max quantization with False.  An auto plan's
             layers use "auto".
+        k_mode: "per_channel" (default, KIVI: key scale/zero per channel over groups of ``group_size`` tokens) or
+            "per_token" (key scale/zero per token over groups of min(group_size, head_dim) channels, like the
+            values).  An auto plan sets it per layer.
     """
 
     def __init__(self, config, bits: int = 2, bits_k: Optional[int] = None, bits_v: Optional[int] = None,
                  group_size: int = 32, residual: int = 128, sinks: int = 4, rotate: Union[bool, str] = "auto",
                  plan: Union[None, dict, str, Any] = None, sliding: str = "fp", fp_layers=(),
                  v_group: Optional[int] = None, meta_dtype: Optional[torch.dtype] = None,
-                 clip: Union[bool, str] = "auto"):
+                 clip: Union[bool, str] = "auto", k_mode: str = "per_channel"):
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         self._config = text_config
         plan = _load_plan(plan)
@@ -276,9 +279,9 @@ class KVEngineCache(Cache):
             if rotate != "auto":
                 raise ValueError(f"KVEngineCache: an auto plan sets the rotation of every layer; leave rotate='auto' "
                                  f"(got rotate={rotate!r})")
-            if clip != "auto":
+            if clip != "auto" or k_mode != "per_channel":
                 raise ValueError(f"KVEngineCache: an auto plan sets the quantizer of every layer; leave clip='auto' "
-                                 f"(got clip={clip!r})")
+                                 f"and k_mode='per_channel' (got clip={clip!r}, k_mode={k_mode!r})")
             n_full = sum(lt == "full_attention" for lt in layer_types)
             if len(auto.layers) not in (n_layers, n_full):
                 raise ValueError(f"KVEngineCache: the auto plan has {len(auto.layers)} layers, the model has "
@@ -293,14 +296,14 @@ class KVEngineCache(Cache):
         bk = bits if bits_k is None else bits_k
         bv = bits if bits_v is None else bits_v
         qkw = dict(bits_k=bk, bits_v=bv, group_size=group_size, residual=residual, sinks=sinks, rotate=rotate,
-                   v_group=v_group, meta_dtype=meta_dtype, clip=clip)
+                   v_group=v_group, meta_dtype=meta_dtype, clip=clip, k_mode=k_mode)
         # validate the arguments now (a throwaway tiny cache) rather than at the first forward
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         if auto is not None and auto.head_dim != head_dim:
             raise ValueError(f"KVEngineCache: the auto plan is for head_dim {auto.head_dim}, the model has {head_dim}")
         QuantizedKVCache(1, head_dim, **qkw)
         self.config_summary = dict(bits_k=bk, bits_v=bv, group_size=group_size, residual=residual, sinks=sinks,
-                                   rotate=rotate, clip=clip, plan=bool(plan))
+                                   rotate=rotate, clip=clip, k_mode=k_mode, plan=bool(plan))
         if auto is not None:
             self.config_summary = dict(auto_plan=True, budget_bits=auto.budget_bits,
                                        packed_bits=round(auto.effective_bits, 3), residual=auto.residual,
