@@ -1,5 +1,6 @@
 """Decode step over a quantized cache: kvengine INT2/INT4 fused attention vs (a) torch SDPA over full-precision K/V
-and (b) dequantize-then-SDPA (what an unfused quantized cache does), side by side, GQA 4:1, D=128."""
+and (b) dequantize-then-SDPA (what an unfused quantized cache does), side by side, GQA 4:1, D=128; plus the same
+cache with keys quantized per token (``k_mode="per_token"``, same bytes) against the per-channel (KIVI) layout."""
 from __future__ import annotations
 
 import torch
@@ -48,18 +49,26 @@ def run(device: str, contexts=(1024, 4096, 16384, 32768), batches=(1, 8), bits=(
 
                 t_k = timeit(lambda: cache.attend(q), device, repeat=rep)
                 t_deq = timeit(deq_sdpa, device, repeat=max(3, rep // 2))
+                ctok = QuantizedKVCache(hkv, D, bits_k=nb, bits_v=nb, group_size=group, residual=residual,
+                                        sinks=sinks, rotate=True, batch_size=B, dtype=dtype, device=device,
+                                        k_mode="per_token")
+                ctok.append(k, v)
+                t_tok = timeit(lambda: ctok.attend(q), device, repeat=rep)
+                del ctok
                 rows.append({
                     "B": B, "context": N, "bits": nb, "eff_bits": cache.effective_bits,
                     "kvengine_us": t_k * 1e6, "sdpa_us": t_sdpa * 1e6, "deq_sdpa_us": t_deq * 1e6,
                     "kvengine_GBps": cache.nbytes / t_k / 1e9, "sdpa_GBps": fp_bytes / t_sdpa / 1e9,
                     "speedup_vs_sdpa": t_sdpa / t_k, "speedup_vs_deq_sdpa": t_deq / t_k,
+                    "ktok_us": t_tok * 1e6, "ktok_vs_kchan": t_tok / t_k,
                 })
                 del cache
             del k, v
     print_table(f"decode attention on {device} ({dtype}, Hkv={hkv}, GQA {g}:1, D={D}, G={group}, R={residual}, "
-                f"S={sinks}, rotated); speedups = baseline time / kvengine time; GB/s = bytes held / time", rows,
+                f"S={sinks}, rotated); speedups = baseline time / kvengine time; GB/s = bytes held / time; "
+                f"ktok = keys per token (time ratio to per-channel keys)", rows,
                 ["B", "context", "bits", "eff_bits", "kvengine_us", "sdpa_us", "deq_sdpa_us", "kvengine_GBps",
-                 "sdpa_GBps", "speedup_vs_sdpa", "speedup_vs_deq_sdpa"])
+                 "sdpa_GBps", "speedup_vs_sdpa", "speedup_vs_deq_sdpa", "ktok_us", "ktok_vs_kchan"])
     return rows
 
 
