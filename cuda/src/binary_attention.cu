@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -321,7 +322,296 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
   check(cudaGetLastError(), "kernel launch");
 }
 
+// ---- tensor-core path (sm_80+): QK as mma b1 AND + popc, P·V as fp16/bf16 mma ------------------------------------
+// binary_attn_mma_kernel<D, VT>, D in {32, 64, 128}, V (and out) fp16 or bf16.  One CTA = 4 warps, 16 query rows per
+// warp (BQ = 64), keys in tiles of BK = 64.  Per tile and warp, 8 mma.m16n8k256.b1.and.popc give the 16 × 64 integer
+// AND counts (words past D/32 are zero in both operands, so they count nothing); the XOR count follows from
+// popc(q ^ k) = popc(q) + popc(k) − 2·popc(q & k) with the per-row / per-key popcounts computed once.  Which bits a
+// (thread, register) pair covers never matters: A and B registers of the same index hold the same sign word, so every
+// word of q meets the same word of k exactly once.  Scores, masks, biases and the online softmax are as in the
+// CUDA-core kernel (identical fp32 expressions); the probabilities are rounded to V's type and P·V runs as
+// mma.m16n8k16 (fp32 accumulators in registers, FlashAttention-2 layout: the score fragment of two adjacent 8-key
+// tiles is the A fragment of one 16-key step).  V is staged transposed in shared memory ([D][BK + 8]: the row pad
+// makes the B-fragment reads conflict-free).  Opt-in (KVENGINE_BINARY_MMA=1) until it has run on a GPU.
+constexpr int kMmaBQ = 64;
+constexpr int kVtPad = 8;
+
+template <typename VT>
+struct MmaType;
+template <>
+struct MmaType<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+template <>
+struct MmaType<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+// d[0..3] = popc(a & b) of the m16n8k256 tile (a: rows g / g+8, b: key g; registers 2/3 and b1 carry words 4..7)
+__device__ __forceinline__ void mma_and_popc(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int z = 0;
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(z));
+#else
+  __trap();
+#endif
+}
+
+template <int D, typename VT>
+__global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams p) {
+  constexpr int NW = D / 32;  // sign words per row (<= 4)
+  constexpr int NT = BK / 8;  // 8-key score tiles per key tile
+  constexpr int ND = D / 8;   // 8-channel output tiles
+  constexpr int VS = BK + kVtPad;
+  static_assert(NW <= 4, "the tensor-core path takes D <= 128");
+  extern __shared__ float4 smem4[];
+  uint32_t* kw = reinterpret_cast<uint32_t*>(smem4);    // [BK][NW]
+  int* pk = reinterpret_cast<int*>(kw + BK * NW);        // [BK] popc(k)
+  float* beta = reinterpret_cast<float*>(pk + BK);       // [BK]
+  uint32_t* qws = reinterpret_cast<uint32_t*>(beta + BK);  // [kWarps][16][NW]
+  float* qa = reinterpret_cast<float*>(qws + kWarps * 16 * NW);  // [kWarps][16] α·scale·log2 e
+  int* qp = reinterpret_cast<int*>(qa + kWarps * 16);             // [kWarps][16] popc(q)
+  uint16_t* vt = reinterpret_cast<uint16_t*>(qp + kWarps * 16);   // [D][VS] V transposed (raw fp16/bf16 bits)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.Hq / p.Hkv);
+  const int64_t bhk = static_cast<int64_t>(b) * p.Hkv + hk;
+  const int q0 = blockIdx.x * kMmaBQ;
+  const int rbase = q0 + warp * 16;
+  const int shift = p.Lk - p.Lq;
+
+  // pack this warp's 16 query rows (ballots), α·scale·log2 e and popc(q)
+  uint32_t* qw = qws + warp * 16 * NW;
+#pragma unroll 1
+  for (int r = 0; r < 16; ++r) {
+    const int i = rbase + r;
+    const bool valid = i < p.Lq;
+    const int64_t off = static_cast<int64_t>(b) * p.q_sb + static_cast<int64_t>(h) * p.q_sh +
+                        static_cast<int64_t>(valid ? i : 0) * p.q_st;
+    float sabs = 0.f;
+    int pc = 0;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float x = valid ? load_f(p.q, off + w * 32 + lane, p.qdt) : 0.f;
+      const unsigned word = __ballot_sync(kFull, x < 0.f);
+      if (lane == 0) qw[r * NW + w] = word;
+      pc += __popc(word);
+      sabs += fabsf(x);
+    }
+    sabs = warp_sum(sabs);
+    if (lane == 0) {
+      qa[warp * 16 + r] = sabs * p.qmul;
+      qp[warp * 16 + r] = pc;
+    }
+  }
+  __syncwarp();
+  const uint32_t a0 = tig < NW ? qw[g * NW + tig] : 0u;
+  const uint32_t a1 = tig < NW ? qw[(g + 8) * NW + tig] : 0u;
+  const float ar[2] = {qa[warp * 16 + g], qa[warp * 16 + g + 8]};
+  const int pq[2] = {qp[warp * 16 + g], qp[warp * 16 + g + 8]};
+  int lim[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int i = rbase + g + 8 * hh;
+    lim[hh] = i < p.Lq ? (p.causal ? min(p.Lk - 1, i + shift) : p.Lk - 1) : -1;
+  }
+
+  float o[ND][4];
+#pragma unroll
+  for (int d = 0; d < ND; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+
+  int kend = p.Lk;
+  if (p.causal) kend = min(p.Lk, q0 + kMmaBQ + shift);
+  const int64_t kbase = bhk * p.Lk;
+  const int64_t vbase = static_cast<int64_t>(b) * p.v_sb + static_cast<int64_t>(hk) * p.v_sh;
+  const int64_t relc = (p.rel_len - 1) / 2;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v);
+
+  for (int j0 = 0; j0 < kend; j0 += BK) {
+    __syncthreads();  // the previous tile is consumed
+    if (tid < BK) {
+      const int j = j0 + tid;
+      int pc = 0;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const uint32_t x = j < p.Lk ? p.kb[(kbase + j) * NW + w] : 0u;
+        kw[tid * NW + w] = x;
+        pc += __popc(x);
+      }
+      pk[tid] = pc;
+      beta[tid] = j < p.Lk ? p.ks[kbase + j] : 0.f;
+    }
+    for (int idx = tid; idx < BK * D; idx += kThreads) {  // zero past Lk: P = 0 must not meet NaN garbage
+      const int t = idx / D, c = idx - t * D, j = j0 + t;
+      vt[c * VS + t] = j < p.Lk ? vg[vbase + static_cast<int64_t>(j) * p.v_st + c] : uint16_t(0);
+    }
+    __syncthreads();
+
+    // scores of rows g / g + 8 (hh = 0 / 1) for keys 8n + 2·tig + {0, 1}
+    float sc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      int cnt[4];
+      const uint32_t b0 = tig < NW ? kw[(8 * n + g) * NW + tig] : 0u;
+      mma_and_popc(cnt, a0, a1, 0u, 0u, b0, 0u);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e >> 1, t = 8 * n + 2 * tig + (e & 1), j = j0 + t;
+        const int i = rbase + g + 8 * hh;
+        const int pc = pq[hh] + pk[t] - 2 * cnt[e];
+        float s = ar[hh] * beta[t] * static_cast<float>(D - 2 * pc);
+        if (j <= lim[hh] && j < kend) {
+          if (p.bias) s += kLog2e * p.bias[b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(i) * p.bias_si + j];
+          if (p.rel) s += kLog2e * p.rel[h * p.rel_len + relc + (i + shift) - j];
+        } else {
+          s = -INFINITY;
+        }
+        sc[n][e] = s;
+      }
+    }
+    // online softmax per row (the 4 threads of a group hold one row's 64 keys)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * hh], sc[n][2 * hh + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+      const float mn = fmaxf(m_r[hh], mx);
+      float alpha = 1.f, sum = 0.f;
+      if (mn == -INFINITY) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) sc[n][2 * hh] = sc[n][2 * hh + 1] = 0.f;
+      } else {
+        alpha = m_r[hh] == -INFINITY ? 0.f : exp2f(m_r[hh] - mn);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          sc[n][2 * hh] = exp2f(sc[n][2 * hh] - mn);  // exp2f(-inf) = 0
+          sc[n][2 * hh + 1] = exp2f(sc[n][2 * hh + 1] - mn);
+          sum += sc[n][2 * hh] + sc[n][2 * hh + 1];
+        }
+      }
+      sum += __shfl_xor_sync(kFull, sum, 1);
+      sum += __shfl_xor_sync(kFull, sum, 2);
+      l_r[hh] = l_r[hh] * alpha + sum;
+      m_r[hh] = mn;
+#pragma unroll
+      for (int d = 0; d < ND; ++d) {
+        o[d][2 * hh] *= alpha;
+        o[d][2 * hh + 1] *= alpha;
+      }
+    }
+    // P·V: 16 keys per step
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      const uint32_t pa[4] = {MmaType<VT>::pack(sc[2 * kk][0], sc[2 * kk][1]),
+                              MmaType<VT>::pack(sc[2 * kk][2], sc[2 * kk][3]),
+                              MmaType<VT>::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              MmaType<VT>::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+      for (int d = 0; d < ND; ++d) {
+        const uint16_t* col = vt + (8 * d + g) * VS + 16 * kk + 2 * tig;
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(col);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(col + 8);
+        MmaType<VT>::mma(o[d], pa, b0, b1);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int i = rbase + g + 8 * hh;
+    if (i >= p.Lq) continue;
+    const float inv = l_r[hh] > 0.f ? 1.f / l_r[hh] : 0.f;
+    VT* out = static_cast<VT*>(p.out) + ((static_cast<int64_t>(b) * p.Hq + h) * p.Lq + i) * D;
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      const uint32_t w = MmaType<VT>::pack(o[d][2 * hh] * inv, o[d][2 * hh + 1] * inv);
+      *reinterpret_cast<uint32_t*>(out + 8 * d + 2 * tig) = w;
+    }
+  }
+}
+
+template <int D, typename VT>
+void launch_mma(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
+  constexpr int NW = D / 32;
+  const size_t smem = static_cast<size_t>(BK) * NW * 4 + BK * 4 + BK * 4 + static_cast<size_t>(kWarps) * 16 * NW * 4 +
+                      kWarps * 16 * 4 * 2 + static_cast<size_t>(D) * (BK + kVtPad) * 2;
+  auto fn = binary_attn_mma_kernel<D, VT>;
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+          "shared memory opt-in");
+  const dim3 grid(static_cast<unsigned>((Lq + kMmaBQ - 1) / kMmaBQ), static_cast<unsigned>(Hq),
+                  static_cast<unsigned>(B));
+  fn<<<grid, kThreads, smem, stream>>>(p);
+  check(cudaGetLastError(), "tensor-core kernel launch");
+}
+
+template <typename VT>
+bool try_mma(const AttnParams& p, int D, int B, int Hq, int Lq, cudaStream_t stream) {
+  switch (D) {
+    case 32: launch_mma<32, VT>(p, B, Hq, Lq, stream); return true;
+    case 64: launch_mma<64, VT>(p, B, Hq, Lq, stream); return true;
+    case 128: launch_mma<128, VT>(p, B, Hq, Lq, stream); return true;
+    default: return false;
+  }
+}
+
+// KVENGINE_BINARY_MMA=1 selects the tensor-core kernel where it applies (read per call)
+bool mma_requested() {
+  const char* e = std::getenv("KVENGINE_BINARY_MMA");
+  return e != nullptr && e[0] == '1';
+}
+
 }  // namespace
+
+bool binary_attention_mma_applies(const BinaryAttentionArgs& a) {
+  if (!(a.D == 32 || a.D == 64 || a.D == 128)) return false;
+  if (!(a.v_dtype == DType::F16 || a.v_dtype == DType::BF16)) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
+                                                cudaSuccess)
+    return false;
+  return major >= 8;
+}
 
 void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, int64_t x_stride_b,
                int64_t x_stride_t, bool center, uint32_t* bits, float* scale, float* mean_ws, cudaStream_t stream) {
@@ -387,6 +677,11 @@ void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream) {
   p.causal = a.causal;
   p.qmul = a.softmax_scale * kLog2e / static_cast<float>(a.D);
   const int B = static_cast<int>(a.B), Hq = static_cast<int>(a.Hq), Lq = static_cast<int>(a.Lq);
+  if (mma_requested() && binary_attention_mma_applies(a)) {
+    const bool done = a.v_dtype == DType::F16 ? try_mma<__half>(p, static_cast<int>(a.D), B, Hq, Lq, stream)
+                                              : try_mma<__nv_bfloat16>(p, static_cast<int>(a.D), B, Hq, Lq, stream);
+    if (done) return;
+  }
   switch (a.D) {
     case 32: launch<32, 8>(p, B, Hq, Lq, stream); break;
     case 64: launch<64, 8>(p, B, Hq, Lq, stream); break;

@@ -50,7 +50,10 @@ void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, 
                int64_t x_stride_t, bool center, uint32_t* bits, float* scale, float* mean_ws, cudaStream_t stream);
 // Fused binary attention over packed keys (all pointers in `a` device pointers); D in {32, 64, 128, 256};
 // q and v rows 4-byte aligned; B, Hq <= 65535 (grid y / z); Lq, Lk <= 2^30.  One kernel, no workspace.
+// With KVENGINE_BINARY_MMA=1 (read per call) and binary_attention_mma_applies(a) (D <= 128, fp16/bf16 V, sm_80+) the
+// tensor-core kernel runs (b1 AND+popc MMA for QK, fp16/bf16 MMA for P·V with P rounded to V's type).
 void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream);
+bool binary_attention_mma_applies(const BinaryAttentionArgs& a);
 
 // ---- hash-based top-k KV retrieval (semantics: kvengine/retrieval.h) ----------------------------------------------
 // hash_encode: projection (+ SiLU residual layer) and sign packing in one kernel; nbits in {32, 64, 128, 256},

@@ -1,6 +1,11 @@
 """1-bit QK attention (BinaryAttention) prefill: kvengine.binary_attention (popcount scores, fp32 P·V, one fused
-pass) vs torch SDPA (fp32 on CPU, bf16 on GPU) on the same shapes, B·H = 32, non-causal, side by side."""
+pass) vs torch SDPA (fp32 on CPU, bf16 on GPU) on the same shapes, B·H = 32, non-causal, side by side.  On CUDA also
+the tensor-core kernel (KVENGINE_BINARY_MMA=1: b1 AND+popc MMA for QK, bf16 MMA for P·V) with its deviation from the
+CUDA-core kernel."""
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +13,19 @@ import torch.nn.functional as F
 from kvengine import ops
 
 from . import bench_main, print_table, timeit
+
+
+@contextlib.contextmanager
+def _mma(on: bool):
+    old = os.environ.get("KVENGINE_BINARY_MMA")
+    os.environ["KVENGINE_BINARY_MMA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KVENGINE_BINARY_MMA", None)
+        else:
+            os.environ["KVENGINE_BINARY_MMA"] = old
 
 
 def run(device: str, lengths=(1024, 4096), dims=(64, 128), B=1, H=32, quick=False) -> list[dict]:
@@ -19,19 +37,30 @@ def run(device: str, lengths=(1024, 4096), dims=(64, 128), B=1, H=32, quick=Fals
             gen = torch.Generator().manual_seed(L + D)
             q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype) for _ in range(3))
             t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device, repeat=rep, min_time=0.0)
-            t_bin = timeit(lambda: ops.binary_attention(q, k, v), device, repeat=rep, min_time=0.0)
+            with _mma(False):
+                t_bin = timeit(lambda: ops.binary_attention(q, k, v), device, repeat=rep, min_time=0.0)
+                out_core = ops.binary_attention(q, k, v) if device != "cpu" else None
             kb, ks = ops.sign_pack(k, center=True)
             t_packed = timeit(lambda: ops.binary_attention_packed(q, kb, ks, v), device, repeat=rep, min_time=0.0)
             flops = 4.0 * B * H * L * L * D  # QKᵀ + PV of dense attention
+            extra = {}
+            if device != "cpu" and D <= 128:
+                with _mma(True):
+                    t_mma = timeit(lambda: ops.binary_attention(q, k, v), device, repeat=rep, min_time=0.0)
+                    out_mma = ops.binary_attention(q, k, v)
+                dev = ((out_mma.float() - out_core.float()).norm(dim=-1) / out_core.float().norm(dim=-1)).max()
+                extra = {"mma_ms": t_mma * 1e3, "mma_vs_core": t_bin / t_mma, "mma_speedup_vs_sdpa": t_sdpa / t_mma,
+                         "mma_max_row_dev": float(dev)}
             rows.append({
                 "L": L, "D": D, "BH": B * H, "dtype": str(dtype).replace("torch.", ""),
                 "binary_ms": t_bin * 1e3, "binary_packed_ms": t_packed * 1e3, "sdpa_ms": t_sdpa * 1e3,
-                "sdpa_TFLOPs": flops / t_sdpa / 1e12, "speedup_vs_sdpa": t_sdpa / t_bin,
+                "sdpa_TFLOPs": flops / t_sdpa / 1e12, "speedup_vs_sdpa": t_sdpa / t_bin, **extra,
             })
             del q, k, v
     print_table(f"binary attention on {device}: kvengine.binary_attention vs SDPA ({dtype}), B·H = {B * H}; "
                 "speedup = SDPA time / binary time", rows,
-                ["L", "D", "BH", "dtype", "binary_ms", "binary_packed_ms", "sdpa_ms", "sdpa_TFLOPs", "speedup_vs_sdpa"])
+                ["L", "D", "BH", "dtype", "binary_ms", "binary_packed_ms", "sdpa_ms", "sdpa_TFLOPs", "speedup_vs_sdpa"]
+                + (["mma_ms", "mma_vs_core", "mma_speedup_vs_sdpa", "mma_max_row_dev"] if device != "cpu" else []))
     return rows
 
 
