@@ -31,7 +31,8 @@ done
 stage "compute-sanitizer"
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \
-    tests/test_attention.py tests/test_fwht.py tests/test_quant.py tests/test_retrieval_paths.py -k "cuda" \
+    tests/test_attention.py tests/test_fwht.py tests/test_quant.py tests/test_retrieval_paths.py \
+    tests/test_binary_attention.py -k "cuda or tensor_core" \
     > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool exit=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tail -2 | tr '\n' ' ')" | tee -a "$OUT/sanitizer_summary.txt"
 done
