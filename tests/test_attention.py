@@ -227,3 +227,68 @@ def test_cuda_per_token_keys_group16_rejected(gen):
     c = [a.cpu() for a in t]
     assert_rows_close(ops.quant_decode_attention(*c, 2, 2, 16, 32, k_mode="per_token"),
                       ref.quant_decode_attention(*c, 2, 2, 16, 32, k_mode="per_token"), 1e-4)
+
+
+# ---- sparse attention over the packed cache (retrieval: indices of logical positions) ------------------------------
+SPARSE_CASES = [
+    # B, Hkv, g, D, bits_k, bits_v, G, VG, lens, qcap, fcap, n_idx, k_mode
+    (2, 2, 3, 64, 2, 4, 32, 32, [(4, 64, 10), (2, 32, 3)], 64, 16, 50, "per_channel"),
+    (1, 1, 8, 128, 4, 2, 32, 64, [(4, 96, 3)], 128, 16, 300, "per_token"),      # MQA, several chunks
+    (2, 3, 1, 32, 2, 2, 32, 16, [(0, 128, 31), (3, 0, 9)], 128, 40, 7, "per_channel"),  # no quantized part in b=1
+    (1, 2, 2, 256, 1, 8, 64, 128, [(2, 70, 5)], 128, 8, 33, "per_token"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", SPARSE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_sparse_indices_match_reference(device, case, dtype, idx_dtype, gen):
+    B, Hkv, g, D, bk, bv, G, VG, lens, qcap, fcap, n, km = case
+    args = make_inputs(B, Hkv, g, 1, D, bk, bv, G, VG, lens, qcap, fcap, dtype, torch.float16, gen, device, km)
+    N = max(sum(l) for l in lens)
+    idx = torch.randint(-2, N + 3, (B, Hkv, n), generator=gen)  # -1/-2 padding and positions past N: skipped
+    idx[0, 0, : n // 2] = idx[0, 0, 0]  # duplicates count twice
+    idx[-1, -1] = -1  # a KV head with nothing selected: its query rows are 0
+    idx = idx.to(device, idx_dtype)
+    out = ops.quant_decode_attention(*args, bk, bv, G, VG, k_mode=km, indices=idx)
+    expect = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, k_mode=km, indices=idx.cpu())
+    assert out.shape == args[0].shape and out.dtype == dtype
+    assert (out[-1, -g:] == 0).all()
+    assert_rows_close(out, expect.float(), {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype])
+    if dtype == torch.float32 and D & (D - 1) == 0:  # rotated cache: q rotated in, output rotated back
+        o2 = ops.quant_decode_attention(*args, bk, bv, G, VG, 0.2, True, True, k_mode=km, indices=idx)
+        e2 = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, 0.2, True, True, k_mode=km,
+                                        indices=idx.cpu())
+        assert_rows_close(o2, e2, 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_every_position_equals_dense(device, gen):
+    args = make_inputs(2, 2, 4, 1, 64, 2, 2, 32, 32, [(4, 64, 10), (1, 32, 40)], 64, 48, torch.float32,
+                       torch.float16, gen, device)
+    idx = torch.randperm(78, generator=gen).expand(2, 2, 78).contiguous().to(device)
+    assert_rows_close(ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=idx),
+                      ops.quant_decode_attention(*args, 2, 2, 32, 32), 1e-5)
+    empty = torch.zeros(2, 2, 0, dtype=torch.int64, device=device)
+    assert (ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=empty) == 0).all()
+    # int64 positions past int32 are skipped, not wrapped onto valid positions
+    big = torch.full((2, 2, 3), 2**32 + 5, dtype=torch.int64, device=device)
+    big[..., 0] = 7
+    one = torch.full((2, 2, 1), 7, dtype=torch.int64, device=device)
+    assert_rows_close(ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=big),
+                      ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=one), 1e-6)
+
+
+def test_sparse_bad_inputs_and_opcheck(gen):
+    args = make_inputs(1, 2, 2, 1, 64, 2, 2, 32, 32, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cpu")
+    idx = torch.randint(0, 78, (1, 2, 20), generator=gen)
+    with pytest.raises(ValueError, match=r"indices must be \[B=1, Hkv=2, n\]"):
+        ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=idx[:, :1])
+    with pytest.raises(ValueError, match="indices must be int32 or int64"):
+        ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=idx.float())
+    q2 = torch.cat([args[0], args[0]], 2)
+    with pytest.raises(ValueError, match=r"indices \(sparse attention\) need Tq = 1"):
+        ops.quant_decode_attention(q2, *args[1:], 2, 2, 32, 32, indices=idx)
+    torch.library.opcheck(torch.ops.kvengine.quant_decode_attention.default,
+                          (*args, 2, 2, 32, 32, None, False, False, None, None, "per_channel", idx))

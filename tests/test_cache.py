@@ -357,3 +357,26 @@ def test_per_token_keys(device, rotate, g, clip, gen):
     nq, nfp = c.n_quant, c.n_sink + c.n_res
     expect = (nq * D * (2 + 4) + nq * (D // KG) * 32 + nq * (D // 32) * 32 + nfp * D * 64) / 8 * B * H
     assert c.nbytes == expect
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k_mode", ["per_channel", "per_token"])
+def test_attend_selected_positions(device, k_mode, gen):
+    """attend(q, indices=...) is exact attention over the selected positions of dequantize() (sinks, quantized and
+    recent tokens alike; -1 padding skipped)."""
+    B, H, g, D = 2, 2, 3, 64
+    c = QuantizedKVCache(H, D, group_size=32, residual=16, sinks=4, rotate=True, batch_size=B, device=device,
+                         k_mode=k_mode)
+    c.append(outlier_randn(B, H, 150, D, generator=gen).to(device), outlier_randn(B, H, 150, D, generator=gen).to(device))
+    q = outlier_randn(B, H * g, 1, D, generator=gen).to(device)
+    idx = torch.randint(-1, c.seq_len, (B, H, 40), generator=gen).to(device)
+    out = c.attend(q, indices=idx)
+    k, v = c.dequantize()
+    expect = torch.empty(B, H * g, 1, D, dtype=torch.float64)
+    for b in range(B):
+        for hq in range(H * g):
+            ix = idx[b, hq // g].cpu()
+            ix = ix[ix >= 0]
+            s = q[b, hq].double().cpu() @ k[b, hq // g, ix].double().cpu().T / D**0.5
+            expect[b, hq] = torch.softmax(s, -1) @ v[b, hq // g, ix].double().cpu()
+    assert_rows_close(out, expect, 1e-3)

@@ -32,7 +32,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
                                   const at::Tensor& lens, int64_t bits_k, int64_t bits_v, int64_t k_group,
                                   int64_t v_group, std::optional<double> softmax_scale, bool rotate_k, bool rotate_v,
                                   const std::optional<at::Tensor>& k_perm, const std::optional<at::Tensor>& v_perm,
-                                  c10::string_view k_mode) {
+                                  c10::string_view k_mode, const std::optional<at::Tensor>& indices) {
   const char* op = "quant_decode_attention";
   check_supported_device(op, q);
   check_float(op, "q", q);
@@ -112,6 +112,19 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
                 " new query tokens (append the new keys/values before attending)");
     }
   }
+  // retrieval: attend only the selected logical positions (int32 on the device; values past int32 cannot be valid
+  // positions and are clamped to a skipped value without a host sync)
+  at::Tensor idx;
+  if (indices.has_value() && indices->defined()) {
+    const at::Tensor& ix = *indices;
+    check_device(op, "indices", ix, dev);
+    KVE_CHECK(Tq == 1, op, ": indices (sparse attention) need Tq = 1 query token, got Tq = ", Tq);
+    KVE_CHECK(ix.dim() == 3 && ix.size(0) == B && ix.size(1) == Hkv, op, ": indices must be [B=", B, ", Hkv=", Hkv,
+              ", n], got shape ", ix.sizes());
+    KVE_CHECK(ix.scalar_type() == at::kInt || ix.scalar_type() == at::kLong, op,
+              ": indices must be int32 or int64, got ", ix.scalar_type());
+    idx = ix.scalar_type() == at::kLong ? ix.clamp(-1, kInt32Max).to(at::kInt).contiguous() : ix.contiguous();
+  }
   at::Tensor qq = q;
   if (rotate_k) {
     check_fwht_n(op, D, "head_dim D (rotate_k)");
@@ -156,6 +169,11 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   a.v_fp = v_fp.data_ptr();
   a.f_cap = fcap;
   a.lens = lens.data_ptr<int32_t>();
+  if (idx.defined()) {
+    a.sparse = true;
+    a.indices = idx.data_ptr<int32_t>();
+    a.n_idx = idx.size(2);
+  }
 #ifdef KVENGINE_WITH_CUDA
   if (q.is_cuda()) {
     c10::cuda::CUDAGuard guard(dev);

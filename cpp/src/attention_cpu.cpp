@@ -77,6 +77,7 @@ struct Ctx {
   int64_t chunk;  // tokens per work item
   int64_t nchunks;
   float* part;    // [B, Hkv, nchunks, R, D + 2]
+  bool sparse = false;  // a.indices given: chunks split the index list, not the context
 };
 
 template <int BK, int BV>
@@ -85,6 +86,7 @@ class Worker {
   Worker(const Ctx& c) : c_(c), a_(*c.a) {}
 
   void run(int64_t item, State& st) {
+    if (c_.sparse) return run_sparse(item, st);
     const DecodeAttentionArgs& a = a_;
     const int64_t ck = item % c_.nchunks, bh = item / c_.nchunks, b = bh / a.Hkv, h = bh % a.Hkv;
     const int32_t ns = a.lens[b * 3], nq = a.lens[b * 3 + 1], nr = a.lens[b * 3 + 2];
@@ -118,6 +120,85 @@ class Worker {
   const Ctx& c_;
   const DecodeAttentionArgs& a_;
   int64_t N_ = 0;
+
+  // retrieval: the positions indices[b, h, c0 .. c1) of this chunk, gathered (dequantized) 32 at a time
+  void run_sparse(int64_t item, State& st) {
+    const DecodeAttentionArgs& a = a_;
+    const int64_t ck = item % c_.nchunks, bh = item / c_.nchunks, b = bh / a.Hkv, h = bh % a.Hkv;
+    const int32_t ns = a.lens[b * 3], nq = a.lens[b * 3 + 1], nr = a.lens[b * 3 + 2];
+    const int64_t N = int64_t(ns) + nq + nr;
+    float* out = c_.part + item * int64_t(c_.R) * (a.D + 2);
+    const int64_t c0 = ck * c_.chunk, c1 = std::min(a.n_idx, c0 + c_.chunk);
+    st.init(c_.R, int(a.D));
+    if (c0 < c1) {
+      load_queries(b, h, st);
+      N_ = std::numeric_limits<int64_t>::max() / 4;  // nothing is masked: every selected position is visible
+      const int32_t* ix = a.indices + bh * a.n_idx;
+      int nt = 0;
+      for (int64_t i = c0; i < c1; ++i) {
+        const int64_t pos = ix[i];
+        if (pos < 0 || pos >= N) continue;
+        load_token(b, h, ns, nq, pos, st, st.kblk.data() + size_t(nt) * a.D, st.vblk.data() + size_t(nt) * a.D);
+        if (++nt == BT) {
+          process_block(st, 0, nt);
+          nt = 0;
+        }
+      }
+      if (nt) process_block(st, 0, nt);
+    }
+    for (int r = 0; r < c_.R; ++r) {  // an empty chunk keeps m = -inf, l = 0: weight 0 in the merge
+      out[r * (a.D + 2)] = st.m[r];
+      out[r * (a.D + 2) + 1] = st.l[r];
+      std::memcpy(out + r * (a.D + 2) + 2, st.acc.data() + size_t(r) * a.D, a.D * sizeof(float));
+    }
+  }
+
+  // K and V rows (fp32) of logical position pos: a sink / recent slot, or a packed token dequantized as quant_range
+  // does (the same fp32 operations)
+  void load_token(int64_t b, int64_t h, int64_t ns, int64_t nq, int64_t pos, State& st, float* kd, float* vd) {
+    const DecodeAttentionArgs& a = a_;
+    const int D = int(a.D), esz = dtype_size(a.dtype), msz = dtype_size(a.meta_dtype);
+    const int64_t bh = b * a.Hkv + h;
+    if (pos < ns || pos >= ns + nq) {
+      const int64_t slot = pos < ns ? pos : pos - nq;  // recent tokens follow the sinks in the fp segment
+      const char* kf = static_cast<const char*>(a.k_fp) + ((bh * a.f_cap + slot) * D) * esz;
+      const char* vf = static_cast<const char*>(a.v_fp) + ((bh * a.f_cap + slot) * D) * esz;
+      detail::load_row(kf, a.dtype, D, nullptr, kd);
+      detail::load_row(vf, a.dtype, D, nullptr, vd);
+      return;
+    }
+    const int64_t j = pos - ns;
+    const int G = a.k_group, VG = a.v_group, nv = D / W, gpr = D / VG;
+    const uint8_t* krow = a.k_codes + (bh * a.q_cap + j) * (D * BK / 8);
+    const uint8_t* vrow = a.v_codes + (bh * a.q_cap + j) * (D * BV / 8);
+    float* ks = st.meta.data();
+    float* kz = ks + D;
+    float* vs = kz + D;
+    float* vz = vs + gpr;
+    if (a.k_per_token) {
+      const int gpk = D / G;
+      const int64_t m0 = (bh * a.q_cap + j) * gpk;
+      detail::load_row(static_cast<const char*>(a.k_scale) + m0 * msz, a.meta_dtype, gpk, nullptr, ks);
+      detail::load_row(static_cast<const char*>(a.k_zero) + m0 * msz, a.meta_dtype, gpk, nullptr, kz);
+      for (int i = 0; i < nv; ++i) {
+        const int gk = i * W / G;
+        stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * splat(ks[gk]) + splat(kz[gk]));
+      }
+    } else {
+      const int64_t m0 = (bh * (a.q_cap / G) + j / G) * D;
+      detail::load_row(static_cast<const char*>(a.k_scale) + m0 * msz, a.meta_dtype, D, nullptr, ks);
+      detail::load_row(static_cast<const char*>(a.k_zero) + m0 * msz, a.meta_dtype, D, nullptr, kz);
+      for (int i = 0; i < nv; ++i)
+        stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * ld(ks + i * W) + ld(kz + i * W));
+    }
+    const int64_t v0 = (bh * a.q_cap + j) * gpr;
+    detail::load_row(static_cast<const char*>(a.v_scale) + v0 * msz, a.meta_dtype, gpr, nullptr, vs);
+    detail::load_row(static_cast<const char*>(a.v_zero) + v0 * msz, a.meta_dtype, gpr, nullptr, vz);
+    for (int i = 0; i < nv; ++i) {
+      const int gv = i * W / VG;
+      stv(vd + i * W, unpack16<BV>(vrow, int64_t(i) * W) * splat(vs[gv]) + splat(vz[gv]));
+    }
+  }
 
   void load_queries(int64_t b, int64_t h, State& st) {
     const DecodeAttentionArgs& a = a_;
@@ -325,6 +406,8 @@ void quant_decode_attention_cpu(const DecodeAttentionArgs& a) {
   int64_t maxN = 0;
   for (int64_t b = 0; b < a.B; ++b)
     maxN = std::max<int64_t>(maxN, int64_t(a.lens[b * 3]) + a.lens[b * 3 + 1] + a.lens[b * 3 + 2]);
+  c.sparse = a.sparse;
+  if (c.sparse) maxN = a.n_idx;  // split the index list instead of the context
   // split the context so that there are >= 64 work items when the context is long enough (>= 256 tokens each)
   const int64_t bh = a.B * a.Hkv;
   int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>((maxN + 255) / 256, (64 + bh - 1) / bh));

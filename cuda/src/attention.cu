@@ -901,6 +901,181 @@ __global__ void __launch_bounds__(kThreads) attn_merge_kernel(const MergeParams 
   }
 }
 
+
+// ---- sparse kernel (retrieval: attend only indices[b, h, :]) -------------------------------------------------------
+// attn_sparse_kernel<D>: one CTA (4 warps) per (b, KV head h, split s of the index list, row block of <= 8 rows).
+// Warp w takes the indices c0 + w, c0 + w + 4, ... of its split; per index the whole warp dequantizes one token
+// (lane l owns the D/32 contiguous channels [l·D/32, (l+1)·D/32): its code bits, its K/V scale/zero), forms the
+// RB row scores by a shuffle reduction and updates its own online softmax (exp2 of log2 e-prescaled scores).  The
+// four warps' states are combined in shared memory and written as one partial per row for attn_merge_kernel.
+// A random gather of single tokens: memory-latency bound; good enough for top-k ≤ 4096 tokens per head.
+constexpr int kSparseRB = 8;
+constexpr int kSparseMinChunk = 128;
+
+struct SparseParams {
+  const void* q;
+  int64_t q_sb, q_sh;
+  int dtype, meta;
+  int Hkv, D, g, R, nRB, S, chunk;
+  float qscale;  // softmax_scale * log2(e)
+  const uint8_t* kc;
+  const uint8_t* ks;
+  const uint8_t* kz;
+  const uint8_t* vc;
+  const uint8_t* vs;
+  const uint8_t* vz;
+  int bits_k, bits_v, kg, ktok, ngk, ngv, vg;
+  int64_t q_cap, f_cap;
+  const void* kf;
+  const void* vf;
+  const int32_t* lens;
+  const int32_t* idx;
+  int64_t n_idx;
+  float2* ws_ml;
+  float* ws_acc;
+};
+
+// code of element c of a row packed with `bits` bits per element (as quantize_pack does)
+__device__ __forceinline__ float code_of(const uint8_t* row, int c, int bits) {
+  const int bit = c * bits;
+  return static_cast<float>((row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1));
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) attn_sparse_kernel(const SparseParams p) {
+  constexpr int CPL = D / 32;  // channels per lane
+  constexpr int RB = kSparseRB;
+  __shared__ float q_s[RB * D];
+  __shared__ float st_ml[kWarps][RB][2];
+  __shared__ float st_acc[kWarps][RB][D];
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  int bid = static_cast<int>(blockIdx.x);
+  const int rb = bid % p.nRB;
+  bid /= p.nRB;
+  const int s = bid % p.S;
+  bid /= p.S;
+  const int h = bid % p.Hkv, b = bid / p.Hkv;
+  const int64_t bh = static_cast<int64_t>(b) * p.Hkv + h;
+  const int r0 = rb * RB, Rc = min(RB, p.R - r0);
+  const int64_t fcap = p.f_cap;
+  const int ns = static_cast<int>(clamp64(__ldg(p.lens + 3 * b), 0, fcap));
+  const int nq = static_cast<int>(clamp64(__ldg(p.lens + 3 * b + 1), 0, p.q_cap));
+  const int nr = static_cast<int>(clamp64(__ldg(p.lens + 3 * b + 2), 0, fcap - ns));
+  const int64_t N = static_cast<int64_t>(ns) + nq + nr;
+  for (int i = tid; i < RB * D; i += kThreads) {  // query rows (head hl = row, Tq = 1), prescaled; unused rows zero
+    const int r = i / D, d = i - r * D;
+    const int hq = h * p.g + r0 + r;
+    q_s[i] = r < Rc ? elem_at(p.q, b * p.q_sb + hq * p.q_sh + d, p.dtype) * p.qscale : 0.f;
+  }
+  __syncthreads();
+  const int c0 = lane * CPL;
+  float qr[RB][CPL], acc[RB][CPL], m[RB], l[RB];
+#pragma unroll
+  for (int r = 0; r < RB; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < CPL; ++e) {
+      qr[r][e] = q_s[r * D + c0 + e];
+      acc[r][e] = 0.f;
+    }
+  }
+  const int64_t i0 = static_cast<int64_t>(s) * p.chunk;
+  const int64_t i1 = min(p.n_idx, i0 + p.chunk);
+  const int32_t* ix = p.idx + bh * p.n_idx;
+  for (int64_t i = i0 + warp; i < i1; i += kWarps) {
+    const int64_t pos = __ldg(ix + i);
+    if (pos < 0 || pos >= N) continue;  // warp-uniform
+    float kv[CPL], vv[CPL];
+    if (pos < ns || pos >= ns + nq) {
+      const int64_t slot = pos < ns ? pos : pos - nq;
+      const int64_t off = (bh * p.f_cap + slot) * D + c0;
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) {
+        kv[e] = elem_at(p.kf, off + e, p.dtype);
+        vv[e] = elem_at(p.vf, off + e, p.dtype);
+      }
+    } else {
+      const int64_t j = pos - ns, tok = bh * p.q_cap + j;
+      const uint8_t* krow = p.kc + tok * (D * p.bits_k / 8);
+      const uint8_t* vrow = p.vc + tok * (D * p.bits_v / 8);
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) {
+        const int c = c0 + e;
+        const int64_t km = p.ktok ? tok * p.ngk + c / p.kg : (bh * (p.q_cap / p.kg) + j / p.kg) * D + c;
+        const int64_t vm = tok * p.ngv + c / p.vg;
+        kv[e] = code_of(krow, c, p.bits_k) * meta_at(p.ks, km, p.meta) + meta_at(p.kz, km, p.meta);
+        vv[e] = code_of(vrow, c, p.bits_v) * meta_at(p.vs, vm, p.meta) + meta_at(p.vz, vm, p.meta);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+      float d = 0.f;
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) d = fmaf(qr[r][e], kv[e], d);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(kFull, d, off);
+      const float mn = fmaxf(m[r], d);
+      const float alpha = exp2f(m[r] - mn);  // 0 when m was -inf
+      const float pr = exp2f(d - mn);
+      l[r] = l[r] * alpha + pr;
+      m[r] = mn;
+#pragma unroll
+      for (int e = 0; e < CPL; ++e) acc[r][e] = fmaf(pr, vv[e], acc[r][e] * alpha);
+    }
+  }
+  // combine the 4 warps, then one partial per row
+#pragma unroll
+  for (int r = 0; r < RB; ++r) {
+    if (lane == 0) {
+      st_ml[warp][r][0] = m[r];
+      st_ml[warp][r][1] = l[r];
+    }
+#pragma unroll
+    for (int e = 0; e < CPL; ++e) st_acc[warp][r][c0 + e] = acc[r][e];
+  }
+  __syncthreads();
+  const int64_t prow0 = (bh * p.S + s) * p.R + r0;
+  for (int i = tid; i < Rc * D; i += kThreads) {
+    const int r = i / D, d = i - r * D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      if (st_ml[w][r][1] > 0.f) M = fmaxf(M, st_ml[w][r][0]);
+    float L = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      if (st_ml[w][r][1] > 0.f) {
+        const float wt = exp2f(st_ml[w][r][0] - M);
+        L = fmaf(st_ml[w][r][1], wt, L);
+        o = fmaf(st_acc[w][r][d], wt, o);
+      }
+    }
+    p.ws_acc[(prow0 + r) * D + d] = o;
+    if (d == 0) p.ws_ml[prow0 + r] = make_float2(M, L);
+  }
+}
+
+struct SparsePlan {
+  int nRB, S, chunk;
+};
+
+SparsePlan make_sparse_plan(const DecodeAttentionArgs& a) {
+  SparsePlan pl{};
+  const int64_t R = a.Hkv > 0 ? a.Hq / a.Hkv : 0;
+  pl.nRB = static_cast<int>((R + kSparseRB - 1) / kSparseRB);
+  const int64_t per = a.B * a.Hkv * (pl.nRB > 0 ? pl.nRB : 1);
+  int64_t S = per > 0 ? (kTargetCtas + per - 1) / per : 1;
+  const int64_t by_len = (a.n_idx + kSparseMinChunk - 1) / kSparseMinChunk;
+  if (S > by_len) S = by_len;
+  if (S > kMaxSplits) S = kMaxSplits;
+  if (S < 1) S = 1;
+  pl.S = static_cast<int>(S);
+  pl.chunk = static_cast<int>((a.n_idx + S - 1) / S);
+  if (pl.chunk < 1) pl.chunk = 1;
+  return pl;
+}
+
 // ---- host side -----------------------------------------------------------------------------------------------------
 
 struct Plan {
@@ -965,9 +1140,87 @@ SplitFn pick_kernel(int bk, int bv, int RB) {
 
 size_t quant_decode_attention_workspace_bytes(const DecodeAttentionArgs& a) {
   if (a.B <= 0 || a.Hkv <= 0 || a.Hq <= 0 || a.Tq <= 0 || a.D <= 0) return 0;
+  if (a.sparse) {
+    const SparsePlan sp = make_sparse_plan(a);
+    const size_t rows = static_cast<size_t>(a.B * a.Hkv) * sp.S * (a.Hq / a.Hkv);
+    return align_up(rows * sizeof(float2), 256) + rows * a.D * sizeof(float);
+  }
   const Plan pl = make_plan(a);
   return ml_bytes(a, pl) + static_cast<size_t>(a.B * a.Hkv) * pl.S * pl.R * a.D * sizeof(float);
 }
+
+namespace {
+
+void sparse_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_t stream) {
+  if (a.Tq != 1) throw std::runtime_error(std::string(kErr) + "sparse attention (indices) needs Tq = 1");
+  if (a.n_idx > 0 && a.indices == nullptr) throw std::runtime_error(std::string(kErr) + "indices is null");
+  const SparsePlan sp = make_sparse_plan(a);
+  const int D = static_cast<int>(a.D);
+  SparseParams p{};
+  p.q = a.q;
+  p.q_sb = a.q_stride_b;
+  p.q_sh = a.q_stride_h;
+  p.dtype = static_cast<int>(a.dtype);
+  p.meta = static_cast<int>(a.meta_dtype);
+  p.Hkv = static_cast<int>(a.Hkv);
+  p.D = D;
+  p.g = static_cast<int>(a.Hq / a.Hkv);
+  p.R = p.g;
+  p.nRB = sp.nRB;
+  p.S = sp.S;
+  p.chunk = sp.chunk;
+  p.qscale = a.softmax_scale * kLog2e;
+  p.kc = a.k_codes;
+  p.ks = static_cast<const uint8_t*>(a.k_scale);
+  p.kz = static_cast<const uint8_t*>(a.k_zero);
+  p.vc = a.v_codes;
+  p.vs = static_cast<const uint8_t*>(a.v_scale);
+  p.vz = static_cast<const uint8_t*>(a.v_zero);
+  p.bits_k = a.bits_k;
+  p.bits_v = a.bits_v;
+  p.kg = a.k_group;
+  p.ktok = a.k_per_token ? 1 : 0;
+  p.ngk = a.k_per_token ? static_cast<int>(a.D / a.k_group) : 0;
+  p.ngv = static_cast<int>(a.D / a.v_group);
+  p.vg = a.v_group;
+  p.q_cap = a.q_cap;
+  p.f_cap = a.f_cap;
+  p.kf = a.k_fp;
+  p.vf = a.v_fp;
+  p.lens = a.lens;
+  p.idx = a.indices;
+  p.n_idx = a.n_idx;
+  const size_t rows = static_cast<size_t>(a.B * a.Hkv) * sp.S * p.R;
+  p.ws_ml = static_cast<float2*>(workspace);
+  p.ws_acc = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + align_up(rows * sizeof(float2), 256));
+  const int64_t grid = a.B * a.Hkv * static_cast<int64_t>(sp.S) * sp.nRB;
+  if (grid > 0x7fffffff) throw std::runtime_error(std::string(kErr) + "grid too large");
+  switch (D) {
+    case 32: attn_sparse_kernel<32><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p); break;
+    case 64: attn_sparse_kernel<64><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p); break;
+    case 128: attn_sparse_kernel<128><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p); break;
+    default: attn_sparse_kernel<256><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p); break;
+  }
+  check(cudaGetLastError(), "sparse kernel launch");
+  MergeParams m{};
+  m.ws_ml = p.ws_ml;
+  m.ws_acc = p.ws_acc;
+  m.out = a.out;
+  m.dtype = p.dtype;
+  m.Hkv = p.Hkv;
+  m.Hq = static_cast<int>(a.Hq);
+  m.Tq = 1;
+  m.D = D;
+  m.g = p.g;
+  m.R = p.R;
+  m.S = sp.S;
+  const int64_t mgrid = a.B * a.Hkv * p.R;
+  if (mgrid > 0x7fffffff) throw std::runtime_error(std::string(kErr) + "grid too large");
+  attn_merge_kernel<<<static_cast<unsigned>(mgrid), kThreads, 0, stream>>>(m);
+  check(cudaGetLastError(), "merge kernel launch");
+}
+
+}  // namespace
 
 void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_t stream) {
   if (a.B <= 0 || a.Hkv <= 0 || a.Hq <= 0 || a.Tq <= 0) return;
@@ -990,6 +1243,7 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
   if (!aligned(a.k_codes, 16) || !aligned(a.v_codes, 16) || !aligned(a.k_fp, 16) || !aligned(a.v_fp, 16))
     throw std::runtime_error(std::string(kErr) + "k_codes, v_codes, k_fp and v_fp must be 16-byte aligned");
   if (workspace == nullptr) throw std::runtime_error(std::string(kErr) + "workspace is null");
+  if (a.sparse) return sparse_attention(a, workspace, stream);
 
   const Plan pl = make_plan(a);
   const int D = static_cast<int>(a.D);

@@ -326,9 +326,11 @@ class QuantizedKVCache:
                                             self.meta_dtype, self.clip_v)
         return ops.quantize_pack(x, self.bits_v, self.v_group, "per_token", self.meta_dtype, self.clip_v)
 
-    def attend(self, q: Tensor, scale: Optional[float] = None) -> Tensor:
+    def attend(self, q: Tensor, scale: Optional[float] = None, indices: Optional[Tensor] = None) -> Tensor:
         """Attention of the newest Tq tokens' queries q [B, H_q, Tq, D] over everything cached (which must already
-        include those Tq tokens); causal among them.  Returns [B, H_q, Tq, D] in q's dtype."""
+        include those Tq tokens); causal among them.  Returns [B, H_q, Tq, D] in q's dtype.
+        ``indices`` [B, H_kv, n] (Tq = 1; retrieval, e.g. ``hamming_topk``): attend only those logical positions
+        (the order of ``dequantize()``: sinks, quantized, recent; entries < 0 or ≥ seq_len skipped)."""
         if q.dim() != 4 or q.shape[0] != self.B or q.shape[3] != self.D:
             raise ValueError(f"QuantizedKVCache.attend: q must be [B={self.B}, H_q, Tq, D={self.D}], got "
                              f"{tuple(q.shape)}")
@@ -344,7 +346,7 @@ class QuantizedKVCache:
         out = ops.quant_decode_attention(
             qq, self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"], self.q["v_scale"],
             self.q["v_zero"], self.k_fp, self.v_fp, self._lens, self.bits_k, self.bits_v, self.k_group, self.v_group,
-            scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm, self.k_mode)
+            scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm, self.k_mode, indices)
         return out.to(q.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:

@@ -168,6 +168,7 @@ def quant_decode_attention(
     k_perm: Optional[Tensor] = None,
     v_perm: Optional[Tensor] = None,
     k_mode: str = "per_channel",
+    indices: Optional[Tensor] = None,
 ) -> Tensor:
     """Exact softmax attention of q [B, Hq, Tq, D] over a quantized KV cache, in one fused pass over the packed data.
 
@@ -179,16 +180,19 @@ def quant_decode_attention(
     (``k_fp/v_fp[b, :, n_sink:n_sink+n_res]``).  The Tq queries are the newest Tq tokens (causal among themselves).
     With ``rotate_k`` the cache holds fwht(k[..., k_perm]) and q is rotated the same way; with ``rotate_v`` the
     values are rotated and the output is rotated back.  See ``QuantizedKVCache`` for the usual way to build these.
+    ``indices`` [B, Hkv, n] (int32/int64, Tq = 1; retrieval, e.g. from ``hamming_topk``): query head hq attends only
+    the logical positions ``indices[b, hq // g]`` (entries < 0 or ≥ N skipped, duplicates count twice; a row with
+    none gives 0), dequantized on the fly — sparse attention over the packed cache.
     """
     return _ops.quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
                                        bits_v, k_group, v_group, softmax_scale, rotate_k, rotate_v, k_perm, v_perm,
-                                       k_mode)
+                                       k_mode, indices)
 
 
 @torch.library.register_fake("kvengine::quant_decode_attention")
 def _quant_decode_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
                                  bits_v, k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False,
-                                 k_perm=None, v_perm=None, k_mode="per_channel"):
+                                 k_perm=None, v_perm=None, k_mode="per_channel", indices=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -157,7 +157,7 @@ def _dequant_partial_k(k_codes, k_scale, k_zero, bits_k, k_group, b, nq, dtype):
 
 def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v,
                            k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False, k_perm=None,
-                           v_perm=None, k_mode="per_channel"):
+                           v_perm=None, k_mode="per_channel", indices=None):
     B, Hq, Tq, D = q.shape
     Hkv = k_codes.shape[1]
     g = Hq // Hkv
@@ -170,6 +170,18 @@ def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
         K, V = gather_kv(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v,
                          k_group, v_group, b, k_mode=k_mode)
         N = K.shape[1]
+        if indices is not None:  # sparse: the selected valid positions of each KV head (duplicates kept)
+            for h in range(Hkv):
+                ix = indices[b, h].long()
+                ix = ix[(ix >= 0) & (ix < N)]
+                for hl in range(g):
+                    hq = h * g + hl
+                    if ix.numel() == 0:
+                        out[b, hq] = 0
+                        continue
+                    s = (qd[b, hq] @ K[h, ix].T) * scale  # [1, n]
+                    out[b, hq] = torch.softmax(s, -1) @ V[h, ix]
+            continue
         K = K.repeat_interleave(g, dim=0)
         V = V.repeat_interleave(g, dim=0)
         s = (qd[b] @ K.transpose(-1, -2)) * scale  # [Hq, Tq, N]

@@ -10,6 +10,7 @@
 // Query row t (of Tq new tokens, the last Tq positions) sees positions p <= N - Tq + t (causal within the new
 // tokens).  out = softmax(scale · q·kᵀ) · v over all visible tokens, exactly (fp32 math), in q's dtype.
 // GQA/MQA: query head hq reads KV head hq / (Hq / Hkv).  Rotation, if any, is applied by the caller (binding).
+// With `indices` (retrieval): softmax over the selected positions only, same dequantization, no causal mask.
 #pragma once
 #include "kvengine/common.h"
 
@@ -47,6 +48,12 @@ struct DecodeAttentionArgs {
 
   // lens [B, 3] int32: n_sink, n_quant, n_res (on the kernel's device)
   const int32_t* lens = nullptr;
+
+  // optional sparse selection (Tq == 1): indices [B, Hkv, n_idx] int32 contiguous of logical positions; query row
+  // (b, hq) attends only positions indices[b, hq / g, :] (entries < 0 or >= N skipped, duplicates count twice).
+  bool sparse = false;
+  const int32_t* indices = nullptr;  // may be null when n_idx == 0
+  int64_t n_idx = 0;
 };
 
 void quant_decode_attention_cpu(const DecodeAttentionArgs& a);
