@@ -71,6 +71,47 @@ def test_chunked_decode_equals_token_by_token(selector):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("k_mode", ["per_channel", "per_token"])
+def test_packed_cache_retrieval(k_mode):
+    """quant=...: K/V held packed, the selected tokens attended in packed form.  8-bit: the same selection as the
+    full-precision retrieval cache gives nearly its logits, chunks of 13 nearly token-by-token decode's; the packed
+    cache holds far fewer bytes."""
+    # one layer: the keys that are hashed are then identical in every run, so the selections are identical and the
+    # differences are the packing's alone (with more layers, packed K/V move later layers' keys slightly and a hash
+    # bit near zero can flip, changing a selection)
+    model = tiny_llama(layers=1)
+    ids = _ids(160, 2)
+    q8 = dict(bits_k=8, bits_v=8, group_size=16, residual=16, sinks=4, k_mode=k_mode)
+    kw = dict(top_k=24, sinks=4, recent=8)
+    fp_cache = RetrievalCache(model.config, **kw)
+    fp = run_chunks(model, ids, fp_cache, 32, 1)
+    one = run_chunks(model, ids, RetrievalCache(model.config, quant=q8, **kw), 32, 1)
+    c13 = RetrievalCache(model.config, quant=q8, **kw)
+    many = run_chunks(model, ids, c13, 32, 13)
+    # a chunk is appended before it is attended, so tokens leave the packed cache's full-precision window up to 12
+    # steps earlier than token by token (as with KVEngineCache): close, not identical
+    assert ((many - one).norm(dim=-1) / one.norm(dim=-1)).max() < 0.01
+    err = (one - fp).norm(dim=-1) / fp.norm(dim=-1)
+    assert err.max() < 0.01, err.max()
+    full = model(ids).logits  # the selection is really applied
+    assert ((one - full).norm(dim=-1) / full.norm(dim=-1)).max() > 0.1
+    assert all(l.qc is not None and l.qc.n_quant >= 128 and l.ra is None for l in c13.layers)
+    assert c13.nbytes < 0.5 * fp_cache.nbytes
+    n = torch.arange(33, 161)
+    assert c13.attended_fraction == pytest.approx((n.clamp(max=24).sum() / n.sum()).item())
+    # 2 bits: a real approximation, still close to the full-precision selection
+    two = run_chunks(model, ids, RetrievalCache(model.config, quant=dict(q8, bits_k=2, bits_v=2), **kw), 32, 13)
+    e2 = ((two - fp).norm(dim=-1) / fp.norm(dim=-1)).mean()
+    assert 0.01 < e2 < 0.3, e2
+    with pytest.raises(ValueError, match="selector='hash' only"):
+        RetrievalCache(model.config, quant=q8, selector="oracle", **kw)
+    with pytest.raises(ValueError, match=r"quant may not set \['dtype'\]"):
+        RetrievalCache(model.config, quant=dict(q8, dtype=torch.float16), **kw)
+    with pytest.raises(ValueError, match="bits"):
+        RetrievalCache(model.config, quant=dict(q8, bits_k=3), **kw)
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("selector", ["hash", "oracle"])
 def test_batch_of_two_equals_each_sequence(selector):
     """Batch size 2 (the per-query loop path) gives each sequence what it gets alone (the batched B=1 path)."""

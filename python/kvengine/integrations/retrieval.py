@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..retrieval import RetrievalAttention, SpotlightHash, train_hash
+from ..cache import QuantizedKVCache
+from ..retrieval import HashCodeCache, RetrievalAttention, SpotlightHash, train_hash
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -108,8 +109,11 @@ class RetrievalLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, owner: "RetrievalCache", layer_idx: int, hasher: Optional[SpotlightHash], top_k: int,
-                 sinks: int, recent: int, selector: str):
+                 sinks: int, recent: int, selector: str, quant: Optional[dict] = None):
         super().__init__()
+        self.quant = quant  # QuantizedKVCache kwargs: K/V held packed, attended sparsely in packed form
+        self.codes: Optional[HashCodeCache] = None
+        self.qc: Optional[QuantizedKVCache] = None
         self._owner = owner
         self.layer_idx = layer_idx
         self.hasher = hasher
@@ -133,6 +137,12 @@ class RetrievalLayer(CacheLayerMixin):
             raise ValueError(f"RetrievalCache: layer {self.layer_idx}'s hash is for {self.hasher.num_heads} KV heads "
                              f"of dim {self.hasher.head_dim}, the model has {H} of dim {D}")
         self.hasher = self.hasher.to(key_states.device)
+        if self.quant is not None:
+            self.codes = HashCodeCache(self.hasher, B, key_states.device, capacity=max(1024, T))
+            self.qc = QuantizedKVCache(H, D, batch_size=B, dtype=key_states.dtype, device=key_states.device,
+                                       **self.quant)
+            self.is_initialized = True
+            return
         self.ra = RetrievalAttention(self.hasher, H, D, top_k=self.top_k, sinks=self.sinks, recent=self.recent,
                                      batch_size=B, dtype=key_states.dtype, device=key_states.device,
                                      capacity=max(1024, T))
@@ -149,7 +159,11 @@ class RetrievalLayer(CacheLayerMixin):
                                f"model.set_attn_implementation('{ATTN_NAME}')); another attention would attend "
                                "every cached token and silently skip the top-k selection")
         T = key_states.shape[-2]
-        self.ra.append(key_states, value_states)
+        if self.qc is not None:
+            self.codes.append(key_states)
+            self.qc.append(key_states, value_states)
+        else:
+            self.ra.append(key_states, value_states)
         first = self.cumulative_length == 0
         self.cumulative_length += T
         if first:
@@ -189,6 +203,8 @@ class RetrievalLayer(CacheLayerMixin):
         if not self._pending:
             raise RuntimeError("RetrievalCache: attention called without a preceding cache update for this layer")
         self._pending = False
+        if self.qc is not None:
+            return self._attend_packed(query, scale)
         ra = self.ra
         B, Hq, T, D = query.shape
         n = ra.seq_len
@@ -235,6 +251,29 @@ class RetrievalLayer(CacheLayerMixin):
         self.context_tokens += int(lens.sum()) * B
         return out.to(query.dtype)
 
+    def _attend_packed(self, query: Tensor, scale: Optional[float]) -> Tensor:
+        """attend_pending over the packed cache: per new query its hash top-k over its own causal context, then
+        ``quant_decode_attention(indices=...)`` (the selected tokens dequantized on the fly; logical positions are
+        time positions because no extra sinks are ever marked)."""
+        B, Hq, T, D = query.shape
+        n = self.qc.seq_len
+        n0 = n - T
+        q = query.to(self.qc.dtype)
+        qcodes = self.hasher.encode_queries(q)  # [B, Hq, T, W]
+        codes = self.codes.codes
+        outs = []
+        for t in range(T):
+            m = n0 + t + 1
+            kt = min(self.top_k, m)
+            st = min(self.sinks, kt)
+            rt = min(self.recent, kt - st)
+            it, _ = ops.hamming_topk(qcodes[:, :, t], codes[:, :, :m], kt, keep=(st, rt))
+            outs.append(self.qc.attend(q[:, :, t : t + 1], scale, indices=it))
+        lens = torch.arange(n0 + 1, n + 1)
+        self.selected_tokens += int(lens.clamp(max=self.top_k).sum()) * B
+        self.context_tokens += int(lens.sum()) * B
+        return torch.cat(outs, 2).to(query.dtype)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
@@ -246,6 +285,7 @@ class RetrievalLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.ra = None
+        self.codes = self.qc = None
         self._pending = False
         self.is_initialized = False
         self.cumulative_length = 0
@@ -279,7 +319,9 @@ class RetrievalLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """K/V (model dtype) + key codes held."""
+        """K/V (model dtype, or packed) + key codes held."""
+        if self.qc is not None:
+            return self.qc.nbytes + self.codes.nbytes
         ra = self.ra
         if ra is None:
             return 0
@@ -299,11 +341,14 @@ class RetrievalCache(Cache):
         hashes: None (LSH of ``nbits`` bits, seeded ``seed + layer``), a list / dict ``{layer: SpotlightHash}`` for
             every layer, or a path written by ``save_hashes``.
         selector: "hash" (default) or "oracle" (true attention top-k: the ceiling; ``hashes`` unused).
+        quant: None (K/V in the model's dtype) or ``QuantizedKVCache`` keyword arguments (e.g. ``dict(bits_k=2,
+            bits_v=2, group_size=64, residual=128)``): K/V held packed (INT2/INT4 ...) and the selected tokens
+            attended in packed form (``quant_decode_attention(indices=...)``); hash selector only.
     """
 
     def __init__(self, config, top_k: int = 128, sinks: int = 4, recent: int = 64,
                  hashes: Union[None, str, os.PathLike, list, dict] = None, nbits: int = 128, seed: int = 0,
-                 selector: str = "hash"):
+                 selector: str = "hash", quant: Optional[dict] = None):
         text_config = _text_config(config)
         self._config = text_config
         L, Hq, Hkv, D = _head_dims(text_config)
@@ -342,9 +387,17 @@ class RetrievalCache(Cache):
                                  f"{h.head_dim}, the model has {Hkv} of dim {D}")
             if h.nbits * (Hq // Hkv) > 8192:
                 raise ValueError(f"RetrievalCache: (Hq/Hkv)·nbits = {h.nbits * (Hq // Hkv)} exceeds 8192")
+        if quant is not None:
+            if selector != "hash":
+                raise ValueError("RetrievalCache: a packed cache (quant=...) supports selector='hash' only")
+            quant = dict(quant)
+            bad = sorted(set(quant) & {"batch_size", "dtype", "device"})
+            if bad:
+                raise ValueError(f"RetrievalCache: quant may not set {bad} (they come from the model's tensors)")
+            QuantizedKVCache(Hkv, D, **quant)  # validate now, not at the first forward
         self.config_summary = dict(top_k=top_k, sinks=sinks, recent=recent, selector=selector,
-                                   nbits=hashes[0].nbits)
-        layers = [RetrievalLayer(self, i, hashes[i], top_k, sinks, recent, selector) for i in range(L)]
+                                   nbits=hashes[0].nbits, quant=quant)
+        layers = [RetrievalLayer(self, i, hashes[i], top_k, sinks, recent, selector, quant) for i in range(L)]
         super().__init__(layers=layers)
 
     def _retrieval_attention_active(self) -> bool:
