@@ -302,3 +302,16 @@ def test_cli_retrieval_eval_rejects_k_below_kept_tokens(capsys):
     assert (args.top_k, args.windows, args.window_len, args.prefill) == ([64, 128, 256], 2, 2048, 512)
     assert cli.main(["retrieval-eval", "--top-k", "16,128", "--sinks", "4", "--recent", "32"]) == 2
     assert "smaller than --sinks + --recent" in capsys.readouterr().err
+
+
+def test_retrieval_eval_rows_with_packed_kv():
+    """--kv-bits: every hash row again over a packed K/V cache; the runner builds RetrievalCache(quant=...)."""
+    rows = retrieval_eval_rows(top_ks=(24,), lsh=True, oracle=False, sinks=4, recent=8, kv_bits=(4,), kv_group=16)
+    assert [r["config"] for r in rows] == ["full attention", "LSH 128b", "LSH 128b + INT4 KV G16"]
+    assert rows[2]["quant"] == dict(bits_k=4, bits_v=4, group_size=16, residual=128, sinks=4)
+    model = tiny_llama(layers=1)
+    from types import SimpleNamespace
+
+    res = run_retrieval_eval(SimpleNamespace(model=model), _ids(120, 5), rows, prefill=32, chunk=8, progress=False)
+    assert all(r["tokens"] == 119 for r in res)
+    assert res[1]["ppl"] != res[2]["ppl"] and abs(res[2]["ppl_ratio"] / res[1]["ppl_ratio"] - 1) < 0.05

@@ -615,7 +615,8 @@ def cmd_retrieval_eval(args) -> int:
             notes.append(f"wrote {args.save_hashes}")
     win = models.windows(lm.tokenizer, args.windows, args.window_len, args.text)
     rows = R.retrieval_eval_rows(args.top_k, lsh=not args.no_lsh, oracle=not args.no_oracle,
-                                 trained=trained is not None, sinks=args.sinks, recent=args.recent, nbits=args.nbits)
+                                 trained=trained is not None, sinks=args.sinks, recent=args.recent, nbits=args.nbits,
+                                 kv_bits=args.kv_bits, kv_group=args.kv_group)
     load_s = time.perf_counter() - t_load
     results = R.run_retrieval_eval(lm, win, rows, args.prefill, args.chunk, trained_hashes=trained, seed=args.seed,
                                    progress=not args.quiet)
@@ -775,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-steps", type=int, default=300)
     r.add_argument("--hashes", default=None, help="trained hashes file (save_hashes / --save-hashes) to evaluate")
     r.add_argument("--save-hashes", default=None, help="with --train: write the trained hashes here")
+    r.add_argument("--kv-bits", type=_int_list, default=[],
+                   help="also run each hash row over a packed K/V cache of these bits (comma list, e.g. 2,4)")
+    r.add_argument("--kv-group", type=int, default=32, help="group size of the packed K/V cache (default 32)")
     r.add_argument("--json", default=None, help="write the results here")
     r.set_defaults(fn=cmd_retrieval_eval)
 

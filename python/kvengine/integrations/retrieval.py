@@ -530,14 +530,21 @@ def train_layer_hashes(model, ids: Tensor, nbits: int = 128, steps: int = 300, l
 
 # ---- perplexity evaluation --------------------------------------------------------------------------------------------------
 def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: bool = False, sinks: int = 4,
-                        recent: int = 32, nbits: int = 128) -> list[dict]:
-    """The rows ``kvengine retrieval-eval`` runs: full attention, then per top_k LSH / trained hash / oracle."""
+                        recent: int = 32, nbits: int = 128, kv_bits=(), kv_group: int = 32,
+                        kv_residual: int = 128) -> list[dict]:
+    """The rows ``kvengine retrieval-eval`` runs: full attention, then per top_k LSH / trained hash / oracle; with
+    ``kv_bits`` each hash row again over a packed K/V cache of those bits (``RetrievalCache(quant=...)``: group
+    ``kv_group``, ``kv_residual`` recent tokens in full precision, ``sinks`` sinks, default rotation/clip)."""
     rows = [{"config": "full attention", "kind": "full"}]
     for k in top_ks:
-        if lsh:
-            rows.append({"config": f"LSH {nbits}b", "kind": "hash", "hashes": "lsh", "top_k": k})
-        if trained:
-            rows.append({"config": f"trained MLP {nbits}b", "kind": "hash", "hashes": "trained", "top_k": k})
+        for name, kind, on in (("LSH", "lsh", lsh), ("trained MLP", "trained", trained)):
+            if not on:
+                continue
+            rows.append({"config": f"{name} {nbits}b", "kind": "hash", "hashes": kind, "top_k": k})
+            for b in kv_bits:
+                rows.append({"config": f"{name} {nbits}b + INT{b} KV G{kv_group}", "kind": "hash", "hashes": kind,
+                             "top_k": k, "quant": dict(bits_k=b, bits_v=b, group_size=kv_group,
+                                                       residual=kv_residual, sinks=sinks)})
         if oracle:
             rows.append({"config": "oracle top-k", "kind": "oracle", "top_k": k})
     for r in rows:
@@ -578,7 +585,8 @@ def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512
 
             def make(row=row, hs=hs, sel=sel):
                 c = RetrievalCache(model.config, top_k=row["top_k"], sinks=row["sinks"], recent=row["recent"],
-                                   hashes=hs, nbits=row.get("nbits", 128), seed=seed, selector=sel)
+                                   hashes=hs, nbits=row.get("nbits", 128), seed=seed, selector=sel,
+                                   quant=row.get("quant"))
                 caches.append(c)
                 return c
         # the full-attention reference runs transformers' own eager attention (torch's CPU SDPA with a mask is
