@@ -71,11 +71,12 @@ constexpr const char* kErr = "kvengine::cuda::quant_decode_attention: ";
 
 enum : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-struct Params {
+// what every kernel reads of the cache and the queries (filled from DecodeAttentionArgs by fill_cache_view)
+struct CacheView {
   const void* q;
   int64_t q_sb, q_sh, q_st;
   int dtype, meta;  // DType as int
-  int Hkv, Tq, D, g, R, nRB, S;
+  int Hkv, Tq, D, g;
   float qscale;  // softmax_scale * log2(e)
   const uint8_t* kc;
   const uint8_t* ks;
@@ -83,12 +84,18 @@ struct Params {
   const uint8_t* vc;
   const uint8_t* vs;
   const uint8_t* vz;
-  int bits_k, bits_v, kg, ngv, vg_log2, nslot;
-  int ktok, ngk, kgc_log2;  // per-token keys: D / k_group channel groups of 2^kgc_log2 channels (kg = tile limit)
+  int bits_k, bits_v;
+  int ktok, ngk, ngv;  // per-token keys: D / k_group channel groups; V: D / v_group groups
   int64_t q_cap, f_cap;
   const void* kf;
   const void* vf;
   const int32_t* lens;
+};
+
+struct Params : CacheView {
+  int R, nRB, S;
+  int kg, vg_log2, nslot;
+  int kgc_log2;  // per-token keys: channel groups of 2^kgc_log2 channels (kg = the tile limit then)
   int TT, lpt_log2;  // lanes per token (score phase) = D / 32
   int krow, vrow, msz;
   // shared memory layout (bytes)
@@ -912,23 +919,9 @@ __global__ void __launch_bounds__(kThreads) attn_merge_kernel(const MergeParams 
 constexpr int kSparseRB = 8;
 constexpr int kSparseMinChunk = 128;
 
-struct SparseParams {
-  const void* q;
-  int64_t q_sb, q_sh;
-  int dtype, meta;
-  int Hkv, D, g, R, nRB, S, chunk;
-  float qscale;  // softmax_scale * log2(e)
-  const uint8_t* kc;
-  const uint8_t* ks;
-  const uint8_t* kz;
-  const uint8_t* vc;
-  const uint8_t* vs;
-  const uint8_t* vz;
-  int bits_k, bits_v, kg, ktok, ngk, ngv, vg;
-  int64_t q_cap, f_cap;
-  const void* kf;
-  const void* vf;
-  const int32_t* lens;
+struct SparseParams : CacheView {
+  int R, nRB, S, chunk;
+  int kg, vg;
   const int32_t* idx;
   int64_t n_idx;
   float2* ws_ml;
@@ -1151,24 +1144,17 @@ size_t quant_decode_attention_workspace_bytes(const DecodeAttentionArgs& a) {
 
 namespace {
 
-void sparse_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_t stream) {
-  if (a.Tq != 1) throw std::runtime_error(std::string(kErr) + "sparse attention (indices) needs Tq = 1");
-  if (a.n_idx > 0 && a.indices == nullptr) throw std::runtime_error(std::string(kErr) + "indices is null");
-  const SparsePlan sp = make_sparse_plan(a);
-  const int D = static_cast<int>(a.D);
-  SparseParams p{};
+void fill_cache_view(const DecodeAttentionArgs& a, CacheView& p) {
   p.q = a.q;
   p.q_sb = a.q_stride_b;
   p.q_sh = a.q_stride_h;
+  p.q_st = a.q_stride_t;
   p.dtype = static_cast<int>(a.dtype);
   p.meta = static_cast<int>(a.meta_dtype);
   p.Hkv = static_cast<int>(a.Hkv);
-  p.D = D;
+  p.Tq = static_cast<int>(a.Tq);
+  p.D = static_cast<int>(a.D);
   p.g = static_cast<int>(a.Hq / a.Hkv);
-  p.R = p.g;
-  p.nRB = sp.nRB;
-  p.S = sp.S;
-  p.chunk = sp.chunk;
   p.qscale = a.softmax_scale * kLog2e;
   p.kc = a.k_codes;
   p.ks = static_cast<const uint8_t*>(a.k_scale);
@@ -1178,16 +1164,50 @@ void sparse_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_
   p.vz = static_cast<const uint8_t*>(a.v_zero);
   p.bits_k = a.bits_k;
   p.bits_v = a.bits_v;
-  p.kg = a.k_group;
   p.ktok = a.k_per_token ? 1 : 0;
   p.ngk = a.k_per_token ? static_cast<int>(a.D / a.k_group) : 0;
   p.ngv = static_cast<int>(a.D / a.v_group);
-  p.vg = a.v_group;
   p.q_cap = a.q_cap;
   p.f_cap = a.f_cap;
   p.kf = a.k_fp;
   p.vf = a.v_fp;
   p.lens = a.lens;
+}
+
+// log-sum-exp merge of the S partials of every (b, h, row) into out
+void launch_merge(const DecodeAttentionArgs& a, const float2* ml, const float* acc, int R, int S,
+                  cudaStream_t stream) {
+  MergeParams m{};
+  m.ws_ml = ml;
+  m.ws_acc = acc;
+  m.out = a.out;
+  m.dtype = static_cast<int>(a.dtype);
+  m.Hkv = static_cast<int>(a.Hkv);
+  m.Hq = static_cast<int>(a.Hq);
+  m.Tq = static_cast<int>(a.Tq);
+  m.D = static_cast<int>(a.D);
+  m.g = static_cast<int>(a.Hq / a.Hkv);
+  m.R = R;
+  m.S = S;
+  const int64_t mgrid = a.B * a.Hkv * R;
+  if (mgrid > 0x7fffffff) throw std::runtime_error(std::string(kErr) + "grid too large");
+  attn_merge_kernel<<<static_cast<unsigned>(mgrid), kThreads, 0, stream>>>(m);
+  check(cudaGetLastError(), "merge kernel launch");
+}
+
+void sparse_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_t stream) {
+  if (a.Tq != 1) throw std::runtime_error(std::string(kErr) + "sparse attention (indices) needs Tq = 1");
+  if (a.n_idx > 0 && a.indices == nullptr) throw std::runtime_error(std::string(kErr) + "indices is null");
+  const SparsePlan sp = make_sparse_plan(a);
+  const int D = static_cast<int>(a.D);
+  SparseParams p{};
+  fill_cache_view(a, p);
+  p.R = p.g;
+  p.nRB = sp.nRB;
+  p.S = sp.S;
+  p.chunk = sp.chunk;
+  p.kg = a.k_group;
+  p.vg = a.v_group;
   p.idx = a.indices;
   p.n_idx = a.n_idx;
   const size_t rows = static_cast<size_t>(a.B * a.Hkv) * sp.S * p.R;
@@ -1202,22 +1222,7 @@ void sparse_attention(const DecodeAttentionArgs& a, void* workspace, cudaStream_
     default: attn_sparse_kernel<256><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p); break;
   }
   check(cudaGetLastError(), "sparse kernel launch");
-  MergeParams m{};
-  m.ws_ml = p.ws_ml;
-  m.ws_acc = p.ws_acc;
-  m.out = a.out;
-  m.dtype = p.dtype;
-  m.Hkv = p.Hkv;
-  m.Hq = static_cast<int>(a.Hq);
-  m.Tq = 1;
-  m.D = D;
-  m.g = p.g;
-  m.R = p.R;
-  m.S = sp.S;
-  const int64_t mgrid = a.B * a.Hkv * p.R;
-  if (mgrid > 0x7fffffff) throw std::runtime_error(std::string(kErr) + "grid too large");
-  attn_merge_kernel<<<static_cast<unsigned>(mgrid), kThreads, 0, stream>>>(m);
-  check(cudaGetLastError(), "merge kernel launch");
+  launch_merge(a, p.ws_ml, p.ws_acc, p.R, sp.S, stream);
 }
 
 }  // namespace
@@ -1249,40 +1254,14 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
   const int D = static_cast<int>(a.D);
   const int msz = dtype_size(a.meta_dtype);
   Params p{};
-  p.q = a.q;
-  p.q_sb = a.q_stride_b;
-  p.q_sh = a.q_stride_h;
-  p.q_st = a.q_stride_t;
-  p.dtype = static_cast<int>(a.dtype);
-  p.meta = static_cast<int>(a.meta_dtype);
-  p.Hkv = static_cast<int>(a.Hkv);
-  p.Tq = static_cast<int>(a.Tq);
-  p.D = D;
-  p.g = static_cast<int>(a.Hq / a.Hkv);
+  fill_cache_view(a, p);
   p.R = pl.R;
   p.nRB = pl.nRB;
   p.S = pl.S;
-  p.qscale = a.softmax_scale * kLog2e;
-  p.kc = a.k_codes;
-  p.ks = static_cast<const uint8_t*>(a.k_scale);
-  p.kz = static_cast<const uint8_t*>(a.k_zero);
-  p.vc = a.v_codes;
-  p.vs = static_cast<const uint8_t*>(a.v_scale);
-  p.vz = static_cast<const uint8_t*>(a.v_zero);
-  p.bits_k = a.bits_k;
-  p.bits_v = a.bits_v;
-  p.ktok = a.k_per_token ? 1 : 0;
   // per-token keys: no K group limits a tile (kg = the whole capacity), channel groups of k_group
   p.kg = a.k_per_token ? static_cast<int>(a.q_cap > 0 ? a.q_cap : 1) : a.k_group;
-  p.ngk = a.k_per_token ? static_cast<int>(a.D / a.k_group) : 0;
   p.kgc_log2 = a.k_per_token ? log2i(a.k_group) : 0;
-  p.ngv = static_cast<int>(a.D / a.v_group);
   p.vg_log2 = log2i(a.v_group);
-  p.q_cap = a.q_cap;
-  p.f_cap = a.f_cap;
-  p.kf = a.k_fp;
-  p.vf = a.v_fp;
-  p.lens = a.lens;
   p.TT = pl.TT;
   p.lpt_log2 = log2i(D / 32);
   p.krow = D * a.bits_k / 8;
@@ -1339,23 +1318,7 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
   if (grid > 0x7fffffff) throw std::runtime_error(std::string(kErr) + "grid too large");
   fn<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(p);
   check(cudaGetLastError(), "split kernel launch");
-
-  MergeParams m{};
-  m.ws_ml = p.ws_ml;
-  m.ws_acc = p.ws_acc;
-  m.out = a.out;
-  m.dtype = p.dtype;
-  m.Hkv = p.Hkv;
-  m.Hq = static_cast<int>(a.Hq);
-  m.Tq = p.Tq;
-  m.D = D;
-  m.g = p.g;
-  m.R = pl.R;
-  m.S = pl.S;
-  const int64_t mgrid = a.B * a.Hkv * pl.R;
-  if (mgrid > 0x7fffffff) throw std::runtime_error(std::string(kErr) + "grid too large");
-  attn_merge_kernel<<<static_cast<unsigned>(mgrid), kThreads, 0, stream>>>(m);
-  check(cudaGetLastError(), "merge kernel launch");
+  launch_merge(a, p.ws_ml, p.ws_acc, pl.R, pl.S, stream);
 }
 
 }  // namespace kvengine::cuda

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kvengine/binary_attention.h"
 #include "kvengine/cuda_ops.h"
@@ -336,44 +337,37 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
 constexpr int kMmaBQ = 64;
 constexpr int kVtPad = 8;
 
+// fp16 / bf16 pair packing and the m16n8k16 MMA (fp32 accumulators) for V's type
 template <typename VT>
-struct MmaType;
-template <>
-struct MmaType<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t u;
+  if constexpr (std::is_same_v<VT, __half>) {
     const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-};
-template <>
-struct MmaType<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    memcpy(&u, &h, 4);
+  } else {
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
+    memcpy(&u, &h, 4);
   }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  return u;
+}
+
+template <typename VT>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (std::is_same_v<VT, __half>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
-    __trap();
+  __trap();
 #endif
-  }
-};
+}
 
 // d[0..3] = popc(a & b) of the m16n8k256 tile (a: rows g / g+8, b: key g; registers 2/3 and b1 carry words 4..7)
 __device__ __forceinline__ void mma_and_popc(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -542,16 +536,16 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
     // P·V: 16 keys per step
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      const uint32_t pa[4] = {MmaType<VT>::pack(sc[2 * kk][0], sc[2 * kk][1]),
-                              MmaType<VT>::pack(sc[2 * kk][2], sc[2 * kk][3]),
-                              MmaType<VT>::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                              MmaType<VT>::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+      const uint32_t pa[4] = {pack2<VT>(sc[2 * kk][0], sc[2 * kk][1]),
+                              pack2<VT>(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack2<VT>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack2<VT>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
 #pragma unroll
       for (int d = 0; d < ND; ++d) {
         const uint16_t* col = vt + (8 * d + g) * VS + 16 * kk + 2 * tig;
         const uint32_t b0 = *reinterpret_cast<const uint32_t*>(col);
         const uint32_t b1 = *reinterpret_cast<const uint32_t*>(col + 8);
-        MmaType<VT>::mma(o[d], pa, b0, b1);
+        mma16816<VT>(o[d], pa, b0, b1);
       }
     }
   }
@@ -564,7 +558,7 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
     VT* out = static_cast<VT*>(p.out) + ((static_cast<int64_t>(b) * p.Hq + h) * p.Lq + i) * D;
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
-      const uint32_t w = MmaType<VT>::pack(o[d][2 * hh] * inv, o[d][2 * hh + 1] * inv);
+      const uint32_t w = pack2<VT>(o[d][2 * hh] * inv, o[d][2 * hh + 1] * inv);
       *reinterpret_cast<uint32_t*>(out + 8 * d + 2 * tig) = w;
     }
   }

@@ -236,20 +236,32 @@ class RetrievalLayer(CacheLayerMixin):
             outs = []
             for t in range(T):
                 m = n0 + t + 1
-                kt = min(self.top_k, m)
-                st = min(self.sinks, kt)
-                rt = min(self.recent, kt - st)
                 if self.selector == "hash":
-                    it, _ = ops.hamming_topk(qcodes[:, :, t], codes[:, :, :m], kt, keep=(st, rt))
+                    it = self._hash_select(qcodes[:, :, t], codes, m)
                 else:
+                    kt, st, rt = self._budget(m)
                     it = self._oracle_select(pscore[:, :, t : t + 1, :m], m - 1, kt, st, rt)[:, :, 0]
                 outs.append(ops.sparse_decode_attention(q[:, :, t : t + 1], K[:, :, :m], V[:, :, :m], it, None,
                                                         scale))
             out = torch.cat(outs, 2)
-        sel = lens.clamp(max=self.top_k)
-        self.selected_tokens += int(sel.sum()) * B
-        self.context_tokens += int(lens.sum()) * B
+        self._count(lens, B)
         return out.to(query.dtype)
+
+    def _budget(self, m: int) -> tuple[int, int, int]:
+        """(top-k, sinks, recent) for a query that sees m tokens."""
+        kt = min(self.top_k, m)
+        st = min(self.sinks, kt)
+        return kt, st, min(self.recent, kt - st)
+
+    def _hash_select(self, qcodes: Tensor, codes: Tensor, m: int) -> Tensor:
+        """Top-k positions (sinks and recent kept) of one query per sequence (qcodes [B, Hq, W]) among the first m
+        cached tokens."""
+        kt, st, rt = self._budget(m)
+        return ops.hamming_topk(qcodes, codes[:, :, :m], kt, keep=(st, rt))[0]
+
+    def _count(self, lens: Tensor, B: int) -> None:
+        self.selected_tokens += int(lens.clamp(max=self.top_k).sum()) * B
+        self.context_tokens += int(lens.sum()) * B
 
     def _attend_packed(self, query: Tensor, scale: Optional[float]) -> Tensor:
         """attend_pending over the packed cache: per new query its hash top-k over its own causal context, then
@@ -261,17 +273,9 @@ class RetrievalLayer(CacheLayerMixin):
         q = query.to(self.qc.dtype)
         qcodes = self.hasher.encode_queries(q)  # [B, Hq, T, W]
         codes = self.codes.codes
-        outs = []
-        for t in range(T):
-            m = n0 + t + 1
-            kt = min(self.top_k, m)
-            st = min(self.sinks, kt)
-            rt = min(self.recent, kt - st)
-            it, _ = ops.hamming_topk(qcodes[:, :, t], codes[:, :, :m], kt, keep=(st, rt))
-            outs.append(self.qc.attend(q[:, :, t : t + 1], scale, indices=it))
-        lens = torch.arange(n0 + 1, n + 1)
-        self.selected_tokens += int(lens.clamp(max=self.top_k).sum()) * B
-        self.context_tokens += int(lens.sum()) * B
+        outs = [self.qc.attend(q[:, :, t : t + 1], scale,
+                               indices=self._hash_select(qcodes[:, :, t], codes, n0 + t + 1)) for t in range(T)]
+        self._count(torch.arange(n0 + 1, n + 1), B)
         return torch.cat(outs, 2).to(query.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
