@@ -131,6 +131,24 @@ struct AttnParams {
   float qmul;  // softmax_scale · log2 e / D
 };
 
+// one warp packs query row at element offset `off` (zeros when !valid): lane 0 stores its NW sign words at qw;
+// returns Σ|q| over the row (every lane), pc = popcount of the words
+template <int NW>
+__device__ __forceinline__ float pack_query_row(const AttnParams& p, int64_t off, bool valid, int lane, uint32_t* qw,
+                                                int& pc) {
+  float s = 0.f;
+  pc = 0;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    const float x = valid ? load_f(p.q, off + w * 32 + lane, p.qdt) : 0.f;
+    const unsigned word = __ballot_sync(kFull, x < 0.f);
+    if (lane == 0) qw[w] = word;
+    pc += __popc(word);
+    s += fabsf(x);
+  }
+  return warp_sum(s);
+}
+
 template <int D, int RW>
 __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) {
   constexpr int NW = D / 32;   // sign words per row
@@ -164,15 +182,8 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
     const bool valid = i < p.Lq;
     const int64_t off = static_cast<int64_t>(b) * p.q_sb + static_cast<int64_t>(h) * p.q_sh +
                         static_cast<int64_t>(valid ? i : 0) * p.q_st;
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float x = valid ? load_f(p.q, off + w * 32 + lane, p.qdt) : 0.f;
-      const unsigned word = __ballot_sync(kFull, x < 0.f);
-      if (lane == 0) qw[r * NW + w] = word;
-      s += fabsf(x);
-    }
-    s = warp_sum(s);
+    int pc;
+    const float s = pack_query_row<NW>(p, off, valid, lane, qw + r * NW, pc);
     if (lane == 0) {
       sa[r] = s * p.qmul;
       sm[r] = -INFINITY;
@@ -417,17 +428,8 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
     const bool valid = i < p.Lq;
     const int64_t off = static_cast<int64_t>(b) * p.q_sb + static_cast<int64_t>(h) * p.q_sh +
                         static_cast<int64_t>(valid ? i : 0) * p.q_st;
-    float sabs = 0.f;
-    int pc = 0;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float x = valid ? load_f(p.q, off + w * 32 + lane, p.qdt) : 0.f;
-      const unsigned word = __ballot_sync(kFull, x < 0.f);
-      if (lane == 0) qw[r * NW + w] = word;
-      pc += __popc(word);
-      sabs += fabsf(x);
-    }
-    sabs = warp_sum(sabs);
+    int pc;
+    const float sabs = pack_query_row<NW>(p, off, valid, lane, qw + r * NW, pc);
     if (lane == 0) {
       qa[warp * 16 + r] = sabs * p.qmul;
       qp[warp * 16 + r] = pc;
