@@ -2,8 +2,9 @@
 select) vs the torch path (XOR + bit-trick popcount + torch.topk over the materialized score matrix), and a full
 retrieval decode step (encode q + hamming_topk + sparse_decode_attention) vs full attention (SDPA) over the same
 context; and hashing the context's keys (``hash_encode``, Spotlight MLP: on CUDA the tensor-core kernel and the
-CUDA-core kernel) vs the torch composition (matmul, SiLU, matmul, sign pack).  8 KV heads, 32 query heads, D = 128,
-128-bit codes, k = 1024."""
+CUDA-core kernel) vs the torch composition (matmul, SiLU, matmul, sign pack); and the same selection attended over a
+packed INT4 / INT2 cache (``quant_decode_attention(indices=...)``) vs ``sparse_decode_attention`` over the full-precision
+K/V.  8 KV heads, 32 query heads, D = 128, 128-bit codes, k = 1024."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kvengine import ops
+from kvengine import QuantizedKVCache, ops
 from kvengine import reference as ref
 from kvengine.retrieval import SpotlightHash
 
@@ -93,13 +94,23 @@ def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=1
             agree = (cc == kc).float().mean().item()
             t_cc = timeit(lambda: _encode_cuda_core(hasher, k), device, repeat=rep)
             enc_row.update(encode_cudacore_us=t_cc * 1e6, mma_speedup=t_cc / t_enc, code_word_agreement=agree)
+        # the same selection attended over a packed INT4 / INT2 cache (quant_decode_attention(indices=...))
+        packed = {}
+        for nb in (4, 2):
+            cache = QuantizedKVCache(hkv, D, bits_k=nb, bits_v=nb, group_size=32, residual=128, sinks=4,
+                                     batch_size=B, dtype=dtype, device=device)
+            cache.append(k, v)
+            t_p = timeit(lambda: cache.attend(q, indices=idx), device, repeat=rep)
+            packed[f"sparse_int{nb}_us"] = t_p * 1e6
+            packed[f"int{nb}_vs_fp"] = t_att / t_p
+            del cache
         code_bytes = kc.numel() * 4
         rows.append({
             "context": N, "k": top_k, "bits": nbits,
             "topk_us": t_k * 1e6, "torch_topk_us": t_t * 1e6, "speedup_vs_torch": t_t / t_k,
             "codes_GBps": code_bytes / t_k / 1e9,
             "sparse_attn_us": t_att * 1e6, "retrieval_step_us": t_step * 1e6, "full_sdpa_us": t_full * 1e6,
-            "step_speedup_vs_full": t_full / t_step, **enc_row,
+            "step_speedup_vs_full": t_full / t_step, **enc_row, **packed,
         })
         del k, v, kc
     print_table(f"hash retrieval on {device} ({dtype} K/V, B={B}, Hkv={hkv}, Hq={hq}, D={D}, {nbits}-bit codes, "
@@ -107,8 +118,8 @@ def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=1
                 "(keep 4 sinks + 64 recent) + sparse_decode_attention", rows,
                 ["context", "topk_us", "torch_topk_us", "speedup_vs_torch", "codes_GBps", "sparse_attn_us",
                  "retrieval_step_us", "full_sdpa_us", "step_speedup_vs_full", "encode_us", "torch_encode_us",
-                 "encode_speedup"] + (["encode_cudacore_us", "mma_speedup", "code_word_agreement"]
-                                      if device != "cpu" else []))
+                 "encode_speedup", "sparse_int4_us", "int4_vs_fp", "sparse_int2_us", "int2_vs_fp"]
+                + (["encode_cudacore_us", "mma_speedup", "code_word_agreement"] if device != "cpu" else []))
     return rows
 
 
