@@ -199,6 +199,16 @@ def test_auto_plan_configures_each_layer_of_kvengine_cache(tmp_path, gen):
     assert plan.meta["chosen"].startswith("per-layer") and "per-layer" in plan.meta["validation"]
     assert set(plan.meta["validation"]) <= {"per-layer", "per-layer (all-quantized error)"}
     assert plan.meta["tokens"] == 300 and plan.meta["num_layers"] == 3
+    assert plan.meta["validation_tokens"] == 300  # one window: the text holds no second one
+    # a longer text: captured on the first 150 tokens, validated on 2 windows of 150 (the second never captured)
+    p2 = kvengine.calibrate(model, calib, budget_bits=3.6, candidates=cands, residual=16, sinks=2, progress=False,
+                            n_tokens=150, valid_windows=2)
+    assert p2.meta["tokens"] == 150 and p2.meta["validation_tokens"] == 300
+    from kvengine.autoconfig import calibration_ppl
+    two = calibration_ppl(model, calib.view(2, 150), p2)
+    one = [calibration_ppl(model, calib[i * 150 : (i + 1) * 150], p2) for i in range(2)]
+    assert min(one) - 1e-9 <= two <= max(one) + 1e-9  # the pooled PPL of the two windows
+    assert p2.meta["validation"][p2.meta["chosen"]] == pytest.approx(two, rel=1e-3)
     model.set_attn_implementation("kvengine")
     ids = torch.randint(0, 256, (1, 150), generator=gen)
     ref = model(ids).logits
@@ -307,6 +317,8 @@ def test_eval_auto_cli_on_smollm2(smollm2, tmp_path, capsys):
     assert set(kinds) <= {"fp", "auto", "knapsack", "fixed"}
     auto = d["rows"][1]
     assert auto["packed_bits"] <= 2.5 + 1e-9 and len(auto["plan"]["layers"]) == 30
+    # captured on 256 tokens, validated on 2 windows of 256 (the captured one and the next 256 from the end)
+    assert auto["plan"]["meta"]["tokens"] == 256 and auto["plan"]["meta"]["validation_tokens"] == 512
     for r in d["rows"][1:]:  # 192 decoded tokens: a 2-bit cache can even land slightly below fp by chance
         assert 0.9 < r["ppl_ratio"] < 1.5 and r["tokens"] == 255
     plan = AutoPlan.load(str(plan_path))

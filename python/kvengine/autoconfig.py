@@ -431,21 +431,21 @@ def capture_qkv(model, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
 
 
 def calibration_ppl(model, ids: Tensor, plan: AutoPlan, prefill: Optional[int] = None, chunk: int = 8) -> float:
-    """Perplexity of ``model`` on token ids [T] run the way it runs in production with ``KVEngineCache(plan=plan)``:
-    a prefill of ``prefill`` tokens (default T/4), then teacher-forced decode in chunks of ``chunk`` over the packed
-    cache."""
+    """Perplexity of ``model`` on token ids [T] (one window) or [N, T] (N windows) run the way it runs in production
+    with ``KVEngineCache(plan=plan)``: per window a prefill of ``prefill`` tokens (default T/4), then teacher-forced
+    decode in chunks of ``chunk`` over the packed cache."""
     from .cli import teacher_forced_nll
     from .integrations.transformers import ATTN_NAME, KVEngineCache
 
-    ids = ids.flatten().long()
-    T = ids.numel()
+    ids = ids.long().view(-1, ids.shape[-1])
+    N, T = ids.shape
     prefill = prefill or max(1, T // 4)
     cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     prev = getattr(cfg, "_attn_implementation", None) or "sdpa"
     try:
         model.set_attn_implementation(ATTN_NAME)
-        res = teacher_forced_nll(model, ids.view(1, T), lambda: KVEngineCache(model.config, plan=plan), prefill,
-                                 chunk, progress=False)
+        res = teacher_forced_nll(model, ids, lambda: KVEngineCache(model.config, plan=plan), prefill, chunk,
+                                 progress=False)
     finally:
         model.set_attn_implementation(prev)
     return res["ppl"]
@@ -537,7 +537,8 @@ def select_plan(model, ids: Tensor, plans: dict, progress: bool = False, errors:
 
 def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens: int = 1024,
               candidates: Optional[Sequence[Scheme]] = None, residual: int = 128, sinks: int = 4,
-              validate: bool = True, progress: bool = True, model_name: Optional[str] = None) -> AutoPlan:
+              validate: bool = True, progress: bool = True, model_name: Optional[str] = None,
+              valid_windows: int = 2) -> AutoPlan:
     """Per-layer automatic configuration from calibration text.
 
     ``text``: a string (tokenized with ``tokenizer``) or token ids; ``n_tokens`` of it are used (a few hundred to a
@@ -547,7 +548,8 @@ def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens
     the relative error of the layer's attention output as a decode reads the cache; per layer the scheme with the
     lowest error is chosen such that the average effective bits of the packed part (codes + fp16 scale/zero) meet
     ``budget_bits``.  With ``validate`` (default) that plan and every uniform scheme of the same budget are run on
-    the calibration text through the real cache and the one with the lowest perplexity is returned
+    ``valid_windows`` windows of ``n_tokens`` of the text (the first one is the captured text; the others follow
+    it, as far as the text reaches) through the real cache and the one with the lowest perplexity is returned
     (``plan.meta["validation"]`` holds the perplexities, ``plan.meta["chosen"]`` the winner).
     Returns an ``AutoPlan`` (``.save(path)``, ``.format_table()``, ``KVEngineCache(config, plan=...)``)."""
     import time
@@ -563,15 +565,19 @@ def calibrate(model, text, budget_bits: float = 2.5, *, tokenizer=None, n_tokens
         raise TypeError(f"kvengine.calibrate: text must be a str or a tensor of token ids, got {type(text).__name__}")
     if ids.numel() < 64:
         raise ValueError(f"kvengine.calibrate: need at least 64 calibration tokens, got {ids.numel()}")
-    ids = ids[:n_tokens]
+    n = min(n_tokens, ids.numel())
+    nv = max(1, min(valid_windows, ids.numel() // n))
+    valid_ids = ids[: nv * n].view(nv, n)
+    ids = ids[:n]
     caps = capture_qkv(model, ids)
     D = caps[0][1].shape[-1]
     errors, perms = measure_errors(caps, candidates, residual, sinks, progress)
     del caps
-    meta = {"model": model_name, "tokens": int(ids.numel()), "num_layers": len(errors)}
+    meta = {"model": model_name, "tokens": int(ids.numel()), "num_layers": len(errors),
+            "validation_tokens": int(valid_ids.numel()) if validate else 0}
     if validate:
-        name, plan, ppl = select_plan(model, ids, candidate_plans(errors, perms, budget_bits, D, residual, sinks),
-                                      progress, errors, perms)
+        cands = candidate_plans(errors, perms, budget_bits, D, residual, sinks)
+        name, plan, ppl = select_plan(model, valid_ids, cands, progress, errors, perms)
         meta.update(chosen=name, validation={k: round(v, 4) for k, v in ppl.items()})
     else:
         plan = plan_from_errors(errors, perms, budget_bits, D, residual, sinks)

@@ -395,9 +395,12 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
         notes.append(f"auto plan loaded from {args.plan} (budget {p.budget_bits}, packed bits "
                      f"{p.effective_bits:.3f})")
     else:
-        calib_ids = models.token_ids(lm.tokenizer, args.calib_tokens, args.text, reverse=True)
+        nv = max(1, args.valid_windows)
+        all_ids = models.token_ids(lm.tokenizer, args.calib_tokens * nv, args.text, reverse=True)
+        valid_ids = all_ids.view(nv, args.calib_tokens)  # window 0 is also the captured calibration text
+        calib_ids = valid_ids[0]
         eval_ids = set(map(tuple, win.unfold(1, 16, 16).reshape(-1, 16).tolist()))
-        overlap = sum(tuple(c) in eval_ids for c in calib_ids.unfold(0, 16, 16).tolist())
+        overlap = sum(tuple(c) in eval_ids for c in all_ids.unfold(0, 16, 16).tolist())
         if overlap:
             raise CLIError(f"the calibration text overlaps the evaluation windows ({overlap} shared 16-token "
                            "chunks); use a longer text or fewer/shorter windows")
@@ -411,12 +414,13 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
                 cands = ac.candidate_plans(errors, perms, b, D, args.residual, args.sinks)
             except ValueError as e:
                 raise CLIError(str(e))
-            meta = {"model": lm.name, "tokens": int(calib_ids.numel()), "num_layers": len(errors)}
+            meta = {"model": lm.name, "tokens": int(calib_ids.numel()), "num_layers": len(errors),
+                    "validation_tokens": 0 if args.no_validate else int(valid_ids.numel())}
             if args.no_validate:
                 p = cands["per-layer"]
                 meta["chosen"] = "per-layer"
             else:
-                name, p, ppl = ac.select_plan(lm.model, calib_ids, cands, progress=not args.quiet, errors=errors,
+                name, p, ppl = ac.select_plan(lm.model, valid_ids, cands, progress=not args.quiet, errors=errors,
                                               perms=perms)
                 meta.update(chosen=name, validation={k: round(v, 4) for k, v in ppl.items()})
                 if name != "per-layer":
@@ -425,7 +429,8 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
             plans.append((b, p))
         notes.append(f"calibrated on {calib_ids.numel()} tokens from the end of the text (no 16-token chunk shared "
                      f"with the evaluation windows) in {time.perf_counter() - t_cal:.1f}s: "
-                     f"{len(errors[0])} candidate schemes x {len(errors)} layers")
+                     f"{len(errors[0])} candidate schemes x {len(errors)} layers; plans validated on {nv} "
+                     f"window(s) of {args.calib_tokens} tokens (the first is the captured text)")
     rows = [{"config": "fp (DynamicCache)", "kind": "fp"}]
     for b, p in plans:
         print(f"\nauto plan, budget {b} bits:\n{p.format_table()}")
@@ -561,9 +566,10 @@ def cmd_calibrate(args) -> int:
     if args.budget is not None:  # per-layer automatic configuration under a bit budget
         from .autoconfig import calibrate as auto_calibrate
 
-        ids = models.token_ids(lm.tokenizer, args.tokens or 1024, args.text, reverse=True)
-        plan = auto_calibrate(lm.model, ids, args.budget, n_tokens=ids.numel(), residual=args.residual,
-                              sinks=args.sinks, progress=not args.quiet, model_name=lm.name)
+        n = args.tokens or 1024
+        ids = models.token_ids(lm.tokenizer, 2 * n, args.text, reverse=True)  # capture n, validate on 2 × n
+        plan = auto_calibrate(lm.model, ids, args.budget, n_tokens=n, residual=args.residual, sinks=args.sinks,
+                              progress=not args.quiet, model_name=lm.name, valid_windows=2)
         print(plan.format_table())
         plan.save(args.out)
         print(f"wrote {args.out} (use: kvengine eval --plan {args.out}, KVEngineCache(config, plan=...))")
@@ -723,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", type=_float_list, default=[2.5],
                    help="bits per K/V element of the packed part for --auto, comma list (default 2.5)")
     e.add_argument("--save-plan", default=None, help="with --auto: write the plan JSON here")
+    e.add_argument("--valid-windows", type=int, default=2,
+                   help="with --auto: windows of --calib-tokens tokens (from the end of the text) the candidate plans "
+                        "are validated on; the first is the captured text (default 2)")
     e.add_argument("--no-validate", action="store_true",
                    help="with --auto: take the per-layer knapsack plan without checking it against the uniform "
                         "schemes of the same budget on the calibration text")
