@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -49,6 +50,30 @@ def timeit(fn: Callable[[], object], device: str = "cpu", repeat: int = 15, min_
     return statistics.median(samples)
 
 
+def randn(*shape: int, device: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """N(0, 1) data drawn on the device itself (a GPU benchmark never builds gigabytes on the host), seeded."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+
+_ROWS: list[dict] = []
+
+
+def rows_list() -> list[dict]:
+    """The list a benchmark appends its rows to: if the run is stopped (SIGTERM, e.g. a session's time cap) before
+    it returns, ``bench_main`` still writes the rows finished so far (marked ``"partial": true``)."""
+    _ROWS.clear()
+    return _ROWS
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum, frame):
+    raise _Stopped(f"signal {signum}")
+
+
 def environment(device: str) -> dict:
     info = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine()),
@@ -65,6 +90,8 @@ def environment(device: str) -> dict:
                                         timeout=5).stdout.strip() or None
     except Exception:
         info["commit"] = None
+    # a copy of the tree without .git (the GPU session's): the commit id the session script was given
+    info["commit"] = info["commit"] or os.environ.get("KVENGINE_COMMIT") or None
     return info
 
 
@@ -93,13 +120,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_json(path: str | None, name: str, device: str, rows: list[dict]) -> None:
+def write_json(path: str | None, name: str, device: str, rows: list[dict], partial: bool = False) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    doc = {"benchmark": name, "environment": environment(device), "rows": rows}
+    if partial:
+        doc["partial"] = True
     with open(path, "w") as f:
-        json.dump({"benchmark": name, "environment": environment(device), "rows": rows}, f, indent=1)
-    print(f"wrote {path}")
+        json.dump(doc, f, indent=1)
+    print(f"wrote {path}" + (f" ({len(rows)} rows, stopped before the end)" if partial else ""))
 
 
 def default_device() -> str:
@@ -115,6 +145,14 @@ def bench_main(name: str, doc: str, body: Callable, argv=None) -> list[dict]:
     p.add_argument("--json", default=None, help="write the rows and the environment (device, torch, commit) here")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     a = p.parse_args(argv)
-    rows = body(a.device, a.quick)
+    old = signal.signal(signal.SIGTERM, _stop)
+    try:
+        rows = body(a.device, a.quick)
+    except (_Stopped, KeyboardInterrupt) as e:
+        print(f"{name}: stopped ({e or 'interrupt'}); writing the {len(_ROWS)} rows finished")
+        write_json(a.json, name, a.device, list(_ROWS), partial=True)
+        raise SystemExit(3)
+    finally:
+        signal.signal(signal.SIGTERM, old)
     write_json(a.json, name, a.device, rows)
     return rows

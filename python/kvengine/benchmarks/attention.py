@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kvengine import QuantizedKVCache, ops
 
-from . import bench_main, print_table, timeit
+from . import bench_main, print_table, randn, rows_list, timeit
 
 
 def _sdpa(q, k, v):
@@ -19,17 +19,17 @@ def run(device: str, contexts=(1024, 4096, 16384, 32768), batches=(1, 8), bits=(
         group=32, residual=128, sinks=4, quick=False, max_fp_gb=4.0) -> list[dict]:
     dtype = torch.float32 if device == "cpu" else torch.float16
     esz = torch.finfo(dtype).bits // 8
-    rows = []
+    rows = rows_list()
     rep = 5 if quick else 11
     for B in batches:
         for N in contexts:
             fp_bytes = 2 * B * hkv * N * D * esz
             if fp_bytes / 2**30 > max_fp_gb:
                 continue
-            gen = torch.Generator(device="cpu").manual_seed(N + B)
-            k = torch.randn(B, hkv, N, D, generator=gen).to(device, dtype)
-            v = torch.randn(B, hkv, N, D, generator=gen).to(device, dtype)
-            q = torch.randn(B, hkv * g, 1, D, generator=gen).to(device, dtype)
+            seed = 3 * (N + B)
+            k = randn(B, hkv, N, D, device=device, dtype=dtype, seed=seed)
+            v = randn(B, hkv, N, D, device=device, dtype=dtype, seed=seed + 1)
+            q = randn(B, hkv * g, 1, D, device=device, dtype=dtype, seed=seed + 2)
             t_sdpa = timeit(lambda: _sdpa(q, k, v), device, repeat=rep)
             for nb in bits:
                 cache = QuantizedKVCache(hkv, D, bits_k=nb, bits_v=nb, group_size=group, residual=residual,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kvengine import ops
 
-from . import bench_main, print_table, timeit
+from . import bench_main, print_table, randn, rows_list, timeit
 
 
 @contextlib.contextmanager
@@ -30,12 +30,11 @@ def _mma(on: bool):
 
 def run(device: str, lengths=(1024, 4096), dims=(64, 128), B=1, H=32, quick=False) -> list[dict]:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    rows = []
+    rows = rows_list()
     rep = 3 if quick else (5 if device == "cpu" else 15)
     for L in lengths:
         for D in dims:
-            gen = torch.Generator().manual_seed(L + D)
-            q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype) for _ in range(3))
+            q, k, v = (randn(B, H, L, D, device=device, dtype=dtype, seed=3 * (L + D) + i) for i in range(3))
             t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device, repeat=rep, min_time=0.0)
             with _mma(False):
                 t_bin = timeit(lambda: ops.binary_attention(q, k, v), device, repeat=rep, min_time=0.0)

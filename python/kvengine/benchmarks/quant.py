@@ -7,15 +7,15 @@ import torch
 from kvengine import ops
 from kvengine import reference as ref
 
-from . import bench_main, print_table, timeit
+from . import bench_main, print_table, randn, rows_list, timeit
 
 
 def run(device: str, shapes=((8, 8192, 128), (32, 2048, 64)), bits=(2, 4), quick: bool = False,
         dtype=torch.float32) -> list[dict]:
-    rows = []
+    rows = rows_list()
     rep = 5 if quick else 11
     for (b, T, D) in shapes:
-        x = torch.randn(b, T, D, device=device).to(dtype)
+        x = randn(b, T, D, device=device, dtype=dtype, seed=b * T + D)
         ybuf = torch.empty_like(x)
         t_copy = timeit(lambda: ybuf.copy_(x), device, repeat=rep)
         H = ref.hadamard(D, dtype=dtype, device=device) * D ** -0.5
@@ -47,7 +47,10 @@ def run(device: str, shapes=((8, 8192, 128), (32, 2048, 64)), bits=(2, 4), quick
 
 def _body(device: str, quick: bool) -> list[dict]:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    shapes = ((4, 2048, 128),) if quick else ((8, 8192, 128), (32, 2048, 64))
+    if device == "cpu":
+        shapes = ((4, 2048, 128),) if quick else ((8, 8192, 128), (32, 2048, 64))
+    else:  # several times the L2
+        shapes = ((64, 16384, 128),) if quick else ((64, 32768, 128), (256, 8192, 64))
     rows = run(device, shapes=shapes, quick=quick, dtype=dtype)
     return rows
 

@@ -16,7 +16,7 @@ from kvengine import QuantizedKVCache, ops
 from kvengine import reference as ref
 from kvengine.retrieval import SpotlightHash
 
-from . import bench_main, print_table, timeit
+from . import bench_main, print_table, randn, rows_list, timeit
 
 
 def torch_popcount32(x: torch.Tensor) -> torch.Tensor:
@@ -60,13 +60,13 @@ def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=1
         quick=False) -> list[dict]:
     dtype = torch.float32 if device == "cpu" else torch.float16
     rep = 5 if quick else 11
-    rows = []
+    rows = rows_list()
     gen = torch.Generator().manual_seed(0)
     hasher = SpotlightHash.random(hkv, D, nbits, mlp=True, generator=gen).to(device)
     for N in contexts:
-        k = torch.randn(B, hkv, N, D, generator=gen).to(device, dtype)
-        v = torch.randn(B, hkv, N, D, generator=gen).to(device, dtype)
-        q = torch.randn(B, hq, 1, D, generator=gen).to(device, dtype)
+        k = randn(B, hkv, N, D, device=device, dtype=dtype, seed=3 * N)
+        v = randn(B, hkv, N, D, device=device, dtype=dtype, seed=3 * N + 1)
+        q = randn(B, hq, 1, D, device=device, dtype=dtype, seed=3 * N + 2)
         kc = hasher.encode_keys(k)
         qc = hasher.encode_queries(q)[:, :, 0]
         # correctness spot check: same selected score multiset as the torch path
