@@ -10,6 +10,7 @@ driver then restarts it at the next case, so one broken kernel does not hide the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -52,9 +53,11 @@ def frac_equal(a, b):
     return (a.cpu() == b.cpu()).float().mean().item() if a.shape == b.shape else 0.0
 
 
-# the device under test; KVENGINE_SMOKE_DEVICE=cpu runs the script against itself on a machine without a GPU (a
-# self-test of this script, not of any kernel)
+# the device under test (KVENGINE_SMOKE_DEVICE): "cuda"; "emu", the CUDA kernels run on the CPU by the emulator
+# (tests/cuda_emu: torch.ops.kvengine_emu on CPU tensors); "cpu", the script against itself (a self-test of the
+# script, not of any kernel)
 DEV = os.environ.get("KVENGINE_SMOKE_DEVICE", "cuda")
+TDEV = "cpu" if DEV == "emu" else DEV  # where the device's tensors live
 
 
 def sync():
@@ -62,12 +65,38 @@ def sync():
         torch.cuda.synchronize()
 
 
+class on_dev:
+    """Calls inside run on the device under test (for "emu": kvengine.ops routed to torch.ops.kvengine_emu)."""
+
+    def __enter__(self):
+        if DEV == "emu":
+            from kvengine import ops
+            self.old = ops._ops
+            ops._ops = emu_ops()
+        return self
+
+    def __exit__(self, *exc):
+        if DEV == "emu":
+            from kvengine import ops
+            ops._ops = self.old
+        return False
+
+
+def emu_ops():
+    from pathlib import Path
+    import kvengine
+    if not hasattr(torch.ops, "kvengine_emu") or not hasattr(torch.ops.kvengine_emu, "fwht"):
+        torch.ops.load_library(str(Path(kvengine.__file__).parent / "libkvengine_emu_ops.so"))
+    return torch.ops.kvengine_emu
+
+
 def both(fn, *args):
     """fn on CPU and on DEV with the same (CPU) inputs moved over; returns (cpu_out, dev_out)."""
     def mv(x):
-        return x.to(DEV) if isinstance(x, torch.Tensor) else x
+        return x.to(TDEV) if isinstance(x, torch.Tensor) else x
     out_c = fn(*args)
-    out_g = fn(*[mv(a) for a in args])
+    with on_dev():
+        out_g = fn(*[mv(a) for a in args])
     sync()
     return out_c, out_g
 
@@ -125,10 +154,11 @@ def _cache_pair(gen, bits, k_mode, dtype, T, D=128, hkv=4):
     k = heavy(2, hkv, T, D, gen=gen, dtype=dtype)
     v = heavy(2, hkv, T, D, gen=gen, dtype=dtype)
     caches = []
-    for dev in ("cpu", DEV):
-        c = QuantizedKVCache(hkv, D, bits_k=bits, bits_v=bits, group_size=32, residual=64, sinks=4, batch_size=2,
-                             dtype=dtype, device=dev, k_mode=k_mode, clip="none")
-        c.append(k.to(dev), v.to(dev))
+    for dev in ("cpu", TDEV):
+        with on_dev() if len(caches) else contextlib.nullcontext():
+            c = QuantizedKVCache(hkv, D, bits_k=bits, bits_v=bits, group_size=32, residual=64, sinks=4,
+                                 batch_size=2, dtype=dtype, device=dev, k_mode=k_mode, clip="none")
+            c.append(k.to(dev), v.to(dev))
         caches.append(c)
     return caches
 
@@ -141,7 +171,8 @@ def quant_decode_attention(gen):
         cc, cg = _cache_pair(gen, bits, k_mode, dtype, T=1000 + 37 * bits)
         q = heavy(2, 16, tq, 128, gen=gen, dtype=dtype)
         oc = cc.attend(q)
-        og = cg.attend(q.to(DEV))
+        with on_dev():
+            og = cg.attend(q.to(TDEV))
         sync()
         errs[f"int{bits}/{k_mode[4:]}/{str(dtype)[6:]}/Tq{tq}"] = rel(og, oc)
     tol = 2e-2
@@ -154,7 +185,8 @@ def quant_decode_attention_indices(gen):
     q = heavy(2, 16, 1, 128, gen=gen, dtype=torch.float16)
     idx = torch.randint(-3, 2003, (2, 4, 300), generator=gen, dtype=torch.int32)
     oc = cc.attend(q, indices=idx)
-    og = cg.attend(q.to(DEV), indices=idx.to(DEV))
+    with on_dev():
+        og = cg.attend(q.to(TDEV), indices=idx.to(TDEV))
     sync()
     e = rel(og, oc)
     return e < 2e-2, f"rel err {e:.1e}"

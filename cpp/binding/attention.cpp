@@ -40,7 +40,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   check_nonempty(op, "q", q);
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   KVE_CHECK(D % 16 == 0 && D <= 256, op, ": head_dim D (last dim of q) must be a multiple of 16 up to 256, got ", D);
-  KVE_CHECK(!q.is_cuda() || D == 32 || D == 64 || D == 128 || D == 256, op,
+  KVE_CHECK(!on_cuda(q) || D == 32 || D == 64 || D == 128 || D == 256, op,
             ": on CUDA head_dim D must be 32, 64, 128 or 256, got ", D);
   KVE_CHECK(Tq >= 1 && Tq <= 8, op, ": Tq (dim 2 of q, new tokens per step) must be in [1, 8], got ", Tq);
   // query rows (b, head, t) are numbered in 32-bit ints (CUDA grid, split-K partials)
@@ -57,7 +57,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   if (ktok) {
     KVE_CHECK(k_group >= 16 && k_group % 16 == 0 && D % k_group == 0, op, ": with per-token keys k_group (", k_group,
               ") must be a multiple of 16 that divides head_dim ", D);
-    KVE_CHECK(!q.is_cuda() || k_group % 32 == 0, op, ": on CUDA per-token keys need k_group a multiple of 32, got ",
+    KVE_CHECK(!on_cuda(q) || k_group % 32 == 0, op, ": on CUDA per-token keys need k_group a multiple of 32, got ",
               k_group);
   } else {
     KVE_CHECK(k_group >= 1 && qcap % k_group == 0, op, ": k_group (", k_group,
@@ -95,7 +95,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
     KVE_CHECK(t.t.scalar_type() == t.dtype, op, ": ", t.name, " must be ", t.dtype, ", got ", t.t.scalar_type());
     KVE_CHECK(t.t.is_contiguous(), op, ": ", t.name, " must be contiguous");
   }
-  if (q.is_cuda()) {  // the CUDA kernel stages codes and loads full-precision rows with 16-byte vector accesses
+  if (on_cuda(q)) {  // the CUDA kernel stages codes and loads full-precision rows with 16-byte vector accesses
     for (int i : {0, 3, 6, 7})  // k_codes, v_codes, k_fp, v_fp
       KVE_CHECK(reinterpret_cast<uintptr_t>(tensors[i].t.data_ptr()) % 16 == 0, op, ": on CUDA ", tensors[i].name,
                 " must start at a 16-byte aligned address (a view at an element offset is not; pass a copy)");
@@ -175,7 +175,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
     a.n_idx = idx.size(2);
   }
 #ifdef KVENGINE_WITH_CUDA
-  if (q.is_cuda()) {
+  if (on_cuda(q)) {
     c10::cuda::CUDAGuard guard(dev);
     at::Tensor ws = at::empty({int64_t(cuda::quant_decode_attention_workspace_bytes(a))},
                               q.options().dtype(at::kByte));
@@ -192,9 +192,11 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   return out;
 }
 
+#ifndef KVENGINE_CUDA_EMU
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) { m.impl("quant_decode_attention", &quant_decode_attention); }
+#endif
 #ifdef KVENGINE_WITH_CUDA
-TORCH_LIBRARY_IMPL(kvengine, CUDA, m) { m.impl("quant_decode_attention", &quant_decode_attention); }
+KVE_TORCH_LIBRARY_IMPL(kvengine, KVE_CUDA_KEY, m) { m.impl("quant_decode_attention", &quant_decode_attention); }
 #endif
 
 }  // namespace kvengine::binding

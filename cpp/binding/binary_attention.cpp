@@ -49,11 +49,11 @@ Common check_common(const char* op, const at::Tensor& q, const at::Tensor& v, in
   c.D = q.size(3);
   c.Hkv = Hkv;
   c.Lk = Lk;
-  check_head_dim(op, c.D, q.is_cuda());
+  check_head_dim(op, c.D, on_cuda(q));
   // the kernels index queries / keys (plus a tile of padding) in 32-bit ints
   KVE_CHECK(c.Lq <= kMaxLen, op, ": Lq (dim 2 of q, ", c.Lq, ") must be <= 2^30");
   KVE_CHECK(Lk <= kMaxLen, op, ": Lk (dim 2 of the keys, ", Lk, ") must be <= 2^30");
-  KVE_CHECK(!q.is_cuda() || (c.B <= kGridYZMax && c.Hq <= kGridYZMax), op, ": on CUDA B (", c.B, ") and Hq (", c.Hq,
+  KVE_CHECK(!on_cuda(q) || (c.B <= kGridYZMax && c.Hq <= kGridYZMax), op, ": on CUDA B (", c.B, ") and Hq (", c.Hq,
             ") must be <= 65535 (grid dimensions)");
   KVE_CHECK(Hkv >= 1 && c.Hq % Hkv == 0, op, ": the query head count Hq (", c.Hq,
             ") must be a multiple of the key/value head count Hkv (", Hkv, ")");
@@ -122,7 +122,7 @@ Common check_common(const char* op, const at::Tensor& q, const at::Tensor& v, in
 void run_sign_pack(const at::Tensor& x3, bool center, at::Tensor& bits, at::Tensor& scale) {
   const int64_t batch = x3.size(0), L = x3.size(1), D = x3.size(2);
 #ifdef KVENGINE_WITH_CUDA
-  if (x3.is_cuda()) {
+  if (on_cuda(x3)) {
     c10::cuda::CUDAGuard guard(x3.device());
     at::Tensor ws;
     if (center) ws = at::empty({batch, D}, x3.options().dtype(at::kFloat));
@@ -138,7 +138,7 @@ void run_sign_pack(const at::Tensor& x3, bool center, at::Tensor& bits, at::Tens
 
 void run_attention(const at::Tensor& q, BinaryAttentionArgs& a) {
 #ifdef KVENGINE_WITH_CUDA
-  if (q.is_cuda()) {
+  if (on_cuda(q)) {
     c10::cuda::CUDAGuard guard(q.device());
     cuda::binary_attention(a, stream_of(q));
     return;
@@ -223,13 +223,15 @@ at::Tensor binary_attention_packed(const at::Tensor& q, const at::Tensor& k_bits
   return out;
 }
 
+#ifndef KVENGINE_CUDA_EMU
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
   m.impl("sign_pack", &sign_pack);
   m.impl("binary_attention", &binary_attention);
   m.impl("binary_attention_packed", &binary_attention_packed);
 }
+#endif
 #ifdef KVENGINE_WITH_CUDA
-TORCH_LIBRARY_IMPL(kvengine, CUDA, m) {
+KVE_TORCH_LIBRARY_IMPL(kvengine, KVE_CUDA_KEY, m) {
   m.impl("sign_pack", &sign_pack);
   m.impl("binary_attention", &binary_attention);
   m.impl("binary_attention_packed", &binary_attention_packed);

@@ -7,9 +7,26 @@
 
 #include "kvengine/common.h"
 
-#ifdef KVENGINE_WITH_CUDA
+#if defined(KVENGINE_WITH_CUDA) && !defined(KVENGINE_CUDA_EMU)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
+
+// Registration.  The CUDA emulator build (KVENGINE_CUDA_EMU: tests/cuda_emu, the CUDA kernels run on the CPU) compiles
+// this binding a second time with the namespace `kvengine` renamed to `kvengine_emu` and registers the CUDA path of
+// every op under torch.ops.kvengine_emu for CPU tensors; the indirection lets the rename reach TORCH_LIBRARY.
+#define KVE_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define KVE_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+#ifdef KVENGINE_CUDA_EMU
+#define KVE_CUDA_KEY CPU
+typedef struct CUstream_st* cudaStream_t;  // as in kvengine/cuda_ops.h
+namespace c10::cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(const c10::Device&) {}
+};
+}  // namespace c10::cuda
+#else
+#define KVE_CUDA_KEY CUDA
 #endif
 
 namespace kvengine::binding {
@@ -39,8 +56,19 @@ inline void check_device(const char* op, const char* name, const at::Tensor& t, 
   KVE_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but the other inputs are on ", dev);
 }
 
+// Whether t takes the CUDA path (in the emulator build: every tensor, all of which are on the CPU).
+inline bool on_cuda(const at::Tensor& t) {
+#ifdef KVENGINE_CUDA_EMU
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 inline void check_supported_device(const char* op, const at::Tensor& t) {
-#ifdef KVENGINE_WITH_CUDA
+#ifdef KVENGINE_CUDA_EMU
+  KVE_CHECK(t.is_cpu(), op, ": the CUDA emulator runs on CPU tensors, got ", t.device());
+#elif defined(KVENGINE_WITH_CUDA)
   KVE_CHECK(t.is_cpu() || t.is_cuda(), op, ": tensors must be on CPU or CUDA, got ", t.device());
 #else
   KVE_CHECK(t.is_cpu(), op, ": this build of kvengine has no CUDA support; tensors must be on CPU, got ",
@@ -74,7 +102,9 @@ inline at::Tensor flatten_lead(const at::Tensor& x, at::IntArrayRef inner) {
   return t;
 }
 
-#ifdef KVENGINE_WITH_CUDA
+#ifdef KVENGINE_CUDA_EMU
+inline cudaStream_t stream_of(const at::Tensor&) { return nullptr; }
+#elif defined(KVENGINE_WITH_CUDA)
 inline cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 #endif
 

@@ -67,7 +67,7 @@ void fwht_into(const char* op, const at::Tensor& x, std::optional<double> scale,
   }
   const int64_t rows = xr.size(0);
 #ifdef KVENGINE_WITH_CUDA
-  if (x.is_cuda()) {
+  if (on_cuda(x)) {
     c10::cuda::CUDAGuard guard(x.device());
     cuda::fwht(xr.data_ptr(), yr.data_ptr(), dt, rows, n, xr.stride(0), yr.stride(0), s, pp, stream_of(x));
   } else
@@ -91,12 +91,14 @@ void fwht_(at::Tensor x, std::optional<double> scale, const std::optional<at::Te
   fwht_into("fwht_", x, scale, perm, &x, y);
 }
 
+#ifndef KVENGINE_CUDA_EMU
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
   m.impl("fwht", &fwht);
   m.impl("fwht_", &fwht_);
 }
+#endif
 #ifdef KVENGINE_WITH_CUDA
-TORCH_LIBRARY_IMPL(kvengine, CUDA, m) {
+KVE_TORCH_LIBRARY_IMPL(kvengine, KVE_CUDA_KEY, m) {
   m.impl("fwht", &fwht);
   m.impl("fwht_", &fwht_);
 }

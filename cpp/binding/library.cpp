@@ -2,7 +2,9 @@
 // one (TORCH_LIBRARY_IMPL for CPU and CUDA); fakes and autograd live in python/kvengine/ops.py.
 #include <torch/library.h>
 
-TORCH_LIBRARY(kvengine, m) {
+#include "checks.h"  // KVE_TORCH_LIBRARY
+
+KVE_TORCH_LIBRARY(kvengine, m) {
   // ---- rotation -------------------------------------------------------------------------------------------------
   m.def("fwht(Tensor x, float? scale=None, Tensor? perm=None) -> Tensor");
   m.def("fwht_(Tensor(a!) x, float? scale=None, Tensor? perm=None) -> ()");  // in place

@@ -24,6 +24,11 @@ PYBIND11_MODULE(_C, m) {
     d["cutlass_version"] = "";
 #endif
     d["cpu_isa"] = kvengine::cpu_isa();
+#ifdef KVENGINE_CUDA_EMU_BUILT
+    d["cuda_emu"] = true;  // libkvengine_emu_ops (tests/cuda_emu) is installed beside this module
+#else
+    d["cuda_emu"] = false;
+#endif
     d["compiler"] = __VERSION__;
     return d;
   });

@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_impl(const char* op, const 
   at::Tensor zero = at::empty_like(scale);
   const DType dt = to_dtype(x.scalar_type());
 #ifdef KVENGINE_WITH_CUDA
-  if (x.is_cuda()) {
+  if (on_cuda(x)) {
     c10::cuda::CUDAGuard guard(x.device());
     cudaStream_t st = stream_of(x);
     if (rp.enabled && !cuda::quantize_pack_fused_supported(dt, D, qp)) {
@@ -163,7 +163,7 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at
   at::Tensor y = at::empty(yshape, codes.options().dtype(dtype));
   const int64_t batch = c.numel() / (T * codes.size(-1));
 #ifdef KVENGINE_WITH_CUDA
-  if (codes.is_cuda()) {
+  if (on_cuda(codes)) {
     c10::cuda::CUDAGuard guard(codes.device());
     cuda::dequantize(c.data_ptr<uint8_t>(), s.data_ptr(), z.data_ptr(), to_dtype(dtype), batch, T, D, qp,
                      y.data_ptr(), stream_of(codes));
@@ -174,13 +174,15 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at
   return y;
 }
 
+#ifndef KVENGINE_CUDA_EMU
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
   m.impl("quantize_pack", &quantize_pack);
   m.impl("rotate_quantize_pack", &rotate_quantize_pack);
   m.impl("dequantize", &dequantize);
 }
+#endif
 #ifdef KVENGINE_WITH_CUDA
-TORCH_LIBRARY_IMPL(kvengine, CUDA, m) {
+KVE_TORCH_LIBRARY_IMPL(kvengine, KVE_CUDA_KEY, m) {
   m.impl("quantize_pack", &quantize_pack);
   m.impl("rotate_quantize_pack", &rotate_quantize_pack);
   m.impl("dequantize", &dequantize);

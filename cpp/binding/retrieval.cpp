@@ -86,7 +86,7 @@ at::Tensor hash_encode(const at::Tensor& x, const at::Tensor& w1, const std::opt
   at::Tensor w2f = given(w2) ? as_f32(*w2) : at::Tensor();
   at::Tensor b2f = given(b2) ? as_f32(*b2) : at::Tensor();
 #ifdef KVENGINE_WITH_CUDA
-  if (x.is_cuda()) {
+  if (on_cuda(x)) {
     c10::cuda::CUDAGuard guard(dev);
     const int64_t T = per_head ? x.size(-2) : 1;
     // shared weights: all rows as one [1, 1, rows, D] sequence (CTAs take kEncRows rows each, not one)
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk(const at::Tensor& q_codes, const
   KVE_CHECK(k >= 1 && k <= N, op, ": k (", k, ") must be in [1, N] where N = ", N,
             " is the context capacity (dim 2 of k_codes)");
   KVE_CHECK(N < (int64_t(1) << 31), op, ": N (dim 2 of k_codes) must be < 2^31");
-  KVE_CHECK(!q.is_cuda() || (B <= kGridYZMax && Hkv <= kGridYZMax && B * Hkv <= kInt32Max), op, ": on CUDA B (", B,
+  KVE_CHECK(!on_cuda(q) || (B <= kGridYZMax && Hkv <= kGridYZMax && B * Hkv <= kInt32Max), op, ": on CUDA B (", B,
             ") and Hkv (", Hkv, ") must be <= 65535 with B·Hkv < 2^31 (grid dimensions)");
   int64_t sinks = 0, recent = 0;
   if (keep.has_value()) {
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_topk(const at::Tensor& q_codes, const
   a.indices = idx.data_ptr<int32_t>();
   a.scores = scr.data_ptr<int32_t>();
 #ifdef KVENGINE_WITH_CUDA
-  if (q.is_cuda()) {
+  if (on_cuda(q)) {
     c10::cuda::CUDAGuard guard(dev);
     at::Tensor ws = at::empty({int64_t(cuda::hamming_topk_workspace_bytes(a))}, q.options().dtype(at::kByte));
     cuda::hamming_topk(a, ws.data_ptr(), stream_of(q));
@@ -227,9 +227,9 @@ at::Tensor sparse_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   KVE_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": the query head count Hq (", Hq,
             ") must be a multiple of the KV head count Hkv (", Hkv, ")");
   KVE_CHECK(D <= 1024, op, ": head_dim D must be <= 1024, got ", D);
-  KVE_CHECK(!q.is_cuda() || D == 32 || D == 64 || D == 128 || D == 256, op,
+  KVE_CHECK(!on_cuda(q) || D == 32 || D == 64 || D == 128 || D == 256, op,
             ": on CUDA head_dim D must be 32, 64, 128 or 256, got ", D);
-  KVE_CHECK(!q.is_cuda() || B * Hq <= kInt32Max, op, ": on CUDA B·Hq (", B, "·", Hq, ") must be < 2^31 (grid size)");
+  KVE_CHECK(!on_cuda(q) || B * Hq <= kInt32Max, op, ": on CUDA B·Hq (", B, "·", Hq, ") must be < 2^31 (grid size)");
   check_device(op, "indices", indices, dev);
   KVE_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
             ": indices must be int32 or int64, got ", indices.scalar_type());
@@ -242,6 +242,9 @@ at::Tensor sparse_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   at::Tensor vv = v.stride(-1) == 1 ? v : v.contiguous();
   at::Tensor ii = indices.stride(-1) == 1 ? indices : indices.contiguous();
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  // an empty cache: every index is skipped, so every row is 0 (the kernels would still touch row 0 of k/v, which
+  // an empty CUDA tensor does not have)
+  if (N == 0) return out.zero_();
   SparseDecodeArgs a;
   a.q = qq.data_ptr();
   a.q_stride_b = qq.stride(0);
@@ -269,7 +272,7 @@ at::Tensor sparse_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   a.D = D;
   a.softmax_scale = softmax_scale.has_value() ? float(*softmax_scale) : 1.0f / std::sqrt(float(D));
 #ifdef KVENGINE_WITH_CUDA
-  if (q.is_cuda()) {
+  if (on_cuda(q)) {
     c10::cuda::CUDAGuard guard(dev);
     cuda::sparse_decode_attention(a, stream_of(q));
     return out;
@@ -279,13 +282,15 @@ at::Tensor sparse_decode_attention(const at::Tensor& q, const at::Tensor& k, con
   return out;
 }
 
+#ifndef KVENGINE_CUDA_EMU
 TORCH_LIBRARY_IMPL(kvengine, CPU, m) {
   m.impl("hash_encode", &hash_encode);
   m.impl("hamming_topk", &hamming_topk);
   m.impl("sparse_decode_attention", &sparse_decode_attention);
 }
+#endif
 #ifdef KVENGINE_WITH_CUDA
-TORCH_LIBRARY_IMPL(kvengine, CUDA, m) {
+KVE_TORCH_LIBRARY_IMPL(kvengine, KVE_CUDA_KEY, m) {
   m.impl("hash_encode", &hash_encode);
   m.impl("hamming_topk", &hamming_topk);
   m.impl("sparse_decode_attention", &sparse_decode_attention);
