@@ -86,7 +86,8 @@ def emu_ops():
     from pathlib import Path
     import kvengine
     if not hasattr(torch.ops, "kvengine_emu") or not hasattr(torch.ops.kvengine_emu, "fwht"):
-        torch.ops.load_library(str(Path(kvengine.__file__).parent / "libkvengine_emu_ops.so"))
+        lib = os.environ.get("KVENGINE_EMU_LIB") or str(Path(kvengine.__file__).parent / "libkvengine_emu_ops.so")
+        torch.ops.load_library(lib)
     return torch.ops.kvengine_emu
 
 

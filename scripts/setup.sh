@@ -7,6 +7,8 @@
 #   KVENGINE_CUDA   ON / OFF / AUTO (default AUTO: CUDA kernels when nvcc is found and torch is a CUDA build)
 #   KVENGINE_CUDA_ARCHS  e.g. "90a" on an H100 (default "80;90a")
 #   KVENGINE_MODELS 1 (default) installs the offline model/text wheels, 0 skips them
+#   KVENGINE_CUDA_EMU  ON (default unless KVENGINE_CUDA=ON) also builds the CUDA emulator library (tests/cuda_emu):
+#                   the tests then run every CUDA kernel on the CPU as well (the "emu" test device)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KVENGINE_VENV:-.venv}
@@ -21,7 +23,12 @@ $PIP install -q "torch==$TORCH" "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 # CUTLASS/CuTe headers for the CUDA build (headers only: its Python dependencies are not needed)
 $PIP install -q --no-deps "nvidia-cutlass==4.2.0.0"
 export SKBUILD_BUILD_DIR="build/$(basename "$VENV")"  # one build tree per venv (each its own torch)
-echo "[setup] building kvengine (CUDA=${KVENGINE_CUDA:-AUTO}) in $SKBUILD_BUILD_DIR"
+if [ "${KVENGINE_CUDA:-AUTO}" = "ON" ]; then
+  export KVENGINE_CUDA_EMU=${KVENGINE_CUDA_EMU:-OFF}
+else
+  export KVENGINE_CUDA_EMU=${KVENGINE_CUDA_EMU:-ON}
+fi
+echo "[setup] building kvengine (CUDA=${KVENGINE_CUDA:-AUTO}, CUDA emulator=$KVENGINE_CUDA_EMU) in $SKBUILD_BUILD_DIR"
 $PIP install -q --no-build-isolation ".[test,models]"
 if [ "${KVENGINE_MODELS:-1}" = "1" ]; then
   echo "[setup] offline model + text wheels"

@@ -4,11 +4,58 @@ import torch
 import kvengine
 
 HAS_CUDA = torch.cuda.is_available() and kvengine.build_info()["cuda"]
+HAS_EMU = bool(kvengine.build_info().get("cuda_emu"))
+
+
+class EmuDevice(str):
+    """The test device "emu": the CUDA kernels run on the CPU by the emulator (tests/cuda_emu).  Tensors live on the
+    CPU (``.to(device)`` sees "cpu"), and while a test runs with it ``kvengine.ops`` calls torch.ops.kvengine_emu, the
+    binding's CUDA path.  It equals "emu" only, so ``device == "cpu"`` is False in tests."""
+
+    def __new__(cls):
+        return super().__new__(cls, "cpu")
+
+    def __eq__(self, other):
+        return isinstance(other, EmuDevice) or other == "emu"
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+    def __repr__(self):
+        return "emu"
+
+
+EMU = EmuDevice()
+EMU_SKIP = pytest.mark.skipif(not HAS_EMU, reason="built without KVENGINE_CUDA_EMU=ON (scripts/setup.sh builds it)")
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")]),
+    pytest.param(EMU, id="emu", marks=[pytest.mark.emu, EMU_SKIP]),
 ]
+GPU_DEVICES = DEVICES[1:]  # tests of CUDA-only paths: on a GPU, and in the emulator
+
+
+def emu_ops():
+    """torch.ops.kvengine_emu (loads libkvengine_emu_ops.so, installed beside kvengine's own library)."""
+    import os
+    from pathlib import Path
+
+    if not hasattr(torch.ops.kvengine_emu, "fwht"):
+        lib = os.environ.get("KVENGINE_EMU_LIB") or str(Path(kvengine.__file__).parent / "libkvengine_emu_ops.so")
+        torch.ops.load_library(lib)
+        kvengine.ops.register_namespace("kvengine_emu")  # fakes (opcheck) and autograd (STE gradients)
+    return torch.ops.kvengine_emu
+
+
+@pytest.fixture(autouse=True)
+def _route_emu(request, monkeypatch):
+    """Tests parametrized with the "emu" device call the emulated CUDA kernels through kvengine.ops."""
+    cs = getattr(request.node, "callspec", None)
+    if cs is not None and any(isinstance(v, EmuDevice) for v in cs.params.values()):
+        monkeypatch.setattr(kvengine.ops, "_ops", emu_ops())
 
 
 def outlier_randn(*shape, dtype=torch.float32, device="cpu", generator=None, outlier_scale=20.0):

@@ -6,7 +6,12 @@ import kvengine
 from kvengine import ops
 from kvengine import reference as ref
 
-from conftest import DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
+from conftest import DEVICES, GPU_DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
+
+# fp32 kernels vs the float64-accumulating reference on heavy-tailed data (logits in the hundreds): the CPU kernel
+# itself reached 1.08e-4 on one seed (an emulation of the CUDA kernel on the CPU: 7.2e-5), so 1e-4 flaked; a real
+# indexing or unpacking bug is >= 1e-2
+FP32 = 2e-4
 
 
 def make_inputs(B, Hkv, g, Tq, D, bits_k, bits_v, G, VG, lens, qcap, fcap, dtype, meta_dtype, gen, device,
@@ -48,7 +53,7 @@ def test_matches_reference(device, case, dtype, gen):
     assert out.shape == args[0].shape and out.dtype == dtype
     assert_rows_close(out, expect if dtype == torch.float32 else
                       ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG).float(),
-                      {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype])
+                      {torch.float32: FP32, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype])
 
 
 # per-token keys: G is the key channel group (a multiple of 32 on CUDA, 16 on CPU); quantized lengths need not be
@@ -73,19 +78,19 @@ def test_per_token_keys_match_reference(device, case, dtype, gen):
     out = ops.quant_decode_attention(*args, bk, bv, G, VG, k_mode="per_token")
     expect = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, k_mode="per_token").float()
     assert out.shape == args[0].shape and out.dtype == dtype
-    assert_rows_close(out, expect, {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype])
+    assert_rows_close(out, expect, {torch.float32: FP32, torch.bfloat16: 2e-2}[dtype])
     # with rotation (q rotated in, out rotated back)
     if dtype == torch.float32:
         o2 = ops.quant_decode_attention(*args, bk, bv, G, VG, 0.3, True, True, k_mode="per_token")
         e2 = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, 0.3, True, True, k_mode="per_token")
-        assert_rows_close(o2, e2, 1e-4)
+        assert_rows_close(o2, e2, FP32)
 
 
 def test_per_token_keys_group16_cpu(gen):
     args = make_inputs(2, 1, 2, 2, 48, 2, 2, 16, 16, [(2, 37, 3), (0, 5, 2)], 40, 8, torch.float32, torch.float16,
                        gen, "cpu", "per_token")
     assert_rows_close(ops.quant_decode_attention(*args, 2, 2, 16, 16, k_mode="per_token"),
-                      ref.quant_decode_attention(*args, 2, 2, 16, 16, k_mode="per_token"), 1e-4)
+                      ref.quant_decode_attention(*args, 2, 2, 16, 16, k_mode="per_token"), FP32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -98,7 +103,7 @@ def test_rotation_and_perms(device, gen):
         out = ops.quant_decode_attention(*args, 2, 2, 32, 32, 0.2, rk, rv, kpp, vpp)
         e = ref.quant_decode_attention(*[a.cpu() for a in args], 2, 2, 32, 32, 0.2, rk, rv,
                                        None if kpp is None else kpp.cpu(), None if vpp is None else vpp.cpu())
-        assert_rows_close(out, e, 1e-4)
+        assert_rows_close(out, e, FP32)
 
 
 def test_opcheck(gen):
@@ -197,23 +202,22 @@ def test_size_limits(gen):
         ops.quant_decode_attention(big_q, *args[1:], 2, 2, 32, 32)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-def test_cuda_alignment_and_lens_clamp(gen):
-    args = make_inputs(1, 2, 2, 1, 64, 2, 2, 32, 32, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, "cuda")
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_cuda_alignment_and_lens_clamp(device, gen):
+    args = make_inputs(1, 2, 2, 1, 64, 2, 2, 32, 32, [(4, 64, 10)], 64, 16, torch.float32, torch.float16, gen, device)
     q, kc, ks, kz, vc, vs, vz, kf, vf, lens = args
     # a contiguous view one byte into its storage: rejected (the kernel's 16-byte loads need an aligned start)
-    flat = torch.zeros(kc.numel() + 1, dtype=torch.uint8, device="cuda")
+    flat = torch.zeros(kc.numel() + 1, dtype=torch.uint8, device=device)
     kc_off = flat[1:].view(kc.shape)
     kc_off.copy_(kc)
     with pytest.raises(ValueError, match="on CUDA k_codes must start at a 16-byte aligned address"):
         ops.quant_decode_attention(q, kc_off, *args[2:], 2, 2, 32, 32)
     # lens past the capacities are not checked on CUDA (no host sync) but clamped on the device: never out of bounds
-    bad = torch.tensor([[20, 200, 30]], dtype=torch.int32, device="cuda")  # capacities: quantized 64, fp 16
+    bad = torch.tensor([[20, 200, 30]], dtype=torch.int32, device=device)  # capacities: quantized 64, fp 16
     out = ops.quant_decode_attention(q, kc, ks, kz, vc, vs, vz, kf, vf, bad, 2, 2, 32, 32)
     clamped = torch.tensor([[16, 64, 0]], dtype=torch.int32)
     expect = ref.quant_decode_attention(*[a.cpu() for a in args[:-1]], clamped, 2, 2, 32, 32)
-    assert_rows_close(out, expect, 1e-4)
+    assert_rows_close(out, expect, FP32)
 
 
 @pytest.mark.cuda
@@ -226,7 +230,7 @@ def test_cuda_per_token_keys_group16_rejected(gen):
     # the CPU takes groups of 16
     c = [a.cpu() for a in t]
     assert_rows_close(ops.quant_decode_attention(*c, 2, 2, 16, 32, k_mode="per_token"),
-                      ref.quant_decode_attention(*c, 2, 2, 16, 32, k_mode="per_token"), 1e-4)
+                      ref.quant_decode_attention(*c, 2, 2, 16, 32, k_mode="per_token"), FP32)
 
 
 # ---- sparse attention over the packed cache (retrieval: indices of logical positions) ------------------------------
@@ -255,12 +259,12 @@ def test_sparse_indices_match_reference(device, case, dtype, idx_dtype, gen):
     expect = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, k_mode=km, indices=idx.cpu())
     assert out.shape == args[0].shape and out.dtype == dtype
     assert (out[-1, -g:] == 0).all()
-    assert_rows_close(out, expect.float(), {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype])
+    assert_rows_close(out, expect.float(), {torch.float32: FP32, torch.bfloat16: 2e-2}[dtype])
     if dtype == torch.float32 and D & (D - 1) == 0:  # rotated cache: q rotated in, output rotated back
         o2 = ops.quant_decode_attention(*args, bk, bv, G, VG, 0.2, True, True, k_mode=km, indices=idx)
         e2 = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, 0.2, True, True, k_mode=km,
                                         indices=idx.cpu())
-        assert_rows_close(o2, e2, 1e-4)
+        assert_rows_close(o2, e2, FP32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -268,8 +272,10 @@ def test_sparse_every_position_equals_dense(device, gen):
     args = make_inputs(2, 2, 4, 1, 64, 2, 2, 32, 32, [(4, 64, 10), (1, 32, 40)], 64, 48, torch.float32,
                        torch.float16, gen, device)
     idx = torch.randperm(78, generator=gen).expand(2, 2, 78).contiguous().to(device)
+    # on CUDA the dense kernel folds the key scale into q (Σ (q·s·2^-pos)(code·2^pos) + Σ q·z) and the sparse one
+    # dequantizes (Σ q·(code·s + z)): different roundings, up to 9.4e-5 apart in an emulation on these inputs
     assert_rows_close(ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=idx),
-                      ops.quant_decode_attention(*args, 2, 2, 32, 32), 1e-5)
+                      ops.quant_decode_attention(*args, 2, 2, 32, 32), 1e-5 if device == "cpu" else FP32)
     empty = torch.zeros(2, 2, 0, dtype=torch.int64, device=device)
     assert (ops.quant_decode_attention(*args, 2, 2, 32, 32, indices=empty) == 0).all()
     # int64 positions past int32 are skipped, not wrapped onto valid positions

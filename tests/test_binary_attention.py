@@ -7,7 +7,7 @@ import torch
 from kvengine import ops
 from kvengine import reference as ref
 
-from conftest import DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
+from conftest import DEVICES, GPU_DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -412,16 +412,15 @@ def test_bert_plugin_matches_fake_quant():
 
 
 # ---- tensor-core path (CUDA, sm_80+, opt-in with KVENGINE_BINARY_MMA=1 until it has been measured) ----------------
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("device", GPU_DEVICES)
 @pytest.mark.parametrize("case", CASES + [(1, 2, 4, 300, 300, 128), (2, 1, 2, 65, 64, 64)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias_kind,rel", [(None, False), ("batch", True)])
-def test_tensor_core_path_matches_reference(case, causal, dtype, bias_kind, rel, gen, monkeypatch):
+def test_tensor_core_path_matches_reference(device, case, causal, dtype, bias_kind, rel, gen, monkeypatch):
     """b1 AND+popc MMA for QK, fp16/bf16 MMA for P·V (P rounded to V's type): against the fp32 reference and the
     CUDA-core kernel."""
-    args, kw = _inputs(*case, dtype, gen, "cuda", bias_kind, rel)
+    args, kw = _inputs(*case, dtype, gen, device, bias_kind, rel)
     monkeypatch.setenv("KVENGINE_BINARY_MMA", "0")
     core = ops.binary_attention(*args, causal=causal, softmax_scale=0.05, **kw)
     monkeypatch.setenv("KVENGINE_BINARY_MMA", "1")
@@ -434,24 +433,23 @@ def test_tensor_core_path_matches_reference(case, causal, dtype, bias_kind, rel,
     assert_rows_close(out.float(), core.float(), TOL[dtype])
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
-def test_tensor_core_path_falls_back_where_it_does_not_apply(gen, monkeypatch):
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_tensor_core_path_falls_back_where_it_does_not_apply(device, gen, monkeypatch):
     """The variable really switches kernels (P rounded to fp16 changes some of 300k outputs); D = 256 and fp32 V keep
     the CUDA-core kernel (bit-identical with the variable set or not); packed keys use the tensor-core kernel like
     unpacked ones."""
-    args, _ = _inputs(2, 2, 2, 300, 300, 128, torch.float16, gen, "cuda")
+    args, _ = _inputs(2, 2, 2, 300, 300, 128, torch.float16, gen, device)
     monkeypatch.setenv("KVENGINE_BINARY_MMA", "0")
     a = ops.binary_attention(*args, softmax_scale=0.05)
     monkeypatch.setenv("KVENGINE_BINARY_MMA", "1")
     assert not torch.equal(ops.binary_attention(*args, softmax_scale=0.05), a)
     for D, dtype in ((256, torch.float16), (64, torch.float32)):
-        args, _ = _inputs(1, 2, 2, 40, 90, D, dtype, gen, "cuda")
+        args, _ = _inputs(1, 2, 2, 40, 90, D, dtype, gen, device)
         monkeypatch.setenv("KVENGINE_BINARY_MMA", "0")
         a = ops.binary_attention(*args, causal=True)
         monkeypatch.setenv("KVENGINE_BINARY_MMA", "1")
         assert torch.equal(ops.binary_attention(*args, causal=True), a)
-    (q, k, v), kw = _inputs(2, 2, 2, 3, 150, 64, torch.bfloat16, gen, "cuda", None, True)
+    (q, k, v), kw = _inputs(2, 2, 2, 3, 150, 64, torch.bfloat16, gen, device, None, True)
     bits, scale = ops.sign_pack(k, center=True)
     monkeypatch.setenv("KVENGINE_BINARY_MMA", "1")
     out = ops.binary_attention_packed(q, bits, scale, v, causal=True, **kw)

@@ -68,7 +68,9 @@ def test_hash_encode_shared_weights_and_strides(device, gen):
     assert torch.equal(bits_of(codes.cpu())[clear], bits_of(ref.hash_encode(x, w1, b1, w2, b2))[clear])
     # linear hash: codes of x @ w1 directly
     c2 = ops.hash_encode(dev(x), dev(w1))
-    assert torch.equal(c2.cpu(), ref.hash_encode(x, w1))
+    f2 = ref.hash_project(x, w1)
+    clear2 = f2.abs() > 1e-4 * f2.abs().amax(-1, keepdim=True)  # a sign at |f| ~ 0 may differ by summation order
+    assert torch.equal(bits_of(c2.cpu())[clear2], bits_of(ref.hash_encode(x, w1))[clear2])
 
 
 def test_hash_encode_mlp_zero_w2_is_linear(gen):
@@ -156,6 +158,15 @@ def test_sparse_attention_padding_varlen_int64(device, gen):
     kb, vb = torch.randn(B, Hkv, 2 * N, D, generator=gen), torch.randn(B, Hkv, 2 * N, D, generator=gen)
     out2 = ops.sparse_decode_attention(dv(q), dv(kb[:, :, :N]), dv(vb[:, :, :N]), dv(idx), dv(sl))
     assert_rows_close(out2[:2].float(), ref.sparse_decode_attention(q, kb[:, :, :N], vb[:, :, :N], idx, sl)[:2], 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_attention_over_an_empty_cache_is_zero(device, gen):
+    q = torch.randn(2, 4, 1, 64, generator=gen).to(device)
+    k = torch.empty(2, 2, 0, 64, device=device)  # no storage at all: nothing may be read
+    idx = torch.tensor([[[0, -1, 3]] * 2] * 2, dtype=torch.int32, device=device)
+    out = ops.sparse_decode_attention(q, k, k.clone(), idx)
+    assert out.shape == q.shape and torch.equal(out.cpu(), torch.zeros(2, 4, 1, 64))
 
 
 # ---- opcheck -----------------------------------------------------------------------------------------------------------
@@ -246,7 +257,12 @@ def test_code_cache_incremental_equals_bulk(device, gen):
     for t in range(250, 300):
         cache.append(k[:, :, t:t + 1])
     assert cache.seq_len == 300
-    assert torch.equal(cache.codes, ops.hash_encode(k, *hasher.weights()))
+    # on CUDA the single-token appends take the CUDA-core kernel and the bulk call the tensor-core one: a sign at
+    # |f| ~ 0 may differ between them, every other bit must not
+    f = ref.hash_project(k.cpu(), *[None if w is None else w.cpu() for w in hasher.weights()])
+    clear = f.abs() > 1e-4 * f.abs().amax(-1, keepdim=True)
+    assert torch.equal(bits_of(cache.codes.cpu())[clear], bits_of(ops.hash_encode(k, *hasher.weights()).cpu())[clear])
+    assert clear.float().mean() > 0.99
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -102,7 +102,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   }
   const int64_t fcap = k_fp.size(2);
   // value checks need the data; on CUDA they would cost a host sync (the kernel clamps lens to the capacities)
-  if (lens.is_cpu()) {
+  if (!on_cuda(lens)) {
     const int32_t* l = lens.data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b) {
       const int64_t ns = l[3 * b], nq = l[3 * b + 1], nr = l[3 * b + 2];

@@ -21,7 +21,7 @@ at::Tensor check_perm(const char* op, const std::optional<at::Tensor>& perm, int
             p.sizes());
   check_device(op, "perm", p, dev);
   at::Tensor p32 = p.to(at::kInt).contiguous();
-  if (p32.is_cpu()) {  // on CUDA this would need a host sync; kernels wrap indices modulo n (never out of bounds)
+  if (!on_cuda(p32)) {  // on CUDA this would need a host sync; kernels wrap indices modulo n (never out of bounds)
     auto seen = at::zeros({n}, at::kBool);
     const int32_t* a = p32.data_ptr<int32_t>();
     bool* s = seen.data_ptr<bool>();

@@ -28,7 +28,7 @@ at::Tensor check_seq_lens(const char* op, const std::optional<at::Tensor>& seq_l
             ": seq_lens must be int32 or int64, got ", s.scalar_type());
   KVE_CHECK(s.dim() == 1 && s.size(0) == B, op, ": seq_lens must have shape [B] = [", B, "], got ", s.sizes());
   at::Tensor t = s.to(at::kInt).contiguous();
-  if (t.is_cpu()) {  // value checks need the data; on CUDA they would cost a host sync (kernels clamp instead)
+  if (!on_cuda(t)) {  // value checks need the data; on CUDA they would cost a host sync (kernels clamp instead)
     const int32_t* l = t.data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b)
       KVE_CHECK(l[b] >= 0 && l[b] <= N, op, ": seq_lens[", b, "] = ", l[b], " must be in [0, ", N,

@@ -263,6 +263,7 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
           p0 = exp2f(s0 - mn);  // exp2f(-inf) = 0
           p1 = exp2f(s1 - mn);
           const float ps_ = warp_sum(p0 + p1);
+          __syncwarp();  // every lane has read sm[r] (mo) before lane 0 overwrites it
           if (lane == 0) {
             sl[r] = sl[r] * alpha + ps_;
             sm[r] = mn;

@@ -12,6 +12,32 @@ from torch import Tensor
 
 _ops = torch.ops.kvengine
 
+_FAKES: dict = {}     # op name -> fake (meta) implementation
+_AUTOGRAD: dict = {}  # op name -> (backward, setup_context)
+
+
+def _fake(name: str):
+    def deco(fn):
+        _FAKES[name] = fn
+        torch.library.register_fake(f"kvengine::{name}")(fn)
+        return fn
+    return deco
+
+
+def _autograd(name: str, backward, setup_context) -> None:
+    _AUTOGRAD[name] = (backward, setup_context)
+    torch.library.register_autograd(f"kvengine::{name}", backward, setup_context=setup_context)
+
+
+def register_namespace(ns: str) -> None:
+    """Register every op's fake and autograd formula for another library with the same schemas — the CUDA
+    emulator's ``torch.ops.kvengine_emu`` (tests/cuda_emu), so opcheck and gradients work there too."""
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"{ns}::{name}")(fn)
+    for name, (backward, setup) in _AUTOGRAD.items():
+        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup)
+
+
 MODES = ("per_channel", "per_token")
 BITS = (1, 2, 4, 8)
 
@@ -32,12 +58,12 @@ def fwht_(x: Tensor, scale: Optional[float] = None, perm: Optional[Tensor] = Non
     return x
 
 
-@torch.library.register_fake("kvengine::fwht_")
+@_fake("fwht_")
 def _fwht__fake(x, scale=None, perm=None):
     return None
 
 
-@torch.library.register_fake("kvengine::fwht")
+@_fake("fwht")
 def _fwht_fake(x, scale=None, perm=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -59,7 +85,7 @@ def _fwht_backward(ctx, grad):
     return g, None, None
 
 
-torch.library.register_autograd("kvengine::fwht", _fwht_backward, setup_context=_fwht_setup)
+_autograd("fwht", _fwht_backward, _fwht_setup)
 
 
 def rotate(x: Tensor, group: int = 1, perm: Optional[Tensor] = None) -> Tensor:
@@ -126,17 +152,17 @@ def _quant_fake(x, bits, group_size, mode, meta_dtype=None):
     return codes, x.new_empty(ms, dtype=md), x.new_empty(ms, dtype=md)
 
 
-@torch.library.register_fake("kvengine::quantize_pack")
+@_fake("quantize_pack")
 def _quantize_pack_fake(x, bits, group_size, mode, meta_dtype=None, clip=0):
     return _quant_fake(x, bits, group_size, mode, meta_dtype)
 
 
-@torch.library.register_fake("kvengine::rotate_quantize_pack")
+@_fake("rotate_quantize_pack")
 def _rotate_quantize_pack_fake(x, bits, group_size, mode, scale=None, perm=None, meta_dtype=None, clip=0):
     return _quant_fake(x, bits, group_size, mode, meta_dtype)
 
 
-@torch.library.register_fake("kvengine::dequantize")
+@_fake("dequantize")
 def _dequantize_fake(codes, scale, zero, bits, group_size, mode, dtype):
     *lead, T, nb = codes.shape
     return codes.new_empty((*lead, T, nb * 8 // bits), dtype=dtype)
@@ -189,7 +215,7 @@ def quant_decode_attention(
                                        k_mode, indices)
 
 
-@torch.library.register_fake("kvengine::quant_decode_attention")
+@_fake("quant_decode_attention")
 def _quant_decode_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
                                  bits_v, k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False,
                                  k_perm=None, v_perm=None, k_mode="per_channel", indices=None):
@@ -226,19 +252,19 @@ def binary_attention_packed(q: Tensor, k_bits: Tensor, k_scale: Tensor, v: Tenso
     return _ops.binary_attention_packed(q, k_bits, k_scale, v, bias, rel_bias, causal, softmax_scale)
 
 
-@torch.library.register_fake("kvengine::sign_pack")
+@_fake("sign_pack")
 def _sign_pack_fake(x, center=False):
     *lead, L, D = x.shape
     return x.new_empty((*lead, L, D // 32), dtype=torch.int32), x.new_empty((*lead, L), dtype=torch.float32)
 
 
-@torch.library.register_fake("kvengine::binary_attention")
+@_fake("binary_attention")
 def _binary_attention_fake(q, k, v, bias=None, rel_bias=None, causal=False, center_k=True, softmax_scale=None):
     B, Hq, Lq, D = q.shape
     return v.new_empty((B, Hq, Lq, D))
 
 
-@torch.library.register_fake("kvengine::binary_attention_packed")
+@_fake("binary_attention_packed")
 def _binary_attention_packed_fake(q, k_bits, k_scale, v, bias=None, rel_bias=None, causal=False, softmax_scale=None):
     B, Hq, Lq, D = q.shape
     return v.new_empty((B, Hq, Lq, D))
@@ -273,10 +299,8 @@ def _binary_attention_packed_backward(ctx, grad):
     return _binary_backward_with("binary_attention_packed", ctx, grad)
 
 
-torch.library.register_autograd("kvengine::binary_attention", _binary_attention_backward,
-                                setup_context=_binary_setup)
-torch.library.register_autograd("kvengine::binary_attention_packed", _binary_attention_packed_backward,
-                                setup_context=_binary_setup)
+_autograd("binary_attention", _binary_attention_backward, _binary_setup)
+_autograd("binary_attention_packed", _binary_attention_packed_backward, _binary_setup)
 
 
 # ---- hash-based top-k KV retrieval (Spotlight Attention) ---------------------------------------------------------------
@@ -297,7 +321,7 @@ def hash_encode(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional
     return _ops.hash_encode(x, w1, b1, w2, b2, nbits)
 
 
-@torch.library.register_fake("kvengine::hash_encode")
+@_fake("hash_encode")
 def _hash_encode_fake(x, w1, b1=None, w2=None, b2=None, nbits=None):
     return x.new_empty((*x.shape[:-1], w1.shape[-1] // 32), dtype=torch.int32)
 
@@ -315,7 +339,7 @@ def hamming_topk(q_codes: Tensor, k_codes: Tensor, k: int, seq_lens: Optional[Te
     return _ops.hamming_topk(q_codes, k_codes, k, seq_lens, None if keep is None else list(keep))
 
 
-@torch.library.register_fake("kvengine::hamming_topk")
+@_fake("hamming_topk")
 def _hamming_topk_fake(q_codes, k_codes, k, seq_lens=None, keep=None):
     B, Hkv = k_codes.shape[0], k_codes.shape[1]
     return (k_codes.new_empty((B, Hkv, k), dtype=torch.int32), k_codes.new_empty((B, Hkv, k), dtype=torch.int32))
@@ -329,6 +353,6 @@ def sparse_decode_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, se
     return _ops.sparse_decode_attention(q, k, v, indices, seq_lens, softmax_scale)
 
 
-@torch.library.register_fake("kvengine::sparse_decode_attention")
+@_fake("sparse_decode_attention")
 def _sparse_decode_attention_fake(q, k, v, indices, seq_lens=None, softmax_scale=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

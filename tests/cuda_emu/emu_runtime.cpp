@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdarg>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <stdexcept>
@@ -12,6 +13,11 @@
 #include <unordered_map>
 
 #include "kve_emu.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define KVE_EMU_ASAN 1  // tell AddressSanitizer about every stack switch (the emulator runs under ASan in CI)
+#endif
 
 #if !defined(__x86_64__)
 #error "the kvengine CUDA emulator switches fibers with x86-64 code"
@@ -128,6 +134,40 @@ void* make_stack(Stack& s, void (*fn)(void*), void* arg) {
   return sp;
 }
 
+const void* g_sched_bottom = nullptr;  // the scheduler's stack (learnt at each switch into a fiber, for ASan)
+size_t g_sched_size = 0;
+
+// scheduler -> fiber t, back when it yields or exits
+void to_fiber(int t) {
+#ifdef KVE_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, g_stacks[t].base, g_stacks[t].size);
+#endif
+  kve_emu_switch(&g_sched_sp, g_sp[t]);
+#ifdef KVE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+// running fiber -> scheduler (dying: the fiber is never resumed)
+void to_scheduler(bool dying) {
+#ifdef KVE_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(dying ? nullptr : &fake, g_sched_bottom, g_sched_size);
+#endif
+  kve_emu_switch(&g_sp[g_thread->tid], g_sched_sp);
+#ifdef KVE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, &g_sched_bottom, &g_sched_size);
+#endif
+  (void)dying;
+}
+
+void open_barrier(Cta& c) {
+  c.bar_count = 0;
+  ++c.bar_gen;
+  for (auto& t : g_threads) t.at_barrier = false;
+}
+
 void thread_exit() {
   ThreadState& t = *g_thread;
   cp_async_wait(0);
@@ -139,14 +179,14 @@ void thread_exit() {
   ++g_progress;
   Cta& c = *g_cta;
   --c.live;
-  if (c.bar_count > 0 && c.bar_count == c.live) {  // the others wait at a barrier this thread never reaches
-    c.bar_count = 0;
-    ++c.bar_gen;
-  }
+  if (c.bar_count > 0 && c.bar_count == c.live) open_barrier(c);  // the others wait for a thread that exited
 }
 
 void fiber_main(void* arg) {
   ThreadState* t = static_cast<ThreadState*>(arg);
+#ifdef KVE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_sched_bottom, &g_sched_size);
+#endif
   try {
     (*g_body)();
   } catch (...) {
@@ -154,7 +194,7 @@ void fiber_main(void* arg) {
   }
   (void)t;
   thread_exit();
-  kve_emu_switch(&g_sp[g_thread->tid], g_sched_sp);
+  to_scheduler(true);
   std::abort();  // never resumed
 }
 
@@ -171,6 +211,36 @@ std::vector<int> schedule_order(int n) {
   return order;
 }
 
+bool greedy_warps() {
+  const char* e = std::getenv("KVENGINE_EMU_SCHED");
+  return !(e && std::string(e) == "thread");
+}
+
+// one scheduling pass over the threads in `order`; true if any of them moved
+bool run_threads(const std::vector<int>& order) {
+  const uint64_t before = g_progress;
+  for (int t : order) {
+    if (g_threads[t].done || g_threads[t].at_barrier) continue;
+    g_thread = &g_threads[t];
+    to_fiber(t);
+    g_thread = nullptr;
+    if (g_error) return true;
+  }
+  return g_progress != before;
+}
+
+void deadlock(const Cta& c) {
+  std::string msg = std::string("kvengine CUDA emulator: deadlock in ") + c.kernel + ", block (" +
+                    std::to_string(c.bid.x) + "," + std::to_string(c.bid.y) + "," + std::to_string(c.bid.z) + "):";
+  int shown = 0;
+  for (auto& th : g_threads) {
+    if (th.done || shown >= 8) continue;
+    msg += " thread " + std::to_string(th.tid) + " waits at " + (th.waiting ? th.waiting : "?") + ";";
+    ++shown;
+  }
+  g_error = std::make_exception_ptr(Failure(msg));
+}
+
 void run_cta(Cta& c, const std::vector<int>& order) {
   const int n = c.nthreads;
   g_threads.assign(n, ThreadState{});
@@ -183,28 +253,31 @@ void run_cta(Cta& c, const std::vector<int>& order) {
   c.bar_count = 0;
   c.bar_gen = 0;
   c.warps.assign((n + 31) / 32, WarpState{});
+  // warps in the order of their first thread in `order`, lanes in `order` within each warp
+  std::vector<std::vector<int>> warps;
+  std::vector<int> slot((n + 31) / 32, -1);
+  for (int t : order) {
+    if (slot[t >> 5] < 0) {
+      slot[t >> 5] = static_cast<int>(warps.size());
+      warps.emplace_back();
+    }
+    warps[slot[t >> 5]].push_back(t);
+  }
+  const bool greedy = greedy_warps();
   while (c.live > 0) {
     const uint64_t before = g_progress;
-    for (int t : order) {
-      if (g_threads[t].done) continue;
-      g_thread = &g_threads[t];
-      kve_emu_switch(&g_sched_sp, g_sp[t]);
-      g_thread = nullptr;
+    if (greedy) {
+      for (const auto& w : warps) {  // this warp runs until all of it waits at the barrier or has exited
+        while (run_threads(w)) {
+          if (g_error) return;
+        }
+        if (g_error) return;
+      }
+    } else {
+      run_threads(order);
       if (g_error) return;
     }
-    if (c.live > 0 && g_progress == before) {
-      std::string msg = std::string("kvengine CUDA emulator: deadlock in ") + c.kernel + ", block (" +
-                        std::to_string(c.bid.x) + "," + std::to_string(c.bid.y) + "," + std::to_string(c.bid.z) +
-                        "):";
-      int shown = 0;
-      for (auto& th : g_threads) {
-        if (th.done || shown >= 8) continue;
-        msg += " thread " + std::to_string(th.tid) + " waits at " + (th.waiting ? th.waiting : "?") + ";";
-        ++shown;
-      }
-      g_error = std::make_exception_ptr(Failure(msg));
-      return;
-    }
+    if (c.live > 0 && g_progress == before) return deadlock(c);
   }
 }
 
@@ -219,18 +292,18 @@ void fail(const char* fmt, ...) {
   throw Failure("kvengine CUDA emulator: " + where() + buf);
 }
 
-void yield() { kve_emu_switch(&g_sp[g_thread->tid], g_sched_sp); }
+void yield() { to_scheduler(false); }
 
 void syncthreads() {
   Cta& c = *g_cta;
   const uint64_t g = c.bar_gen;
   ++g_progress;
   if (++c.bar_count == c.live) {
-    c.bar_count = 0;
-    ++c.bar_gen;
+    open_barrier(c);
     return;
   }
   g_thread->waiting = "__syncthreads";
+  g_thread->at_barrier = true;  // not scheduled again until the barrier opens
   while (c.bar_gen == g) yield();
   g_thread->waiting = nullptr;
 }
@@ -334,9 +407,13 @@ void run_grid(const Cfg& cfg, const char* name, const std::function<void()>& bod
     throw std::runtime_error(std::string("kvengine CUDA emulator: ") + name + " asks for " +
                              std::to_string(cfg.smem) + " bytes of dynamic shared memory (> 227 KB)");
   if (g_stacks.size() < static_cast<size_t>(n)) g_stacks.resize(n);
-  std::vector<unsigned char> dyn_buf(cfg.smem + 128);
-  unsigned char* dyn = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn_buf.data()) + 127) &
-                                                        ~uintptr_t(127));
+  // exactly the bytes asked for (an overflow hits AddressSanitizer's redzone in the sanitizer build)
+  struct Free {
+    void operator()(unsigned char* p) const { ::operator delete(p, std::align_val_t(128)); }
+  };
+  std::unique_ptr<unsigned char, Free> dyn_buf(
+      static_cast<unsigned char*>(::operator new(cfg.smem ? cfg.smem : 1, std::align_val_t(128))));
+  unsigned char* dyn = dyn_buf.get();
   Cta c;
   c.block = cfg.block;
   c.grid = cfg.grid;

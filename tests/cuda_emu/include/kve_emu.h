@@ -5,8 +5,10 @@
 // cooperatively at every synchronization point (__syncthreads, warp shuffles / votes / __syncwarp, mma, cp.async
 // waits).  Between two such points a thread runs alone, so the result of a kernel that is correct under CUDA's rules
 // does not depend on the schedule; a kernel that is not (a missing barrier, a warp op some lanes skip) deadlocks,
-// aborts with a message, or reads poisoned (NaN) shared memory.  Every launch can run its threads in a second order
-// (KVENGINE_EMU_ORDER=reverse|random) to expose order-dependent results.
+// aborts with a message, or reads poisoned (NaN) shared memory.  The default schedule is the adversarial one for
+// missing barriers: one warp runs until every lane of it waits at __syncthreads (or has exited) before the next warp
+// starts, so a warp reads what other warps have not written yet (KVENGINE_EMU_SCHED=thread: round robin over all
+// threads instead); KVENGINE_EMU_ORDER=reverse|random changes the order of the warps and of the lanes.
 //
 // Faithful: thread/warp/block indices, __syncthreads and warp-level semantics (full or partial masks, divergence is
 // an error), dynamic and static shared memory (poisoned with 0xFF bytes = NaN at each CTA start), cp.async groups
@@ -69,6 +71,7 @@ struct ThreadState {
   int tid = 0;
   bool done = false;
   const char* waiting = nullptr;  // what it waits for (diagnostics)
+  bool at_barrier = false;        // waiting in __syncthreads
   std::vector<std::vector<CpCopy>> cp_groups;  // committed cp.async groups, oldest first
   std::vector<CpCopy> cp_open;                 // issued, not yet committed
 };

@@ -37,14 +37,11 @@ inline float tf32_operand(float f) { return from_bits(bits(f) & 0xffffe000u); }
 template <typename Frag>
 inline void collective(uint32_t kind, const Frag* f) {
   auto slot = ::emu::warp_exchange(0xffffffffu, kind, &f, sizeof f);
-  if (f) {
-    for (int j = 0; j < 32; ++j) {
-      const Frag* o;
-      std::memcpy(&o, slot[j], sizeof o);
-      if (std::memcmp(o->x, f->x, sizeof f->x) != 0)
-        ::emu::fail("wmma fragments differ between lanes %d and %d (lane-dependent element access?)",
-                    ::emu::lane(), j);
-    }
+  if (f && ::emu::lane() != 0) {  // every lane against lane 0
+    const Frag* o;
+    std::memcpy(&o, slot[0], sizeof o);
+    if (std::memcmp(o->x, f->x, sizeof f->x) != 0)
+      ::emu::fail("wmma fragments differ between lanes 0 and %d (lane-dependent element access?)", ::emu::lane());
   }
   const char done = 0;
   ::emu::warp_exchange(0xffffffffu, kind | 0x80000000u, &done, 1);
@@ -99,15 +96,30 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
                      const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
   detail::collective(0x77310005u, &a);
   detail::collective(0x77310006u, &b);
-  float out[M * N];
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) {
-      float acc = c.x[m * N + n];
-      for (int k = 0; k < K; ++k)  // tf32 x tf32 products are exact in fp32
-        acc += detail::tf32_operand(a.x[m * K + k]) * detail::tf32_operand(b.x[k * N + n]);
-      out[m * N + n] = acc;
-    }
-  std::memcpy(d.x, out, sizeof out);
+  detail::collective(0x77310008u, &c);
+  // the operands are the same in every lane: the first lane of the warp to get here computes, the others copy
+  struct Cached {
+    const void* cta = nullptr;
+    int warp = -1;
+    uint32_t gen = 0;
+    float out[M * N];
+  };
+  static Cached cache;
+  const int w = ::emu::warp(), l = ::emu::lane();
+  const uint32_t gen = ::emu::g_cta->warps[w].gen[l];
+  if (cache.cta != ::emu::g_cta || cache.warp != w || cache.gen != gen) {
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        float acc = c.x[m * N + n];
+        for (int k = 0; k < K; ++k)  // tf32 x tf32 products are exact in fp32
+          acc += detail::tf32_operand(a.x[m * K + k]) * detail::tf32_operand(b.x[k * N + n]);
+        cache.out[m * N + n] = acc;
+      }
+    cache.cta = ::emu::g_cta;
+    cache.warp = w;
+    cache.gen = gen;
+  }
+  std::memcpy(d.x, cache.out, sizeof cache.out);
   detail::collective(0x77310007u, &d);
 }
 }  // namespace nvcuda::wmma
