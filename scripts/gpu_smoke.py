@@ -202,11 +202,24 @@ def sign_pack(gen):
     return ok, f"bits equal {same(c[0], g[0])}, scale rel err {rel(g[1], c[1]):.1e}"
 
 
+@contextlib.contextmanager
+def env(name: str, value: str):
+    """os.environ[name] = value inside, the previous state after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def _binary(gen, mma: bool):
     from kvengine import ops
-    os.environ["KVENGINE_BINARY_MMA"] = "1" if mma else "0"
     errs = {}
-    try:
+    with env("KVENGINE_BINARY_MMA", "1" if mma else "0"):
         for L, D, causal, dt in ((300, 64, False, torch.bfloat16), (517, 128, True, torch.float16),
                                  (129, 32, True, torch.bfloat16)):
             q = heavy(2, 4, L, D, gen=gen, dtype=dt)
@@ -215,8 +228,6 @@ def _binary(gen, mma: bool):
             rb = torch.randn(4, 2 * L - 1, generator=gen)
             c, g = both(lambda a, b, cc, r: ops.binary_attention(a, b, cc, rel_bias=r, causal=causal), q, k, v, rb)
             errs[f"L{L}/D{D}/{'causal' if causal else 'full'}"] = rel(g, c)
-    finally:
-        os.environ.pop("KVENGINE_BINARY_MMA", None)
     tol = 2e-2
     return max(errs.values()) < tol, " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" (tol {tol})"
 
@@ -245,8 +256,7 @@ def binary_attention_packed(gen):
 
 def _hash(gen, mma: bool):
     from kvengine import ops
-    os.environ["KVENGINE_HASH_MMA"] = "1" if mma else "0"
-    try:
+    with env("KVENGINE_HASH_MMA", "1" if mma else "0"):
         x = heavy(2, 4, 333, 128, gen=gen)
         w1 = torch.randn(4, 128, 128, generator=gen) / 11
         b1 = torch.randn(4, 128, generator=gen) / 10
@@ -256,8 +266,6 @@ def _hash(gen, mma: bool):
         bits_c = torch.stack([(c >> i) & 1 for i in range(32)])
         bits_g = torch.stack([(g.cpu() >> i) & 1 for i in range(32)])
         agree = (bits_c == bits_g).float().mean().item()
-    finally:
-        os.environ.pop("KVENGINE_HASH_MMA", None)
     return agree > 0.999, f"code bit agreement {agree:.5f} (> 0.999; bits at |f| ~ 0 may flip)"
 
 
