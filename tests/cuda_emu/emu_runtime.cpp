@@ -422,6 +422,10 @@ void run_grid(const Cfg& cfg, const char* name, const std::function<void()>& bod
   c.dyn_size = cfg.smem;
   c.kernel = name;
   const std::vector<int> order = schedule_order(n);
+  std::vector<int> reversed(order.rbegin(), order.rend());
+  const char* oe = std::getenv("KVENGINE_EMU_ORDER");
+  const bool alternate = !oe || !*oe || std::string(oe) == "alternate";  // the default: even CTAs as `order`,
+  uint64_t cta_index = 0;                                                // odd ones reversed
   g_body = &body;
   g_error = nullptr;
   g_cta = &c;
@@ -431,7 +435,7 @@ void run_grid(const Cfg& cfg, const char* name, const std::function<void()>& bod
         c.bid = dim3(x, y, z);
         std::memset(dyn, 0xFF, cfg.smem);  // poison: every float read before it is written is NaN
         for (auto& kv : g_static) std::memset(kv.second.ptr, 0xFF, kv.second.bytes);
-        run_cta(c, order);
+        run_cta(c, alternate && (cta_index++ & 1) ? reversed : order);
       }
   g_cta = nullptr;
   g_thread = nullptr;

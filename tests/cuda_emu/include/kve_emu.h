@@ -8,7 +8,8 @@
 // aborts with a message, or reads poisoned (NaN) shared memory.  The default schedule is the adversarial one for
 // missing barriers: one warp runs until every lane of it waits at __syncthreads (or has exited) before the next warp
 // starts, so a warp reads what other warps have not written yet (KVENGINE_EMU_SCHED=thread: round robin over all
-// threads instead); KVENGINE_EMU_ORDER=reverse|random changes the order of the warps and of the lanes.
+// threads instead).  Warps and lanes run in thread order in even CTAs and in reverse order in odd ones, so a race
+// shows whichever side of it runs first; KVENGINE_EMU_ORDER=forward|reverse|random fixes one order for all CTAs.
 //
 // Faithful: thread/warp/block indices, __syncthreads and warp-level semantics (full or partial masks, divergence is
 // an error), dynamic and static shared memory (poisoned with 0xFF bytes = NaN at each CTA start), cp.async groups
