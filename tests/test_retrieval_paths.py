@@ -1,5 +1,5 @@
-"""hash_encode kernel paths: on CUDA, T >= 16 rows with D % 8 == 0, D <= 256 and aligned weights take the
-tensor-core kernel (WMMA TF32, 3xTF32 split), shorter inputs (decode) and other D the CUDA-core kernel; both must give
+"""hash_encode kernel paths: on CUDA, T >= 16 rows with D % 8 == 0 and D <= 256 take the
+tensor-core kernel (CuTe TiledMMA, TF32, 3xTF32 split), shorter inputs (decode) and other D the CUDA-core kernel; both must give
 the reference's codes away from |f| ≈ 0.  (On CPU the same cases check the ATen path.)"""
 import pytest
 import torch
@@ -31,7 +31,8 @@ def test_hash_encode_paths_match_reference(device, T, D, nbits, mlp, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_hash_encode_unaligned_weights_and_strided_x(device, gen):
-    """A weight view at an odd offset (not 32-byte aligned: the tensor-core path must fall back) and a strided x."""
+    """A weight view at an odd offset (4 bytes into its buffer: the tensor-core path reads weights element by element) and a
+    strided x."""
     H, D, nbits, T = 2, 64, 64, 40
     buf = torch.randn(H * D * nbits + 1, generator=gen)
     w1 = buf[1:].view(H, D, nbits)
@@ -41,3 +42,18 @@ def test_hash_encode_unaligned_weights_and_strided_x(device, gen):
     f = ref.hash_project(x, w1)
     clear = f.abs() > 1e-3 * f.abs().amax(-1, keepdim=True)
     assert torch.equal(bits_of(codes.cpu())[clear], bits_of(ref.hash_encode(x, w1))[clear])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nbits", [64, 128])
+def test_hash_encode_shared_weights_tensor_core_path(device, nbits, gen):
+    """Weights shared by every head (w1 [D, nbits]) with enough rows for the tensor-core path (several 64-row tiles,
+    a partial last one), fp16 x."""
+    B, H, T, D = 2, 3, 150, 64
+    x = outlier_randn(B, H, T, D, generator=gen).to(torch.float16)
+    w = hash_weights(1, D, nbits, True, gen, shared=True)
+    codes = ops.hash_encode(x.to(device), *[None if t is None else t.to(device) for t in w])
+    f = ref.hash_project(x, *w)
+    clear = f.abs() > 1e-3 * f.abs().amax(-1, keepdim=True)
+    assert torch.equal(bits_of(codes.cpu())[clear], bits_of(ref.hash_encode(x, *w))[clear])
+    assert clear.float().mean() > 0.95

@@ -5,11 +5,13 @@
 //     in shared memory as fp32; u[t][j] = Σ_d x[t][d]·w1[d][j] with w1 read coalesced (L1/L2 resident per head);
 //     with the MLP, silu(u) goes to shared memory and f = u + silu(u)·w2 + b2 the same way.  Epilogue: the sign
 //     bits of a warp's 32 outputs are one __ballot_sync = one code word, written by lane 0.
-// hash_encode_mma_kernel  (T >= 16, D % 8 == 0, D <= 256, 32-byte aligned weights) the same math on the tensor cores:
-//     CTA = 4 warps × 16 rows of one (o, h); both GEMMs (x·w1, silu(u)·w2) as WMMA m16n16k8 TF32 with the 3xTF32
-//     split (a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi, ~fp32 accuracy, so codes agree with the fp32 path away from
-//     |f| ≈ 0); warps own column tiles of 16 outputs; u, silu(u) and f pass through shared memory; the epilogue packs
-//     the signs of a row's 32 outputs into one word per thread.
+// hash_encode_mma_kernel<NB>  (T >= 16, D % 8 == 0, D <= 256) the same math on the tensor cores, with CuTe: CTA = 8
+//     warps × 64 rows of one (o, h); both GEMMs (x·w1, silu(u)·w2) by a CuTe TiledMMA of m16n8k8 TF32 atoms (4 × 2
+//     warps) with the 3xTF32 split (a·b ≈ a_lo·b_hi + a_hi·b_lo + a_hi·b_hi, ~fp32 accuracy, so codes agree with the
+//     fp32 path away from |f| ≈ 0); A from shared memory (x rows; silu(u) computed as it is loaded), B (weights)
+//     straight from global (L1/L2 resident per head); u stays in shared memory for the residual; the epilogue takes
+//     each accumulator's (row, output) from CuTe's partition of an identity tensor and ORs its sign bit into the
+//     row's code word (shared atomics), then the words are written out.
 // hamming_topk: three kernels, no host sync, workspace sized from shapes only (graph capturable)
 //     topk_score_kernel   grid (chunk, Hkv, B), 256 threads: q codes of the group in shared memory, one thread per
 //                         position (16-byte loads for W >= 4), score -> uint16 workspace, shared-memory histogram of
@@ -25,7 +27,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
+
+#include <cute/atom/mma_atom.hpp>
+#include <cute/tensor.hpp>
 
 #include <cstdint>
 #include <cstdlib>
@@ -130,118 +134,148 @@ __global__ void hash_encode_kernel(const EncParams p) {
   }
 }
 
-// ---- hash_encode on the tensor cores ----------------------------------------------------------------------------------
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define KVENGINE_TF32_MMA 1
+// ---- hash_encode on the tensor cores (CuTe) ------------------------------------------------------------------------
+// The m16n8k8 TF32 MMA as a CuTe MMA operation: CuTe's SM80_16x8x8_F32TF32TF32F32_TN, with the instruction written
+// here (so the CPU emulator, tests/cuda_emu, runs this file's own PTX).
+struct KveTf32Mma {
+  using DRegisters = float[4];
+  using ARegisters = uint32_t[4];
+  using BRegisters = uint32_t[2];
+  using CRegisters = float[4];
+  CUTE_HOST_DEVICE static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0, uint32_t const& a1,
+                                   uint32_t const& a2, uint32_t const& a3, uint32_t const& b0, uint32_t const& b1,
+                                   float const& c0, float const& c1, float const& c2, float const& c3) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(KVENGINE_CUDA_EMU)
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
 #endif
-constexpr int kMmaWarps = 4, kMmaRows = 16, kMmaMaxD = 256;
-namespace wmma = nvcuda::wmma;
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-
-#ifdef KVENGINE_TF32_MMA
-// hi = tf32(v), lo = tf32(v − hi), element-wise over a loaded fp32 fragment
-template <typename Frag>
-__device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
-#pragma unroll
-  for (int i = 0; i < hi.num_elements; ++i) {
-    const float v = hi.x[i];
-    const float h = wmma::__float_to_tf32(v);
-    hi.x[i] = h;
-    lo.x[i] = wmma::__float_to_tf32(v - h);
   }
-}
+};
 
-// acc[c] += A[16 × K] (shared, row stride lda) · B[K × 16 cols of column tile c] (global, row stride ldb), for the
-// column tiles c = warp, warp + kMmaWarps, … < ntile (3xTF32)
-__device__ __forceinline__ void mma_rows(const float* A, int lda, const float* B, int ldb, int K, int ntile, int warp,
-                                         FragC (&acc)[4]) {
-  for (int k = 0; k < K; k += 8) {
-    FragA a_hi, a_lo;
-    wmma::load_matrix_sync(a_hi, A + k, lda);
-    split_tf32(a_hi, a_lo);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int tile = warp + c * kMmaWarps;
-      if (tile >= ntile) break;
-      FragB b_hi, b_lo;
-      wmma::load_matrix_sync(b_hi, B + static_cast<int64_t>(k) * ldb + tile * 16, ldb);
-      split_tf32(b_hi, b_lo);
-      wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
-      wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
-      wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
+}  // namespace
+}  // namespace kvengine::cuda
+
+namespace cute {
+template <>
+struct MMA_Traits<kvengine::cuda::KveTf32Mma> : MMA_Traits<SM80_16x8x8_F32TF32TF32F32_TN> {};
+}  // namespace cute
+
+namespace kvengine::cuda {
+namespace {
+
+constexpr int kMmaRows = 64, kMmaThreads = 256, kMmaMaxD = 256;
+// 8 warps: 4 along the rows (16 each), 2 along the outputs (8 each per MMA, repeated to cover nbits)
+using HashMma = decltype(cute::make_tiled_mma(cute::MMA_Atom<KveTf32Mma>{},
+                                              cute::Layout<cute::Shape<cute::_4, cute::_2, cute::_1>>{}));
+
+// acc += A[kMmaRows x K] (shared, row stride lda; SiLU applied to each element with `silu`) · B[K x NB] (global,
+// row-major), K a multiple of 8, as 3xTF32: a·b ≈ a_lo·b_hi + a_hi·b_lo + a_hi·b_hi (~fp32 accuracy)
+template <int NB, class Acc>
+__device__ __forceinline__ void hash_gemm_3xtf32(const float* A, int lda, bool silu, const float* B, int K, Acc& acc) {
+  using namespace cute;
+  HashMma mma;
+  auto thr = mma.get_slice(threadIdx.x);
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    Tensor sA = make_tensor(make_smem_ptr(A + k0),
+                            make_layout(make_shape(Int<kMmaRows>{}, _8{}), make_stride(lda, _1{})));
+    Tensor gB = make_tensor(make_gmem_ptr(B + static_cast<int64_t>(k0) * NB),
+                            make_layout(make_shape(Int<NB>{}, _8{}), make_stride(_1{}, Int<NB>{})));
+    Tensor tA = thr.partition_A(sA);
+    Tensor tB = thr.partition_B(gB);
+    Tensor a_hi = thr.partition_fragment_A(sA), a_lo = thr.partition_fragment_A(sA);
+    Tensor b_hi = thr.partition_fragment_B(gB), b_lo = thr.partition_fragment_B(gB);
+    CUTE_UNROLL
+    for (int i = 0; i < size(tA); ++i) {
+      float v = tA(i);
+      if (silu) v = v / (1.f + __expf(-v));
+      a_hi(i) = cutlass::tfloat32_t(v);
+      a_lo(i) = cutlass::tfloat32_t(v - static_cast<float>(a_hi(i)));
     }
+    CUTE_UNROLL
+    for (int i = 0; i < size(tB); ++i) {
+      const float v = __ldg(&tB(i));
+      b_hi(i) = cutlass::tfloat32_t(v);
+      b_lo(i) = cutlass::tfloat32_t(v - static_cast<float>(b_hi(i)));
+    }
+    gemm(mma, a_lo, b_hi, acc);
+    gemm(mma, a_hi, b_lo, acc);
+    gemm(mma, a_hi, b_hi, acc);
   }
 }
-#endif
 
-// smem: xs [16][D], us [16][nbits], hs [16][nbits] (fp32)
-__global__ void __launch_bounds__(kMmaWarps * 32) hash_encode_mma_kernel(const EncParams p) {
-#ifdef KVENGINE_TF32_MMA
-  extern __shared__ __align__(128) float4 mma_smem4[];
-  float* smem = reinterpret_cast<float*>(mma_smem4);
-  const int nb = p.nbits, D = static_cast<int>(p.D), tid = threadIdx.x, warp = tid >> 5;
-  const int ntile = nb / 16;
-  float* xs = smem;
-  float* us = xs + kMmaRows * D;
-  float* hs = us + kMmaRows * nb;
+// smem: xs [kMmaRows][D + 4] x rows (fp32), us [kMmaRows][NB + 4] u = x·w1 + b1, cs [kMmaRows][NB / 32] code words
+template <int NB>
+size_t hash_mma_smem(int64_t D) {
+  return sizeof(float) * kMmaRows * (D + 4 + NB + 4) + sizeof(uint32_t) * kMmaRows * (NB / 32);
+}
+
+template <int NB>
+__global__ void __launch_bounds__(kMmaThreads) hash_encode_mma_kernel(const EncParams p) {
+  using namespace cute;
+  extern __shared__ __align__(16) float mma_smem[];
+  const int D = static_cast<int>(p.D), lda = D + 4, ldu = NB + 4, W = NB / 32, tid = threadIdx.x;
+  float* xs = mma_smem;
+  float* us = xs + kMmaRows * lda;
+  uint32_t* cs = reinterpret_cast<uint32_t*>(us + kMmaRows * ldu);
+  HashMma mma;
+  auto thr = mma.get_slice(tid);
+  Tensor tC = thr.partition_C(make_identity_tensor(make_shape(Int<kMmaRows>{}, Int<NB>{})));  // (row, output)
   const int64_t ntasks = p.O * p.H * p.tiles;
   for (int64_t task = blockIdx.x; task < ntasks; task += gridDim.x) {  // block-uniform
     const int64_t tile = task % p.tiles, oh = task / p.tiles, o = oh / p.H, h = oh % p.H;
     const int64_t t0 = tile * kMmaRows;
     const int rows = static_cast<int>(mn64(kMmaRows, p.T - t0));
-    __syncthreads();  // the previous task's shared rows are consumed
-    for (int i = tid; i < kMmaRows * D; i += blockDim.x) {
+    __syncthreads();  // the previous task's shared rows and code words are consumed
+    for (int i = tid; i < kMmaRows * D; i += kMmaThreads) {
       const int r = i / D, d = i - r * D;
-      xs[i] = r < rows ? load_f(p.x, o * p.so + h * p.sh + (t0 + r) * p.st + d, p.dtype) : 0.f;
+      xs[r * lda + d] = r < rows ? load_f(p.x, o * p.so + h * p.sh + (t0 + r) * p.st + d, p.dtype) : 0.f;
     }
+    for (int i = tid; i < kMmaRows * W; i += kMmaThreads) cs[i] = 0u;
     __syncthreads();
     const int64_t hw = p.per_head ? h : 0;
-    FragC acc[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) wmma::fill_fragment(acc[c], 0.0f);
-    mma_rows(xs, D, p.w1 + hw * p.D * nb, nb, D, ntile, warp, acc);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int t = warp + c * kMmaWarps;
-      if (t < ntile) wmma::store_matrix_sync(us + t * 16, acc[c], nb, wmma::mem_row_major);
-    }
-    __syncthreads();
-    const float* b1 = p.b1 ? p.b1 + hw * nb : nullptr;
-    for (int i = tid; i < kMmaRows * nb; i += blockDim.x) {
-      const float u = us[i] + (b1 ? b1[i % nb] : 0.f);
-      us[i] = u;
-      hs[i] = u / (1.f + __expf(-u));
+    Tensor acc = partition_fragment_C(mma, Shape<Int<kMmaRows>, Int<NB>>{});
+    clear(acc);
+    hash_gemm_3xtf32<NB>(xs, lda, false, p.w1 + hw * p.D * NB, D, acc);
+    const float* b1 = p.b1 ? p.b1 + hw * NB : nullptr;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) {
+      const int m = get<0>(tC(i)), n = get<1>(tC(i));
+      us[m * ldu + n] = acc(i) + (b1 ? b1[n] : 0.f);
     }
     __syncthreads();
     if (p.w2) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) wmma::fill_fragment(acc[c], 0.0f);
-      mma_rows(hs, nb, p.w2 + hw * static_cast<int64_t>(nb) * nb, nb, nb, ntile, warp, acc);
-      __syncthreads();  // every warp has read hs: reuse it for f
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int t = warp + c * kMmaWarps;
-        if (t < ntile) wmma::store_matrix_sync(hs + t * 16, acc[c], nb, wmma::mem_row_major);
-      }
-      __syncthreads();
-      const float* b2 = p.b2 ? p.b2 + hw * nb : nullptr;
-      for (int i = tid; i < kMmaRows * nb; i += blockDim.x) us[i] = us[i] + (hs[i] + (b2 ? b2[i % nb] : 0.f));
-      __syncthreads();
+      clear(acc);
+      hash_gemm_3xtf32<NB>(us, ldu, true, p.w2 + hw * static_cast<int64_t>(NB) * NB, NB, acc);
     }
-    // signs -> one code word per (row, word)
-    const int W = nb >> 5;
-    for (int i = tid; i < rows * W; i += blockDim.x) {
+    const float* b2 = p.b2 ? p.b2 + hw * NB : nullptr;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) {  // f = u (+ (silu(u)·w2 + b2)); its sign bits -> the row's code words
+      const int m = get<0>(tC(i)), n = get<1>(tC(i));
+      const float u = us[m * ldu + n];
+      const float f = p.w2 ? u + (acc(i) + (b2 ? b2[n] : 0.f)) : u;
+      if (f > 0.f) atomicOr(&cs[m * W + (n >> 5)], 1u << (n & 31));
+    }
+    __syncthreads();
+    for (int i = tid; i < rows * W; i += kMmaThreads) {
       const int r = i / W, w = i - r * W;
-      const float* f = us + r * nb + w * 32;
-      uint32_t bits = 0;
-#pragma unroll 8
-      for (int b = 0; b < 32; ++b) bits |= (f[b] > 0.f ? 1u : 0u) << b;
-      p.codes[(oh * p.T + t0 + r) * W + w] = bits;
+      p.codes[(oh * p.T + t0 + r) * W + w] = cs[r * W + w];
     }
   }
-#endif
+}
+
+template <int NB>
+void launch_hash_mma(const EncParams& p, cudaStream_t stream) {
+  const size_t smem = hash_mma_smem<NB>(p.D);
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(hash_encode_mma_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "hash_encode (tensor cores) smem attribute");
+  const int64_t grid = p.O * p.H * p.tiles;
+  hash_encode_mma_kernel<NB><<<static_cast<unsigned>(grid < 0x7fffffff ? grid : 0x7fffffff), kMmaThreads, smem,
+                               stream>>>(p);
+  check(cudaGetLastError(), "hash_encode (tensor cores) launch");
 }
 
 // ---- hamming_topk ---------------------------------------------------------------------------------------------------
@@ -653,15 +687,14 @@ void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {
   p.per_head = a.per_head ? 1 : 0;
   p.nbits = a.nbits;
   p.codes = a.codes;
-  const bool w_aligned = (reinterpret_cast<uintptr_t>(a.w1) & 31) == 0 &&
-                         (!a.w2 || (reinterpret_cast<uintptr_t>(a.w2) & 31) == 0);
-  if (a.T >= kMmaRows && a.D % 8 == 0 && a.D <= kMmaMaxD && w_aligned && a.O * a.H > 0 && hash_encode_mma_enabled()) {
+  if (a.T >= 16 && a.D % 8 == 0 && a.D <= kMmaMaxD && a.O * a.H > 0 && hash_encode_mma_enabled()) {
     p.tiles = (a.T + kMmaRows - 1) / kMmaRows;
-    const int64_t grid = a.O * a.H * p.tiles;
-    const size_t smem = sizeof(float) * kMmaRows * (a.D + 2 * a.nbits);  // <= 48 KB for D, nbits <= 256
-    hash_encode_mma_kernel<<<static_cast<unsigned>(grid < 0x7fffffff ? grid : 0x7fffffff), kMmaWarps * 32, smem,
-                             stream>>>(p);
-    check(cudaGetLastError(), "hash_encode (tensor cores) launch");
+    switch (a.nbits) {
+      case 32: launch_hash_mma<32>(p, stream); break;
+      case 64: launch_hash_mma<64>(p, stream); break;
+      case 128: launch_hash_mma<128>(p, stream); break;
+      default: launch_hash_mma<256>(p, stream); break;
+    }
     return;
   }
   p.tiles = (a.T + kEncRows - 1) / kEncRows;

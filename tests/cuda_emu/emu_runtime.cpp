@@ -491,6 +491,33 @@ void mma_m16n8k16_f32(bool bf16, float (&d)[4], const uint32_t (&a)[4], const ui
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
+void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  MmaIn in;
+  std::memcpy(in.a, a, 16);
+  std::memcpy(in.b, b, 8);
+  std::memcpy(in.c, c, 16);
+  auto slot = warp_exchange(0xffffffffu, 0x6d6d7432u, &in, sizeof in);
+  const int l = lane(), g = l >> 2, t = l & 3;
+  auto tf32 = [](uint32_t u) {
+    u &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int m = g + 8 * (e >> 1), n = 2 * t + (e & 1);
+    double acc = 0.0;
+    for (int k = 0; k < 8; ++k) {
+      const MmaIn& la = *reinterpret_cast<const MmaIn*>(slot[(m & 7) * 4 + (k & 3)]);
+      const MmaIn& lb = *reinterpret_cast<const MmaIn*>(slot[n * 4 + (k & 3)]);
+      acc += static_cast<double>(tf32(la.a[(m >> 3) + 2 * (k >> 2)])) * static_cast<double>(tf32(lb.b[k >> 2]));
+    }
+    out[e] = static_cast<float>(static_cast<double>(c[e]) + acc);
+  }
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
 void mma_m16n8k256_and_popc(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int32_t (&c)[4]) {
   MmaIn in;
   std::memcpy(in.a, a, 16);
@@ -513,3 +540,9 @@ void mma_m16n8k256_and_popc(int32_t (&d)[4], const uint32_t (&a)[4], const uint3
 }
 
 }  // namespace emu
+
+#ifdef KVENGINE_EMU_TOOLKIT
+// the runtime API functions the launchers call, as definitions of the toolkit's extern "C" declarations
+#include "cuda_runtime.h"
+#include "kve_emu_runtime_api.inc"
+#endif

@@ -5,12 +5,18 @@
 
 #include "cuda_runtime.h"
 
+#ifdef KVE_EMU_REAL_TYPES
+#include_next <cuda_bf16.h>  // the toolkit's (host-side conversions, and what CUTLASS / libcu++ expect of the type)
+#else
+
 struct alignas(2) __nv_bfloat16 {
   uint16_t x;
 };
 struct alignas(4) __nv_bfloat162 {
   __nv_bfloat16 x, y;
 };
+typedef __nv_bfloat16 nv_bfloat16;
+typedef __nv_bfloat162 nv_bfloat162;
 inline float __bfloat162float(__nv_bfloat16 h) {
   const uint32_t u = uint32_t(h.x) << 16;
   float f;
@@ -30,3 +36,4 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
   return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
 }
+#endif

@@ -9,7 +9,22 @@
 
 #include "kve_emu.h"
 
-// ---- qualifiers ---------------------------------------------------------------------------------------------------------
+#ifdef KVE_EMU_REAL_TYPES
+// the toolkit's declarations first: they name parameters gridDim / blockDim, which are macros below
+#include <cuda_runtime_api.h>
+#include <vector_functions.h>
+#endif
+
+// ---- qualifiers (replacing the toolkit's host definitions, if its headers came first) -------------------------------------
+#undef __device__
+#undef __global__
+#undef __host__
+#undef __forceinline__
+#undef __noinline__
+#undef __launch_bounds__
+#undef __align__
+#undef __grid_constant__
+#undef __shared__
 #define __device__
 #define __global__
 #define __host__
@@ -27,7 +42,8 @@
 #define gridDim (::emu::g_cta->grid)
 #define warpSize 32
 
-// ---- vector types -------------------------------------------------------------------------------------------------------
+// ---- vector types and runtime enums (the toolkit's, see kve_emu.h, or these) -----------------------------------------------
+#ifndef KVE_EMU_REAL_TYPES
 struct alignas(8) float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) int2 { int x, y; };
@@ -35,14 +51,7 @@ struct alignas(16) int4 { int x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
-inline float2 make_float2(float x, float y) { return {x, y}; }
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-inline int2 make_int2(int x, int y) { return {x, y}; }
-inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
-inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
-// ---- runtime API --------------------------------------------------------------------------------------------------------
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef cudaError_t cudaError;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -52,43 +61,33 @@ enum cudaDeviceAttr {
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
 };
-inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulator error"; }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
+#endif
+
+#ifndef KVE_EMU_REAL_TYPES
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+#endif
+
+// ---- runtime API ----------------------------------------------------------------------------------------------------------
+// The emulated device: KVENGINE_EMU_SMS multiprocessors (default 8), compute capability 9.0, 227 KB of shared memory
+// per block.  With the toolkit's headers these are its C declarations, defined in emu_runtime.cpp; otherwise inline.
+#ifdef KVE_EMU_REAL_TYPES
 template <typename F>
-inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int v) {
-  return v <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
-}
-inline cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
-  return cudaSuccess;
-}
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  switch (a) {
-    case cudaDevAttrMultiProcessorCount: *v = ::emu::sm_count(); break;
-    case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
-    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 227 * 1024; break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaSuccess;
+inline cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int v) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), attr, v);
 }
 template <typename F>
-inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int threads, size_t smem) {
-  const int by_smem = static_cast<int>((228 * 1024) / (smem + 1024));
-  const int by_threads = 2048 / (threads > 0 ? threads : 1);
-  *n = std::max(1, std::min({by_smem, by_threads, 8}));
-  return cudaSuccess;
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* fn, int threads, size_t smem) {
+  return ::cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, reinterpret_cast<const void*>(fn), threads, smem);
 }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
-  std::memset(p, v, n);
-  return cudaSuccess;
-}
-enum cudaMemcpyKind { cudaMemcpyDefault = 4 };
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t = nullptr) {
-  std::memmove(d, s, n);
-  return cudaSuccess;
-}
+#else
+#define KVE_EMU_RUNTIME_INLINE 1
+#include "kve_emu_runtime_api.inc"
+#endif
 
 // ---- arithmetic intrinsics (IEEE round-to-nearest; the emulated TUs are compiled with -ffp-contract=off) ----------------
 inline float __fadd_rn(float a, float b) { return a + b; }
@@ -230,6 +229,16 @@ inline void ptx_mma_sync_aligned_m16n8k16_row_col_f32_bf16_bf16_f32(float& d0, f
                                                                      uint32_t a3, uint32_t b0, uint32_t b1, float c0,
                                                                      float c1, float c2, float c3) {
   mma16816(true, d0, d1, d2, d3, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3);
+}
+inline void ptx_mma_sync_aligned_m16n8k8_row_col_f32_tf32_tf32_f32(float& d0, float& d1, float& d2, float& d3,
+                                                                   uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                                   uint32_t b0, uint32_t b1, float c0, float c1,
+                                                                   float c2, float c3) {
+  float d[4];
+  const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+  const float c[4] = {c0, c1, c2, c3};
+  mma_m16n8k8_tf32(d, a, b, c);
+  d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
 }
 template <typename R>
 inline void ptx_mma_sync_aligned_m16n8k256_row_col_s32_b1_b1_s32_and_popc(R& d0, R& d1, R& d2, R& d3, uint32_t a0,

@@ -14,7 +14,8 @@
 // Faithful: thread/warp/block indices, __syncthreads and warp-level semantics (full or partial masks, divergence is
 // an error), dynamic and static shared memory (poisoned with 0xFF bytes = NaN at each CTA start), cp.async groups
 // (copies land at the latest moment wait_group allows, and must be 16-byte aligned), the fragment layouts of the
-// mma.sync instructions used (PTX ISA tables, cross-checked with CuTe's MMA traits), WMMA as an opaque-layout API.
+// mma.sync instructions used (PTX ISA tables, cross-checked with CuTe's MMA traits); CuTe code (its layouts and
+// partitioning) runs as it is, against the CUDA toolkit's host headers.
 // Not modelled: timing, real concurrency (so no race detector), memory consistency, fast-math precision
 // (__expf is expf), register limits, the actual hardware.
 #pragma once
@@ -31,12 +32,19 @@
 #include <vector>
 
 // ---- CUDA types the kernels use -------------------------------------------------------------------------------------
+// With KVENGINE_EMU_TOOLKIT (the build found the CUDA toolkit's headers: CUTLASS/CuTe code needs them) the toolkit's
+// own host-side types are used (dim3, the vector types, cudaError_t, cudaStream_t, the enums); otherwise ours.
+#if defined(KVENGINE_EMU_TOOLKIT)
+#include <driver_types.h>  // (not vector_functions.h: it pulls in the toolkit's runtime API declarations)
+#define KVE_EMU_REAL_TYPES 1
+#else
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
+#endif
 
 namespace emu {
 
@@ -164,6 +172,10 @@ size_t launches();
 // + {0, 1} (the lower k in the low half); B (16x8, col): reg r holds k = 2t + 8r + {0, 1}, column g; C/D: c0, c1 at
 // (g, 2t + {0, 1}), c2, c3 at (g + 8, 2t + {0, 1}).
 void mma_m16n8k16_f32(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]);
+// m16n8k8, tf32 operands (the top 19 bits of each 32-bit register are read), f32 accumulators.  A (16x8, row): a0 at
+// (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); B (8x8, col): b0 at (k = t, column g), b1 (t + 4, g); C/D as
+// above.
+void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]);
 // m16n8k256, .b1 operands, AND + popc, s32 accumulators.  A: reg r holds row g + 8·(r & 1), k = 32t + 128·(r >> 1) + bit;
 // B: reg r holds column g, k = 32t + 128r + bit; C/D as above.
 void mma_m16n8k256_and_popc(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const int32_t (&c)[4]);
