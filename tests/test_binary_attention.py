@@ -434,6 +434,29 @@ def test_tensor_core_path_matches_reference(device, case, causal, dtype, bias_ki
 
 
 @pytest.mark.parametrize("device", GPU_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tensor_core_path_staging_and_sign_cases(device, dtype, causal, gen, monkeypatch):
+    """The tensor-core kernel's other paths: V rows not 16-byte aligned (a channel-offset view: plain loads instead of
+    cp.async), a negative softmax_scale (the query signs are flipped), all-zero query rows (α = 0), keys spanning
+    several double-buffered tiles with a partial last one, and GQA; against the fp32 reference."""
+    B, Hkv, g, Lq, Lk, D = 1, 2, 2, 70, 333, 64
+    q = outlier_randn(B, Hkv * g, Lq, D, generator=gen).to(dtype)
+    q[0, 1, 5] = 0
+    q[0, 3, 40:42] = 0
+    k = outlier_randn(B, Hkv, Lk, D, generator=gen).to(dtype)
+    wide = outlier_randn(B, Hkv, Lk, D + 1, generator=gen).to(dtype)
+    monkeypatch.setenv("KVENGINE_BINARY_MMA", "1")
+    for v, scale in ((wide[..., 1:], 0.05), (wide[..., :D].contiguous(), -0.05), (wide[..., 1:], None)):
+        args = [t.to(device) for t in (q, k, v)]
+        out = ops.binary_attention(*args, causal=causal, softmax_scale=scale)
+        expect = _ref_out(ref.binary_attention, args, dict(causal=causal, softmax_scale=scale))
+        mask = expect.norm(dim=-1) > 0
+        assert torch.equal(out.cpu().float().norm(dim=-1) > 0, mask)
+        assert_rows_close(out.float().cpu()[mask], expect[mask], TOL[dtype])
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
 def test_tensor_core_path_falls_back_where_it_does_not_apply(device, gen, monkeypatch):
     """The variable really switches kernels (P rounded to fp16 changes some of 300k outputs); D = 256 and fp32 V keep
     the CUDA-core kernel (bit-identical with the variable set or not); packed keys use the tensor-core kernel like

@@ -53,6 +53,7 @@
 
 #include "fwht_device.cuh"
 #include "kvengine/attention.h"
+#include "ptx.cuh"
 #include "kvengine/cuda_ops.h"
 
 namespace kvengine::cuda {
@@ -153,15 +154,9 @@ __device__ __forceinline__ void load8(const void* base, int64_t off, int dtype, 
     detail::load8_vec(static_cast<const __nv_bfloat16*>(base) + off, v);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+using ptx::cp_async16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
 
 // Stage bytes [src, src + n) into shared memory: byte x of the range lands at dst + (src & 15) + x.  Whole aligned
 // 16-byte chunks go through cp.async; the (rare) partial head / tail chunks are copied byte by byte.

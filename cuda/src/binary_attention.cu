@@ -20,6 +20,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
@@ -28,6 +30,7 @@
 
 #include "kvengine/binary_attention.h"
 #include "kvengine/cuda_ops.h"
+#include "ptx.cuh"
 
 namespace kvengine::cuda {
 namespace {
@@ -128,6 +131,7 @@ struct AttnParams {
   int Hq, Hkv, Lq, Lk;
   int qdt, vdt;
   bool causal;
+  bool v_vec;  // V's rows are 16-byte aligned (pointer and strides): the tensor-core kernel stages them by cp.async
   float qmul;  // softmax_scale · log2 e / D
 };
 
@@ -336,20 +340,47 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
 }
 
 // ---- tensor-core path (sm_80+): QK as mma b1 AND + popc, P·V as fp16/bf16 mma ------------------------------------
-// binary_attn_mma_kernel<D, VT>, D in {32, 64, 128}, V (and out) fp16 or bf16.  One CTA = 4 warps, 16 query rows per
-// warp (BQ = 64), keys in tiles of BK = 64.  Per tile and warp, 8 mma.m16n8k256.b1.and.popc give the 16 × 64 integer
-// AND counts (words past D/32 are zero in both operands, so they count nothing); the XOR count follows from
-// popc(q ^ k) = popc(q) + popc(k) − 2·popc(q & k) with the per-row / per-key popcounts computed once.  Which bits a
-// (thread, register) pair covers never matters: A and B registers of the same index hold the same sign word, so every
-// word of q meets the same word of k exactly once.  Scores, masks, biases and the online softmax are as in the
-// CUDA-core kernel (identical fp32 expressions); the probabilities are rounded to V's type and P·V runs as
-// mma.m16n8k16 (fp32 accumulators in registers, FlashAttention-2 layout: the score fragment of two adjacent 8-key
-// tiles is the A fragment of one 16-key step).  V is staged transposed in shared memory ([D][BK + 8]: the row pad
-// makes the B-fragment reads conflict-free).  Opt-in (KVENGINE_BINARY_MMA=1) until it has run on a GPU.
+// binary_attn_mma_kernel<D, VT>, D in {32, 64, 128}, V (and out) fp16 or bf16.  One CTA = 4 warps, 16 query
+// rows per warp (BQ = 64), keys in tiles of BK = 64, two shared-memory stages: while a tile is consumed the next
+// one's V rows arrive by cp.async (plain loads when V's rows are not 16-byte aligned) and its sign words and β are
+// loaded into registers (stored to the other stage after the tile), one __syncthreads per tile.
+//   QK: one mma.m16n8k256.b1.and.popc per 8 keys gives popc(q ^ k) directly: the 256-bit k range holds
+//     q (registers 0/1 of A, words 0..3) against ~k (register 0 of B), and ~q (A registers 2/3) against k (B register
+//     1), and popc(q & ~k) + popc(~q & k) = popc(q ^ k); words past D/32 are zero in all four.  Which bits a (thread,
+//     register) pair covers never matters: A and B registers of the same index hold the same sign word.  The
+//     accumulator starts at 2^23 (bit pattern 0x4B000000), so its bits read as a float are 2^23 + popc exactly and
+//     n = D − 2·popc = fma(−2, that, D + 2^24) needs no int → float conversion (a quarter-rate instruction).
+//   Scores: x = β·n; a row's scale a = α·softmax_scale·log2 e multiplies at the exponent, exp2(fma(a, x, −m)), and
+//     the row max is a·max x (a >= 0: a negative softmax_scale flips the query's sign words instead, which negates
+//     n).  With a bias (dense or relative) x = a·β·n + log2 e·bias and the multiplier is 1.  a is clamped to
+//     >= FLT_MIN, so masked (−inf) scores give exp2 = 0 even for an all-zero query row.  Masks are applied only in
+//     tiles that cross a row's last visible key (warp-uniform test); every other tile skips them.
+//   Online softmax with a lazy max: the running max m moves only when a tile's max exceeds it by more than kSlack
+//     (log2 units), so P <= 2^kSlack and the O rescale (ND·4 multiplies) runs only in the rare tiles where some row
+//     of the warp moved (__any_sync).  The row sums come from the tensor cores too: P times a column of ones, so
+//     they sum exactly the rounded probabilities P·V used.
+//   P·V: P rounded to V's type is the A fragment (FlashAttention-2 register layout: the score fragments of two
+//     adjacent 8-key tiles are one 16-key step), V's B fragments come from the row-major stage by
+//     ldmatrix.x4.trans (row pitch 2·D + 16 bytes: conflict-free), fp32 accumulators.
+//   The exponentials are ex2.approx.ftz.f32 (one MUFU op; exp2f adds a subnormal-range fix-up of 2 FMUL + 1 FSETP
+//     each, and P below 2^-126 is 0 in V's type anyway).
+// Opt-in (KVENGINE_BINARY_MMA=1) until it has run on a GPU.
 constexpr int kMmaBQ = 64;
-constexpr int kVtPad = 8;
+constexpr int kVPad = 8;  // fp16/bf16 elements of padding per staged V row
 
-// fp16 / bf16 pair packing and the m16n8k16 MMA (fp32 accumulators) for V's type
+template <int D>
+struct MmaSmem {  // byte offsets of the tensor-core kernel's shared memory
+  static constexpr int NW = D / 32;
+  static constexpr int VR = D + kVPad;                                    // staged V row pitch (elements)
+  static constexpr size_t v_stage = static_cast<size_t>(BK) * VR * 2;    // [BK][VR] fp16/bf16
+  static constexpr size_t k_stage = static_cast<size_t>(BK) * NW * 4 + BK * 4;  // [BK][NW] words, [BK] β
+  static constexpr size_t k_off = 2 * v_stage;
+  static constexpr size_t q_off = k_off + 2 * k_stage;                    // [kWarps][16][NW] words, [kWarps][16] a
+  static constexpr size_t bytes = q_off + static_cast<size_t>(kWarps) * 16 * NW * 4 + kWarps * 16 * 4;
+  static_assert(v_stage % 16 == 0 && k_off % 16 == 0, "16-byte aligned stages");
+};
+
+// fp16 / bf16 pair packing (lo in the low half) and the m16n8k16 MMA (fp32 accumulators) for V's type
 template <typename VT>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   uint32_t u;
@@ -361,6 +392,13 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     memcpy(&u, &h, 4);
   }
   return u;
+}
+
+// 2^x, subnormal results flushed to zero (MUFU.EX2 without exp2f's range fix-up)
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm volatile("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 template <typename VT>
@@ -381,16 +419,16 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// d[0..3] = popc(a & b) of the m16n8k256 tile (a: rows g / g+8, b: key g; registers 2/3 and b1 carry words 4..7)
+// d[0..3] = c + popc(a & b) of the m16n8k256 tile (a: rows g / g+8, b: key g; A registers 2/3 and B register 1 carry
+// words 4..7 of the 256-bit k range)
 __device__ __forceinline__ void mma_and_popc(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
+                                             uint32_t b0, uint32_t b1, int c) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(KVENGINE_CUDA_EMU)
-  const int z = 0;
   asm volatile(
       "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%10,%10,%10,%10};\n"
       : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(z));
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c));
 #else
   __trap();
 #endif
@@ -398,19 +436,20 @@ __device__ __forceinline__ void mma_and_popc(int (&d)[4], uint32_t a0, uint32_t 
 
 template <int D, typename VT>
 __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams p) {
-  constexpr int NW = D / 32;  // sign words per row (<= 4)
+  using S = MmaSmem<D>;
+  constexpr int NW = S::NW;   // sign words per row (<= 4)
+  constexpr int VR = S::VR;
   constexpr int NT = BK / 8;  // 8-key score tiles per key tile
   constexpr int ND = D / 8;   // 8-channel output tiles
-  constexpr int VS = BK + kVtPad;
-  static_assert(NW <= 4, "the tensor-core path takes D <= 128");
+  constexpr float kSlack = 8.f;
+  constexpr float kNOff = static_cast<float>(D) + 16777216.f;  // D + 2^24 (exact)
+  static_assert(NW <= 4 && ND % 2 == 0, "the tensor-core path takes D in {32, 64, 128}");
   extern __shared__ float4 smem4[];
-  uint32_t* kw = reinterpret_cast<uint32_t*>(smem4);    // [BK][NW]
-  int* pk = reinterpret_cast<int*>(kw + BK * NW);        // [BK] popc(k)
-  float* beta = reinterpret_cast<float*>(pk + BK);       // [BK]
-  uint32_t* qws = reinterpret_cast<uint32_t*>(beta + BK);  // [kWarps][16][NW]
-  float* qa = reinterpret_cast<float*>(qws + kWarps * 16 * NW);  // [kWarps][16] α·scale·log2 e
-  int* qp = reinterpret_cast<int*>(qa + kWarps * 16);             // [kWarps][16] popc(q)
-  uint16_t* vt = reinterpret_cast<uint16_t*>(qp + kWarps * 16);   // [D][VS] V transposed (raw fp16/bf16 bits)
+  unsigned char* smem = reinterpret_cast<unsigned char*>(smem4);
+  uint16_t* vst = reinterpret_cast<uint16_t*>(smem);                         // [2][BK][VR]
+  uint32_t* kst = reinterpret_cast<uint32_t*>(smem + S::k_off);              // [2][BK·NW words + BK β]
+  uint32_t* qws = reinterpret_cast<uint32_t*>(smem + S::q_off);              // [kWarps][16][NW]
+  float* qa = reinterpret_cast<float*>(qws + kWarps * 16 * NW);              // [kWarps][16]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
@@ -420,8 +459,10 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
   const int q0 = blockIdx.x * kMmaBQ;
   const int rbase = q0 + warp * 16;
   const int shift = p.Lk - p.Lq;
+  const bool flip = p.qmul < 0.f;
+  const float qmul = fabsf(p.qmul);
 
-  // pack this warp's 16 query rows (ballots), α·scale·log2 e and popc(q)
+  // pack this warp's 16 query rows (ballots; complemented for a negative scale) and a = α·|scale|·log2 e
   uint32_t* qw = qws + warp * 16 * NW;
 #pragma unroll 1
   for (int r = 0; r < 16; ++r) {
@@ -432,132 +473,208 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
     int pc;
     const float sabs = pack_query_row<NW>(p, off, valid, lane, qw + r * NW, pc);
     if (lane == 0) {
-      qa[warp * 16 + r] = sabs * p.qmul;
-      qp[warp * 16 + r] = pc;
+      if (flip)
+        for (int w = 0; w < NW; ++w) qw[r * NW + w] = ~qw[r * NW + w];
+      qa[warp * 16 + r] = fmaxf(sabs * qmul, FLT_MIN);
     }
   }
   __syncwarp();
-  const uint32_t a0 = tig < NW ? qw[g * NW + tig] : 0u;
-  const uint32_t a1 = tig < NW ? qw[(g + 8) * NW + tig] : 0u;
-  const float ar[2] = {qa[warp * 16 + g], qa[warp * 16 + g + 8]};
-  const int pq[2] = {qp[warp * 16 + g], qp[warp * 16 + g + 8]};
-  int lim[2];
+  const bool has_w = tig < NW;
+  const uint32_t a0 = has_w ? qw[g * NW + tig] : 0u, a1 = has_w ? qw[(g + 8) * NW + tig] : 0u;
+  const uint32_t a2 = has_w ? ~a0 : 0u, a3 = has_w ? ~a1 : 0u;
+  const bool has_bias = p.bias != nullptr || p.rel != nullptr;
+  float mul[2], ar[2];
+  int lim[2], ib[2];
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int i = rbase + g + 8 * hh;
+    ar[hh] = qa[warp * 16 + g + 8 * hh];
+    mul[hh] = has_bias ? 1.f : ar[hh];
     lim[hh] = i < p.Lq ? (p.causal ? min(p.Lk - 1, i + shift) : p.Lk - 1) : -1;
+    ib[hh] = min(i, p.Lq - 1);  // bias row (rows past Lq are computed, never stored)
   }
+  // the last key every valid row of this warp sees (tiles up to it need no mask)
+  const int lim_w = rbase < p.Lq ? (p.causal ? min(p.Lk - 1, rbase + shift) : p.Lk - 1) : INT_MAX;
 
-  float o[ND][4];
+  float o[ND][4], ls[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int d = 0; d < ND; ++d)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+  float m_r[2] = {-INFINITY, -INFINITY};
+  const uint32_t ones = pack2<VT>(1.f, 1.f);
 
   int kend = p.Lk;
   if (p.causal) kend = min(p.Lk, q0 + kMmaBQ + shift);
+  const int ntiles = kend > 0 ? (kend + BK - 1) / BK : 0;
   const int64_t kbase = bhk * p.Lk;
   const int64_t vbase = static_cast<int64_t>(b) * p.v_sb + static_cast<int64_t>(hk) * p.v_sh;
   const int64_t relc = (p.rel_len - 1) / 2;
   const uint16_t* vg = static_cast<const uint16_t*>(p.v);
 
-  for (int j0 = 0; j0 < kend; j0 += BK) {
-    __syncthreads();  // the previous tile is consumed
-    if (tid < BK) {
-      const int j = j0 + tid;
-      int pc = 0;
+  // tile `tile`'s V rows into stage s (zeros past Lk: P = 0 must not meet NaN garbage).  Thread tid copies the
+  // 16-byte chunk lc of rows lt + RPS·u.
+  constexpr int CPR = D / 8, RPS = kThreads / CPR, NSTEP = BK / RPS;
+  const int lt = tid / CPR, lc = (tid - lt * CPR) * 8;
+  const int64_t vstep = static_cast<int64_t>(RPS) * p.v_st;
+  auto load_v = [&](int tile, int s) {
+    uint16_t* dst = vst + s * BK * VR + lt * VR + lc;
+    const int jt = tile * BK + lt;
+    const uint16_t* src = vg + vbase + static_cast<int64_t>(jt) * p.v_st + lc;
+    if (p.v_vec && tile * BK + BK <= p.Lk) {  // block-uniform: a whole, aligned tile
 #pragma unroll
-      for (int w = 0; w < NW; ++w) {
-        const uint32_t x = j < p.Lk ? p.kb[(kbase + j) * NW + w] : 0u;
-        kw[tid * NW + w] = x;
-        pc += __popc(x);
+      for (int u = 0; u < NSTEP; ++u) ptx::cp_async16(dst + u * RPS * VR, src + u * vstep);
+      return;
+    }
+#pragma unroll 1
+    for (int u = 0; u < NSTEP; ++u) {
+      const int j = jt + u * RPS;
+      if (j < p.Lk && p.v_vec) {
+        ptx::cp_async16(dst + u * RPS * VR, src + u * vstep);
+      } else {
+        uint16_t e[8];
+#pragma unroll
+        for (int c = 0; c < 8; ++c) e[c] = j < p.Lk ? src[u * vstep + c] : uint16_t(0);
+        uint4 w;
+        memcpy(&w, e, 16);
+        *reinterpret_cast<uint4*>(dst + u * RPS * VR) = w;
       }
-      pk[tid] = pc;
-      beta[tid] = j < p.Lk ? p.ks[kbase + j] : 0.f;
     }
-    for (int idx = tid; idx < BK * D; idx += kThreads) {  // zero past Lk: P = 0 must not meet NaN garbage
-      const int t = idx / D, c = idx - t * D, j = j0 + t;
-      vt[c * VS + t] = j < p.Lk ? vg[vbase + static_cast<int64_t>(j) * p.v_st + c] : uint16_t(0);
+  };
+  // tile `tile`'s sign words and β into registers (threads < BK, one key each), then into stage s
+  uint32_t kr[NW];
+  float br = 0.f;
+  auto load_k = [&](int tile) {
+    const int j = tile * BK + tid;
+    if (tid < BK) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w) kr[w] = j < p.Lk ? p.kb[(kbase + j) * NW + w] : 0u;
+      br = j < p.Lk ? p.ks[kbase + j] : 0.f;
     }
-    __syncthreads();
+  };
+  auto store_k = [&](int s) {
+    if (tid < BK) {
+      uint32_t* ks = kst + s * (BK * NW + BK);
+#pragma unroll
+      for (int w = 0; w < NW; ++w) ks[tid * NW + w] = kr[w];
+      reinterpret_cast<float*>(ks + BK * NW)[tid] = br;
+    }
+  };
 
-    // scores of rows g / g + 8 (hh = 0 / 1) for keys 8n + 2·tig + {0, 1}
-    float sc[NT][4];
+  if (ntiles > 0) {
+    load_k(0);
+    store_k(0);
+    load_v(0, 0);
+  }
+  ptx::cp_async_commit();
+
+#pragma unroll 1
+  for (int it = 0; it < ntiles; ++it) {
+    const int s = it & 1, j0 = it * BK;
+    const bool more = it + 1 < ntiles;
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // tile it is staged; every warp is done with tile it - 1 (stage s ^ 1)
+    if (more) {
+      load_k(it + 1);
+      load_v(it + 1, s ^ 1);
+    }
+    ptx::cp_async_commit();
+    const uint16_t* vs = vst + s * BK * VR;
+    const uint32_t* kws = kst + s * (BK * NW + BK);
+    const float* beta = reinterpret_cast<const float*>(kws + BK * NW);
+
+    // x for rows g / g + 8 (hh = 0 / 1) and keys 8n + 2·tig + {0, 1}
+    float x[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       int cnt[4];
-      const uint32_t b0 = tig < NW ? kw[(8 * n + g) * NW + tig] : 0u;
-      mma_and_popc(cnt, a0, a1, 0u, 0u, b0, 0u);
+      const uint32_t kx = has_w ? kws[(8 * n + g) * NW + tig] : 0u;
+      mma_and_popc(cnt, a0, a1, a2, a3, has_w ? ~kx : 0u, kx, 0x4B000000);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int hh = e >> 1, t = 8 * n + 2 * tig + (e & 1), j = j0 + t;
-        const int i = rbase + g + 8 * hh;
-        const int pc = pq[hh] + pk[t] - 2 * cnt[e];
-        float s = ar[hh] * beta[t] * static_cast<float>(D - 2 * pc);
-        if (j <= lim[hh] && j < kend) {
-          if (p.bias) s += kLog2e * p.bias[b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(i) * p.bias_si + j];
-          if (p.rel) s += kLog2e * p.rel[h * p.rel_len + relc + (i + shift) - j];
-        } else {
-          s = -INFINITY;
-        }
-        sc[n][e] = s;
+        const float nf = fmaf(-2.f, __int_as_float(cnt[e]), kNOff);  // D − 2·popc(q ^ k), exact
+        x[n][e] = beta[8 * n + 2 * tig + (e & 1)] * nf;
       }
     }
-    // online softmax per row (the 4 threads of a group hold one row's 64 keys)
+    if (has_bias) {  // block-uniform
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hh = e >> 1, j = min(j0 + 8 * n + 2 * tig + (e & 1), p.Lk - 1), i = ib[hh];
+          float bv = 0.f;
+          if (p.bias) bv = p.bias[b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(i) * p.bias_si + j];
+          if (p.rel) bv += p.rel[h * p.rel_len + relc + (i + shift) - j];
+          x[n][e] = fmaf(ar[hh], x[n][e], kLog2e * bv);
+        }
+    }
+    if (j0 + BK - 1 > lim_w) {  // warp-uniform: some row's visible keys end inside this tile
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (j0 + 8 * n + 2 * tig + (e & 1) > lim[e >> 1]) x[n][e] = -INFINITY;
+    }
+    // lazy running max per row (the 4 threads of a group hold one row's 64 keys)
+    float nm[2];
+    bool moved = false;
+    float alpha[2] = {1.f, 1.f};
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * hh], sc[n][2 * hh + 1]));
+      for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(x[n][2 * hh], x[n][2 * hh + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-      const float mn = fmaxf(m_r[hh], mx);
-      float alpha = 1.f, sum = 0.f;
-      if (mn == -INFINITY) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n) sc[n][2 * hh] = sc[n][2 * hh + 1] = 0.f;
-      } else {
-        alpha = m_r[hh] == -INFINITY ? 0.f : exp2f(m_r[hh] - mn);
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          sc[n][2 * hh] = exp2f(sc[n][2 * hh] - mn);  // exp2f(-inf) = 0
-          sc[n][2 * hh + 1] = exp2f(sc[n][2 * hh + 1] - mn);
-          sum += sc[n][2 * hh] + sc[n][2 * hh + 1];
-        }
+      const float mt = mx == -INFINITY ? -INFINITY : mul[hh] * mx;
+      if (mt > m_r[hh] + kSlack) {
+        alpha[hh] = m_r[hh] == -INFINITY ? 0.f : exp2f(m_r[hh] - mt);
+        m_r[hh] = mt;
+        moved = true;
       }
-      sum += __shfl_xor_sync(kFull, sum, 1);
-      sum += __shfl_xor_sync(kFull, sum, 2);
-      l_r[hh] = l_r[hh] * alpha + sum;
-      m_r[hh] = mn;
+      nm[hh] = m_r[hh] == -INFINITY ? 0.f : -m_r[hh];
+    }
+    if (__any_sync(kFull, moved)) {
 #pragma unroll
       for (int d = 0; d < ND; ++d) {
-        o[d][2 * hh] *= alpha;
-        o[d][2 * hh + 1] *= alpha;
+        o[d][0] *= alpha[0];
+        o[d][1] *= alpha[0];
+        o[d][2] *= alpha[1];
+        o[d][3] *= alpha[1];
       }
+      ls[0] *= alpha[0];
+      ls[1] *= alpha[0];
+      ls[2] *= alpha[1];
+      ls[3] *= alpha[1];
     }
-    // P·V: 16 keys per step
+    // P (rounded to V's type) · V and P · 1, 16 keys per step
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      const uint32_t pa[4] = {pack2<VT>(sc[2 * kk][0], sc[2 * kk][1]),
-                              pack2<VT>(sc[2 * kk][2], sc[2 * kk][3]),
-                              pack2<VT>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                              pack2<VT>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+      uint32_t pa[4];
 #pragma unroll
-      for (int d = 0; d < ND; ++d) {
-        const uint16_t* col = vt + (8 * d + g) * VS + 16 * kk + 2 * tig;
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(col);
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(col + 8);
-        mma16816<VT>(o[d], pa, b0, b1);
+      for (int r = 0; r < 4; ++r) {  // r: (row half, 8-key tile) = (r & 1, r >> 1)
+        const int n = 2 * kk + (r >> 1), hh = r & 1;
+        pa[r] = pack2<VT>(ex2_ftz(fmaf(mul[hh], x[n][2 * hh], nm[hh])), ex2_ftz(fmaf(mul[hh], x[n][2 * hh + 1], nm[hh])));
       }
+      const uint16_t* vrow = vs + (16 * kk + (lane & 15)) * VR + 8 * (lane >> 4);
+#pragma unroll
+      for (int dp = 0; dp < ND / 2; ++dp) {
+        uint32_t bf[4];
+        ptx::ldmatrix_x4_trans(bf, vrow + 16 * dp);
+        mma16816<VT>(o[2 * dp], pa, bf[0], bf[1]);
+        mma16816<VT>(o[2 * dp + 1], pa, bf[2], bf[3]);
+      }
+      mma16816<VT>(ls, pa, ones, ones);
     }
+    if (more) store_k(s ^ 1);
   }
 
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int i = rbase + g + 8 * hh;
     if (i >= p.Lq) continue;
-    const float inv = l_r[hh] > 0.f ? 1.f / l_r[hh] : 0.f;
+    const float l = ls[2 * hh];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
     VT* out = static_cast<VT*>(p.out) + ((static_cast<int64_t>(b) * p.Hq + h) * p.Lq + i) * D;
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
@@ -569,9 +686,7 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
 
 template <int D, typename VT>
 void launch_mma(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
-  constexpr int NW = D / 32;
-  const size_t smem = static_cast<size_t>(BK) * NW * 4 + BK * 4 + BK * 4 + static_cast<size_t>(kWarps) * 16 * NW * 4 +
-                      kWarps * 16 * 4 * 2 + static_cast<size_t>(D) * (BK + kVtPad) * 2;
+  const size_t smem = MmaSmem<D>::bytes;
   auto fn = binary_attn_mma_kernel<D, VT>;
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
@@ -672,6 +787,8 @@ void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream) {
   p.qdt = static_cast<int>(a.q_dtype);
   p.vdt = static_cast<int>(a.v_dtype);
   p.causal = a.causal;
+  p.v_vec = reinterpret_cast<uintptr_t>(a.v) % 16 == 0 && a.v_stride_b % 8 == 0 && a.v_stride_h % 8 == 0 &&
+            a.v_stride_t % 8 == 0;
   p.qmul = a.softmax_scale * kLog2e / static_cast<float>(a.D);
   const int B = static_cast<int>(a.B), Hq = static_cast<int>(a.Hq), Lq = static_cast<int>(a.Lq);
   if (mma_requested() && binary_attention_mma_applies(a)) {

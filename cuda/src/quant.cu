@@ -26,6 +26,7 @@
 
 #include "fwht_device.cuh"
 #include "kvengine/cuda_ops.h"
+#include "ptx.cuh"
 
 namespace kvengine::cuda {
 namespace {
@@ -179,12 +180,8 @@ __device__ __forceinline__ uint64_t load_packed(const uint8_t* p, int nbytes, bo
   return w;
 }
 
-// 16-byte asynchronous global -> shared copy (sm_80+), and the wait for all of this thread's copies
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+using ptx::cp_async16;
+using ptx::cp_async_wait_all;
 
 // v[i] = p[i] for i < cnt (one 16-byte load when vec, which implies cnt == 8 and p 16-byte aligned)
 template <typename T>

@@ -385,6 +385,25 @@ void cp_async_wait(int pending) {
   }
 }
 
+void ldmatrix_x4(bool trans, uint32_t (&r)[4], uint32_t off) {
+  Cta& c = *g_cta;
+  if (off & 15) fail("ldmatrix row address at shared offset %u is not 16-byte aligned", off);
+  if (static_cast<size_t>(off) + 16 > c.dyn_size)
+    fail("ldmatrix row at shared offset %u, past the %zu bytes of dynamic shared memory", off, c.dyn_size);
+  auto slot = warp_exchange(0xffffffffu, trans ? 0x6c646d74u : 0x6c646d6eu, &off, sizeof off);
+  const int l = lane();
+  for (int m = 0; m < 4; ++m) {
+    uint16_t e[2];
+    for (int h = 0; h < 2; ++h) {
+      const int row = trans ? 2 * (l & 3) + h : l >> 2, col = trans ? l >> 2 : 2 * (l & 3) + h;
+      uint32_t a;
+      std::memcpy(&a, slot[8 * m + row], 4);
+      std::memcpy(&e[h], c.dyn + a + 2 * col, 2);
+    }
+    r[m] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+}
+
 int sm_count() {
   const char* e = std::getenv("KVENGINE_EMU_SMS");
   const int v = e ? std::atoi(e) : 8;

@@ -210,6 +210,25 @@ inline void ptx_cp_async_wait_all() {
   cp_async_commit();
   cp_async_wait(0);
 }
+inline void ptx_ldmatrix_sync_aligned_m8n8_x4_trans_shared_b16(uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                               uint32_t& r3, uint32_t smem) {
+  uint32_t r[4];
+  ldmatrix_x4(true, r, smem);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+inline void ptx_ldmatrix_sync_aligned_m8n8_x4_shared_b16(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                                         uint32_t smem) {
+  uint32_t r[4];
+  ldmatrix_x4(false, r, smem);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+// 2^a with subnormal inputs and results flushed to (signed) zero; the hardware's approximation error (~2 ulp) is not
+// modelled
+inline void ptx_ex2_approx_ftz_f32(float& d, float a) {
+  if (std::fpclassify(a) == FP_SUBNORMAL) a = 0.f;
+  const float y = std::exp2(a);
+  d = std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
 inline void mma16816(bool bf16, float& d0, float& d1, float& d2, float& d3, uint32_t a0, uint32_t a1, uint32_t a2,
                      uint32_t a3, uint32_t b0, uint32_t b1, float c0, float c1, float c2, float c3) {
   float d[4];

@@ -135,6 +135,11 @@ void cp_async16(uint32_t smem_offset, const void* gmem);
 void cp_async_commit();
 void cp_async_wait(int pending);
 
+// ---- ldmatrix (m8n8 .b16, x4): lane 8m + r gives row r of matrix m (16-byte aligned dynamic shared memory offset);
+// register m of lane l holds (row l / 4, cols 2(l % 4) + {0, 1}) of matrix m, or with trans (rows 2(l % 4) + {0, 1},
+// col l / 4) (the first element in the low half)
+void ldmatrix_x4(bool trans, uint32_t (&r)[4], uint32_t smem_offset);
+
 // ---- launch ------------------------------------------------------------------------------------------------------------
 struct Cfg {
   dim3 grid, block;
