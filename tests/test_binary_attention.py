@@ -416,7 +416,7 @@ def test_bert_plugin_matches_fake_quant():
 @pytest.mark.parametrize("case", CASES + [(1, 2, 4, 300, 300, 128), (2, 1, 2, 65, 64, 64)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bias_kind,rel", [(None, False), ("batch", True)])
+@pytest.mark.parametrize("bias_kind,rel", [(None, False), ("batch", True), ("dense", False), (None, True)])
 def test_tensor_core_path_matches_reference(device, case, causal, dtype, bias_kind, rel, gen, monkeypatch):
     """b1 AND+popc MMA for QK, fp16/bf16 MMA for P·V (P rounded to V's type): against the fp32 reference and the
     CUDA-core kernel."""

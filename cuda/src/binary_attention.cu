@@ -340,7 +340,7 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
 }
 
 // ---- tensor-core path (sm_80+): QK as mma b1 AND + popc, P·V as fp16/bf16 mma ------------------------------------
-// binary_attn_mma_kernel<D, VT>, D in {32, 64, 128}, V (and out) fp16 or bf16.  One CTA = 4 warps, 16 query
+// binary_attn_mma_kernel<D, VT, BIAS>, D in {32, 64, 128}, V (and out) fp16 or bf16, BIAS: a bias or rel table given.  One CTA = 4 warps, 16 query
 // rows per warp (BQ = 64), keys in tiles of BK = 64, two shared-memory stages: while a tile is consumed the next
 // one's V rows arrive by cp.async (plain loads when V's rows are not 16-byte aligned) and its sign words and β are
 // loaded into registers (stored to the other stage after the tile), one __syncthreads per tile.
@@ -364,6 +364,9 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
 //     ldmatrix.x4.trans (row pitch 2·D + 16 bytes: conflict-free), fp32 accumulators.
 //   The exponentials are ex2.approx.ftz.f32 (one MUFU op; exp2f adds a subnormal-range fix-up of 2 FMUL + 1 FSETP
 //     each, and P below 2^-126 is 0 in V's type anyway).
+//   BIAS (a dense bias or a relative table given) is a template parameter: the plain kernel carries no bias code or
+//     registers (sm_90a: 162 / 128 / 109 registers at D = 128 / 64 / 32; with BIAS 216-223), and the bias kernel has
+//     one branch-free loop per combination.
 // Opt-in (KVENGINE_BINARY_MMA=1) until it has run on a GPU.
 constexpr int kMmaBQ = 64;
 constexpr int kVPad = 8;  // fp16/bf16 elements of padding per staged V row
@@ -434,7 +437,7 @@ __device__ __forceinline__ void mma_and_popc(int (&d)[4], uint32_t a0, uint32_t 
 #endif
 }
 
-template <int D, typename VT>
+template <int D, typename VT, bool BIAS>
 __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams p) {
   using S = MmaSmem<D>;
   constexpr int NW = S::NW;   // sign words per row (<= 4)
@@ -482,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
   const bool has_w = tig < NW;
   const uint32_t a0 = has_w ? qw[g * NW + tig] : 0u, a1 = has_w ? qw[(g + 8) * NW + tig] : 0u;
   const uint32_t a2 = has_w ? ~a0 : 0u, a3 = has_w ? ~a1 : 0u;
-  const bool has_bias = p.bias != nullptr || p.rel != nullptr;
+  constexpr bool has_bias = BIAS;  // the launcher picks BIAS = (bias or rel given)
   float mul[2], ar[2];
   int lim[2], ib[2];
 #pragma unroll
@@ -492,6 +495,14 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
     mul[hh] = has_bias ? 1.f : ar[hh];
     lim[hh] = i < p.Lq ? (p.causal ? min(p.Lk - 1, i + shift) : p.Lk - 1) : -1;
     ib[hh] = min(i, p.Lq - 1);  // bias row (rows past Lq are computed, never stored)
+  }
+  // bias rows of rows g / g + 8: brow[hh][j] = bias[b, h, i, j], rrow[hh][-j] = rel[h, relc + (i + shift) - j]
+  const float* brow[2] = {nullptr, nullptr};
+  const float* rrow[2] = {nullptr, nullptr};
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (p.bias) brow[hh] = p.bias + b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(ib[hh]) * p.bias_si;
+    if (p.rel) rrow[hh] = p.rel + static_cast<int64_t>(h) * p.rel_len + (p.rel_len - 1) / 2 + ib[hh] + shift;
   }
   // the last key every valid row of this warp sees (tiles up to it need no mask)
   const int lim_w = rbase < p.Lq ? (p.causal ? min(p.Lk - 1, rbase + shift) : p.Lk - 1) : INT_MAX;
@@ -509,7 +520,6 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
   const int ntiles = kend > 0 ? (kend + BK - 1) / BK : 0;
   const int64_t kbase = bhk * p.Lk;
   const int64_t vbase = static_cast<int64_t>(b) * p.v_sb + static_cast<int64_t>(hk) * p.v_sh;
-  const int64_t relc = (p.rel_len - 1) / 2;
   const uint16_t* vg = static_cast<const uint16_t*>(p.v);
 
   // tile `tile`'s V rows into stage s (zeros past Lk: P = 0 must not meet NaN garbage).  Thread tid copies the
@@ -590,23 +600,30 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
       int cnt[4];
       const uint32_t kx = has_w ? kws[(8 * n + g) * NW + tig] : 0u;
       mma_and_popc(cnt, a0, a1, a2, a3, has_w ? ~kx : 0u, kx, 0x4B000000);
+      const float2 bt = *reinterpret_cast<const float2*>(beta + 8 * n + 2 * tig);  // β of keys 2·tig + {0, 1}
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float nf = fmaf(-2.f, __int_as_float(cnt[e]), kNOff);  // D − 2·popc(q ^ k), exact
-        x[n][e] = beta[8 * n + 2 * tig + (e & 1)] * nf;
+        x[n][e] = ((e & 1) ? bt.y : bt.x) * nf;
       }
     }
-    if (has_bias) {  // block-uniform
+    // x = a·x + log2 e·(bias + rel), one loop per block-uniform combination (no per-element branches)
+    auto add_bias = [&](auto use_bias, auto use_rel) {
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int hh = e >> 1, j = min(j0 + 8 * n + 2 * tig + (e & 1), p.Lk - 1), i = ib[hh];
+          const int hh = e >> 1, j = min(j0 + 8 * n + 2 * tig + (e & 1), p.Lk - 1);
           float bv = 0.f;
-          if (p.bias) bv = p.bias[b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(i) * p.bias_si + j];
-          if (p.rel) bv += p.rel[h * p.rel_len + relc + (i + shift) - j];
+          if constexpr (decltype(use_bias)::value) bv = brow[hh][j];
+          if constexpr (decltype(use_rel)::value) bv += rrow[hh][-j];
           x[n][e] = fmaf(ar[hh], x[n][e], kLog2e * bv);
         }
+    };
+    if constexpr (BIAS) {
+      if (p.bias != nullptr && p.rel != nullptr) add_bias(std::true_type{}, std::true_type{});
+      else if (p.bias != nullptr) add_bias(std::true_type{}, std::false_type{});
+      else add_bias(std::false_type{}, std::true_type{});
     }
     if (j0 + BK - 1 > lim_w) {  // warp-uniform: some row's visible keys end inside this tile
 #pragma unroll
@@ -687,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
 template <int D, typename VT>
 void launch_mma(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
   const size_t smem = MmaSmem<D>::bytes;
-  auto fn = binary_attn_mma_kernel<D, VT>;
+  auto fn = p.bias != nullptr || p.rel != nullptr ? binary_attn_mma_kernel<D, VT, true> : binary_attn_mma_kernel<D, VT, false>;
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
           "shared memory opt-in");
