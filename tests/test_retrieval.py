@@ -89,6 +89,8 @@ TOPK_CASES = [
     (3, 4, 4, 500, 1, 100, [500, 37, 0], (4, 16)),   # keep, short + empty sequence
     (1, 32, 8, 17000, 4, 1024, [16999], (4, 64)),    # the decode layout
     (2, 2, 1, 700, 8, 700, [700, 300], (3, 5)),      # k == N (clamped per sequence), 256-bit codes
+    (1, 64, 1, 5000, 4, 300, None, (2, 3)),          # the widest score range (g · nbits = 8192: 8193 bins)
+    (1, 2, 1, 1_100_000, 2, 512, [1_050_001], (1, 7)),  # > 2^20 positions: CUDA chunks of 4352, not 4096
 ]
 
 

@@ -12,14 +12,16 @@
 //     straight from global (L1/L2 resident per head); u stays in shared memory for the residual; the epilogue takes
 //     each accumulator's (row, output) from CuTe's partition of an identity tensor and ORs its sign bit into the
 //     row's code word (shared atomics), then the words are written out.
-// hamming_topk: three kernels, no host sync, workspace sized from shapes only (graph capturable)
+// hamming_topk: a memset and three kernels, no host sync, workspace sized from shapes only (graph capturable)
 //     topk_score_kernel   grid (chunk, Hkv, B), 256 threads: q codes of the group in shared memory, one thread per
 //                         position (16-byte loads for W >= 4), score -> uint16 workspace, shared-memory histogram of
-//                         the middle positions' scores -> per-chunk histogram in the workspace.
-//     topk_select_kernel  one CTA per (b, h): sums the chunk histograms, finds T (parallel over bin ranges), the tie
-//                         budget of every chunk and its output offset; writes sinks, recent window and -1 padding.
-//     topk_gather_kernel  grid (chunk, Hkv, B): ordered stream compaction of the chunk's uint16 scores (ballot
-//                         prefix sums) into the output slots.
+//                         the middle positions' scores -> per-chunk histogram, and its non-empty bins added
+//                         (global atomics) into the (b, h) total.
+//     topk_select_kernel  one CTA of 512 per (b, h): T from a block scan of the total histogram, per-chunk counts
+//                         above / at T (a warp per chunk, bins >= T only), chunk output slots and tie budgets by
+//                         block scans; writes sinks, recent window and -1 padding.
+//     topk_gather_kernel  grid (chunk, Hkv, B): ordered stream compaction of the chunk's uint16 scores: per-warp
+//                         counts, one barrier, then warp scans give each selected position its slot.
 // sparse_decode_attention_kernel  CTA = 8 warps per (b, KV head, block of <= 8 query rows); warp w walks the index
 //     list entries j ≡ w (mod 8), 4 tokens per step (loads issued before use); each lane holds D/32 channels of
 //     every row's query and accumulator; dot products reduced with shuffles; online softmax per warp; the 8 warp
@@ -279,11 +281,12 @@ void launch_hash_mma(const EncParams& p, cudaStream_t stream) {
 }
 
 // ---- hamming_topk ---------------------------------------------------------------------------------------------------
-constexpr int kTopkThreads = 256;
+constexpr int kTopkThreads = 256;  // score and gather kernels
+constexpr int kSelThreads = 512;   // select kernel (one CTA per (b, h); nch <= 256 < kSelThreads)
 
 struct TopkLayout {
-  int64_t chunk, nch, nbins;
-  size_t sc_off, hist_off, meta_off, thr_off, total;
+  int64_t chunk, nch, nbins, npad;
+  size_t sc_off, hist_off, tot_off, meta_off, thr_off, total;
 };
 
 int64_t cuda_chunk(int64_t N) {
@@ -296,11 +299,13 @@ TopkLayout layout(const HammingTopkArgs& a) {
   l.chunk = cuda_chunk(a.N);
   l.nch = (a.N + l.chunk - 1) / l.chunk;
   l.nbins = (a.Hq / a.Hkv) * 32 * a.W + 1;
+  l.npad = (a.N + 7) / 8 * 8;  // score rows padded to 8 positions: 16-byte groups in the gather kernel
   const int64_t BH = a.B * a.Hkv;
   auto up = [](size_t x) { return (x + 255) / 256 * 256; };
   l.sc_off = 0;
-  l.hist_off = up(size_t(BH) * a.N * sizeof(uint16_t));
-  l.meta_off = l.hist_off + up(size_t(BH) * l.nch * l.nbins * sizeof(int32_t));
+  l.hist_off = up(size_t(BH) * l.npad * sizeof(uint16_t));
+  l.tot_off = l.hist_off + up(size_t(BH) * l.nch * l.nbins * sizeof(int32_t));
+  l.meta_off = l.tot_off + up(size_t(BH) * l.nbins * sizeof(int32_t));
   l.thr_off = l.meta_off + up(size_t(BH) * l.nch * 2 * sizeof(int32_t));
   l.total = l.thr_off + up(size_t(BH) * sizeof(int32_t));
   return l;
@@ -313,11 +318,12 @@ struct TopkParams {
   int64_t ksb, ksh;
   const int32_t* lens;
   int Hkv, g, W;
-  int64_t N, k_sel, sinks, recent, chunk, nch, nbins;
-  uint16_t* sc;
-  int32_t* hist;
+  int64_t N, npad, k_sel, sinks, recent, chunk, nch, nbins;
+  uint16_t* sc;   // [BH][npad] scores
+  int32_t* hist;  // [BH][nch][nbins] per-chunk histograms of the middle positions' scores
+  int32_t* tot;   // [BH][nbins] their sums (zeroed before the score kernel, filled by its atomics)
   int32_t* meta;  // [BH][nch][2]: output slot, tie budget
-  int32_t* thr;   // [BH]
+  int32_t* thr;   // [BH] threshold score T (nbins: nothing selected from the middle)
   int32_t* idx;
   int32_t* scr;
 };
@@ -335,6 +341,42 @@ __device__ __forceinline__ Span span_of(const TopkParams& p, int64_t b) {
   return s;
 }
 
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// inclusive prefix sum over the warp's lanes
+__device__ __forceinline__ int warp_incl_scan(int v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFull, v, o);
+    if (lane >= o) v += y;
+  }
+  return v;
+}
+
+// exclusive prefix sum over the CTA in thread order (all NT threads call it); `total` gets the CTA sum
+template <int NT>
+__device__ __forceinline__ int block_excl_scan(int v, int* wsum, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int x = warp_incl_scan(v);
+  if (lane == 31) wsum[warp] = x;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < NT / 32; ++w) {
+    const int c = wsum[w];
+    before += w < warp ? c : 0;
+    total += c;
+  }
+  __syncthreads();
+  return before + x - v;
+}
+
 template <int W>
 __global__ void __launch_bounds__(kTopkThreads) topk_score_kernel(const TopkParams p, const bool vec) {
   extern __shared__ int32_t topk_smem[];
@@ -348,7 +390,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_score_kernel(const TopkPara
   __syncthreads();
   const int64_t p0 = ck * p.chunk, p1 = mn64(s.L, p0 + p.chunk);
   const uint32_t* kb = p.k + b * p.ksb + h * p.ksh;
-  uint16_t* sc = p.sc + bh * p.N;
+  uint16_t* sc = p.sc + bh * p.npad;
   const int total = p.g * 32 * W;
   for (int64_t pos = p0 + threadIdx.x; pos < p1; pos += kTopkThreads) {
     const uint32_t* kr = kb + pos * W;
@@ -376,79 +418,85 @@ __global__ void __launch_bounds__(kTopkThreads) topk_score_kernel(const TopkPara
   }
   __syncthreads();
   int32_t* out = p.hist + (bh * p.nch + ck) * p.nbins;
-  for (int i = threadIdx.x; i < p.nbins; i += kTopkThreads) out[i] = hist[i];
+  int32_t* tot = p.tot + bh * p.nbins;
+  for (int i = threadIdx.x; i < p.nbins; i += kTopkThreads) {
+    const int32_t c = hist[i];
+    out[i] = c;
+    if (c) atomicAdd(&tot[i], c);  // most bins are empty (scores concentrate around the mean)
+  }
 }
 
-__global__ void __launch_bounds__(kTopkThreads) topk_select_kernel(const TopkParams p) {
-  extern __shared__ int32_t topk_smem[];
-  int32_t* tot = topk_smem;                 // [nbins]
-  int32_t* part = topk_smem + p.nbins;      // [kTopkThreads] range sums, then per-chunk count above T
-  int32_t* eq = part + kTopkThreads;        // [kTopkThreads] per-chunk count at T (nch <= 256)
+// One CTA per (b, h), no serial loop longer than a thread's share: T from a block scan of the summed histogram
+// (thread t owns `per` bins counted from the top), the per-chunk counts above / at T by a warp per chunk (only the
+// bins >= T are read), the chunks' output slots and tie budgets by two block scans over the chunks.
+__global__ void __launch_bounds__(kSelThreads) topk_select_kernel(const TopkParams p) {
+  extern __shared__ int32_t sel_smem[];
+  int32_t* gt = sel_smem;          // [nch] count above T
+  int32_t* eq = sel_smem + p.nch;  // [nch] count at T
+  __shared__ int32_t wsum[kSelThreads / 32];
   __shared__ int32_t sh_T, sh_need;
   const int64_t bh = blockIdx.x, b = bh / p.Hkv;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const Span s = span_of(p, b);
-  const int32_t* hb = p.hist + bh * p.nch * p.nbins;
-  for (int64_t i = threadIdx.x; i < p.nbins; i += kTopkThreads) {
-    int32_t c = 0;
-    for (int64_t ck = 0; ck < p.nch; ++ck) c += hb[ck * p.nbins + i];
-    tot[i] = c;
-  }
-  __syncthreads();
-  // thread t owns the bins [hi - (t+1)·per, hi - t·per) counted from the top
-  const int64_t per = (p.nbins + kTopkThreads - 1) / kTopkThreads;
-  {
-    const int64_t top = p.nbins - 1 - threadIdx.x * per;
-    int32_t c = 0;
-    for (int64_t i = 0; i < per && top - i >= 0; ++i) c += tot[top - i];
-    part[threadIdx.x] = c;
-  }
-  __syncthreads();
+  const int32_t* tot = p.tot + bh * p.nbins;
+  const int64_t per = (p.nbins + kSelThreads - 1) / kSelThreads;
+  const int64_t hi = p.nbins - 1 - int64_t(threadIdx.x) * per;  // this thread's top bin (may be < 0)
+  int c = 0;
+  for (int64_t i = 0; i < per && hi - i >= 0; ++i) c += tot[hi - i];
   if (threadIdx.x == 0) {
-    int64_t T = p.nbins, need = 0;
-    if (s.m > 0) {
-      int64_t cum = 0;
-      int t = 0;
-      for (; t < kTopkThreads && cum + part[t] < s.m; ++t) cum += part[t];
-      for (int64_t bin = p.nbins - 1 - t * per; bin >= 0; --bin) {
-        if (cum + tot[bin] >= s.m) {
-          T = bin;
-          need = s.m - cum;
-          break;
-        }
-        cum += tot[bin];
+    sh_T = static_cast<int32_t>(p.nbins);
+    sh_need = 0;
+  }
+  int all;
+  const int before = block_excl_scan<kSelThreads>(c, wsum, all);  // its barriers order sh_T's initialization
+  if (s.m > 0 && before < s.m && before + c >= s.m) {  // exactly one thread: the suffix count crosses m here
+    int64_t cum = before;
+    for (int64_t i = 0; i < per && hi - i >= 0; ++i) {
+      const int v = tot[hi - i];
+      if (cum + v >= s.m) {
+        sh_T = static_cast<int32_t>(hi - i);
+        sh_need = static_cast<int32_t>(s.m - cum);
+        break;
       }
+      cum += v;
     }
-    sh_T = static_cast<int32_t>(T);
-    sh_need = static_cast<int32_t>(need);
-    p.thr[bh] = static_cast<int32_t>(T);
   }
   __syncthreads();
-  const int32_t T = sh_T;
-  // per chunk: count above T and at T (from the chunk's own histogram); then a serial prefix over the chunks
-  int32_t* gt = part;  // reuse: [nch] (nch <= 256 = kTopkThreads)
-  for (int64_t ck = threadIdx.x; ck < p.nch; ck += kTopkThreads) {
-    const int32_t* h = hb + ck * p.nbins;
-    int32_t c = 0;
-    for (int64_t i = T + 1; i < p.nbins; ++i) c += h[i];
-    gt[ck] = c;
-    eq[ck] = T < p.nbins ? h[T] : 0;
+  const int32_t T = sh_T, need = sh_need;
+  if (threadIdx.x == 0) p.thr[bh] = T;
+  for (int64_t ck = warp; ck < p.nch; ck += kSelThreads / 32) {
+    const int32_t* h = p.hist + (bh * p.nch + ck) * p.nbins;
+    int cg = 0, ce = 0;
+    for (int64_t i = T + lane; i < p.nbins; i += 32) {
+      const int v = h[i];
+      if (i == T) ce = v;
+      else cg += v;
+    }
+    cg = warp_sum(cg);
+    ce = warp_sum(ce);
+    if (lane == 0) {
+      gt[ck] = cg;
+      eq[ck] = ce;
+    }
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t slot = s.ns, eq_before = 0;
-    for (int64_t ck = 0; ck < p.nch; ++ck) {
-      const int64_t tk = mn64(mx64(sh_need - eq_before, 0), eq[ck]);
-      p.meta[(bh * p.nch + ck) * 2] = static_cast<int32_t>(slot);
-      p.meta[(bh * p.nch + ck) * 2 + 1] = static_cast<int32_t>(tk);
-      slot += gt[ck] + tk;
-      eq_before += eq[ck];
+  {
+    const int64_t ck = threadIdx.x;
+    const bool own = ck < p.nch;
+    const int e = own ? eq[ck] : 0;
+    const int eq_before = block_excl_scan<kSelThreads>(e, wsum, all);
+    const int tk = own ? min(max(need - eq_before, 0), e) : 0;  // ties taken from this chunk, lowest index first
+    const int slot = block_excl_scan<kSelThreads>(own ? gt[ck] + tk : 0, wsum, all);
+    if (own) {
+      p.meta[(bh * p.nch + ck) * 2] = static_cast<int32_t>(s.ns + slot);
+      p.meta[(bh * p.nch + ck) * 2 + 1] = tk;
     }
   }
   int32_t* idx = p.idx + bh * p.k_sel;
   int32_t* scr = p.scr + bh * p.k_sel;
-  const uint16_t* sc = p.sc + bh * p.N;
+  const uint16_t* sc = p.sc + bh * p.npad;
   const int64_t r0 = s.ns + s.m;
-  for (int64_t j = threadIdx.x; j < p.k_sel; j += kTopkThreads) {
+  for (int64_t j = threadIdx.x; j < p.k_sel; j += kSelThreads) {
     if (j < s.ns) {
       idx[j] = static_cast<int32_t>(j);
       scr[j] = sc[j];
@@ -463,51 +511,101 @@ __global__ void __launch_bounds__(kTopkThreads) topk_select_kernel(const TopkPar
   }
 }
 
-// exclusive prefix of a 0/1 flag over the CTA (in thread order) and the CTA total
-__device__ __forceinline__ int block_prefix(bool f, int* warp_sums, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const unsigned bal = __ballot_sync(kFull, f);
-  if (lane == 0) warp_sums[warp] = __popc(bal);
-  __syncthreads();
-  int before = 0;
-  total = 0;
+// The 8 scores of the 8-aligned group at q, 16 bytes in one load (rows are padded to 8 positions)
+__device__ __forceinline__ void load_scores8(const uint16_t* sc, int64_t q, int (&v)[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(sc + q));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int w = 0; w < kTopkThreads / 32; ++w) {
-    const int c = warp_sums[w];
-    before += w < warp ? c : 0;
-    total += c;
+  for (int e = 0; e < 4; ++e) {
+    v[2 * e] = static_cast<int>(w[e] & 0xffffu);
+    v[2 * e + 1] = static_cast<int>(w[e] >> 16);
   }
-  __syncthreads();
-  return before + __popc(bal & ((1u << lane) - 1u));
 }
 
+// Ordered compaction of one chunk's middle positions with score > T, and of its first `budget` positions at T.
+// Warp w owns the contiguous eighth [c0 + w·chunk/8, +chunk/8) of the chunk; each lane reads 8 consecutive scores
+// per step (a warp step covers 256 positions). Pass 1 counts per warp (one CTA barrier for the warp prefix), pass 2
+// (only steps with a candidate) turns the counts into output slots by warp scans: a position's slot is the chunk's
+// slot + (count above T before it) + min(count at T before it, budget).
 __global__ void __launch_bounds__(kTopkThreads) topk_gather_kernel(const TopkParams p) {
-  __shared__ int warp_sums[kTopkThreads / 32];
+  __shared__ int32_t wcnt[2][kTopkThreads / 32];
   const int64_t ck = blockIdx.x, h = blockIdx.y, b = blockIdx.z, bh = b * p.Hkv + h;
   const Span s = span_of(p, b);
-  const int64_t p0 = mx64(ck * p.chunk, s.ns), p1 = mn64(mn64(s.L, (ck + 1) * p.chunk),
-                                                                        s.L - s.nr);
-  if (p0 >= p1) return;  // uniform over the CTA
+  const int64_t c0 = ck * p.chunk;
+  const int64_t p0 = mx64(c0, s.ns), p1 = mn64(mn64(s.L, c0 + p.chunk), s.L - s.nr);
   const int32_t T = p.thr[bh];
-  int64_t slot = p.meta[(bh * p.nch + ck) * 2];
-  int32_t budget = p.meta[(bh * p.nch + ck) * 2 + 1];
-  const uint16_t* sc = p.sc + bh * p.N;
+  if (p0 >= p1 || T >= p.nbins) return;  // uniform over the CTA
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t per_w = p.chunk / (kTopkThreads / 32);  // a multiple of 32 (chunk is a multiple of 256)
+  const int64_t w0 = c0 + warp * per_w, w1 = mn64(w0 + per_w, p1);
+  const uint16_t* sc = p.sc + bh * p.npad;
+  int ng = 0, ne = 0;
+  for (int64_t base = w0; base < w1; base += 256) {
+    const int64_t q = base + lane * 8;
+    if (q < w1 && q + 8 > p0) {
+      int v[8];
+      load_scores8(sc, q, v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const bool in = q + e >= p0 && q + e < w1;
+        ng += in && v[e] > T;
+        ne += in && v[e] == T;
+      }
+    }
+  }
+  ng = warp_sum(ng);
+  ne = warp_sum(ne);
+  if (lane == 0) {
+    wcnt[0][warp] = ng;
+    wcnt[1][warp] = ne;
+  }
+  __syncthreads();
+  if (ng + ne == 0) return;  // uniform over the warp; no barrier follows
+  int g_run = 0, e_run = 0;
+  for (int w = 0; w < warp; ++w) {
+    g_run += wcnt[0][w];
+    e_run += wcnt[1][w];
+  }
+  const int64_t slot = p.meta[(bh * p.nch + ck) * 2];
+  const int budget = p.meta[(bh * p.nch + ck) * 2 + 1];
   int32_t* idx = p.idx + bh * p.k_sel;
   int32_t* scr = p.scr + bh * p.k_sel;
-  for (int64_t base = p0; base < p1; base += kTopkThreads) {
-    const int64_t pos = base + threadIdx.x;
-    const int v = pos < p1 ? static_cast<int>(sc[pos]) : -1;
-    int n_eq;
-    const int eq_rank = block_prefix(v == T, warp_sums, n_eq);
-    const bool sel = v > T || (v == T && eq_rank < budget);
-    int n_sel;
-    const int rank = block_prefix(sel, warp_sums, n_sel);
-    if (sel) {
-      idx[slot + rank] = static_cast<int32_t>(pos);
-      scr[slot + rank] = v;
+  for (int64_t base = w0; base < w1; base += 256) {
+    const int64_t q = base + lane * 8;
+    int v[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+    int lg = 0, le = 0;
+    if (q < w1 && q + 8 > p0) {
+      load_scores8(sc, q, v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (q + e < p0 || q + e >= w1) v[e] = -1;
+        lg += v[e] > T;
+        le += v[e] == T;
+      }
     }
-    slot += n_sel;
-    budget -= min(n_eq, budget);
+    if (__ballot_sync(kFull, lg + le > 0) == 0) continue;  // uniform
+    const int packed = (lg << 16) | le;  // per warp step at most 256 of each: no carry between the halves
+    const int incl = warp_incl_scan(packed);
+    const int step = __shfl_sync(kFull, incl, 31);
+    int gb = g_run + ((incl - packed) >> 16), eb = e_run + ((incl - packed) & 0xffff);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (v[e] > T) {
+        const int64_t o = slot + gb + min(eb, budget);
+        idx[o] = static_cast<int32_t>(q + e);
+        scr[o] = v[e];
+        ++gb;
+      } else if (v[e] == T) {
+        if (eb < budget) {
+          const int64_t o = slot + gb + eb;
+          idx[o] = static_cast<int32_t>(q + e);
+          scr[o] = v[e];
+        }
+        ++eb;
+      }
+    }
+    g_run += step >> 16;
+    e_run += step & 0xffff;
   }
 }
 
@@ -725,6 +823,7 @@ void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream
   p.g = static_cast<int>(a.Hq / a.Hkv);
   p.W = static_cast<int>(a.W);
   p.N = a.N;
+  p.npad = l.npad;
   p.k_sel = a.k;
   p.sinks = a.sinks;
   p.recent = a.recent;
@@ -733,6 +832,7 @@ void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream
   p.nbins = l.nbins;
   p.sc = reinterpret_cast<uint16_t*>(ws + l.sc_off);
   p.hist = reinterpret_cast<int32_t*>(ws + l.hist_off);
+  p.tot = reinterpret_cast<int32_t*>(ws + l.tot_off);
   p.meta = reinterpret_cast<int32_t*>(ws + l.meta_off);
   p.thr = reinterpret_cast<int32_t*>(ws + l.thr_off);
   p.idx = a.indices;
@@ -740,6 +840,7 @@ void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream
   // the binding rejects larger B / Hkv with a ValueError (grid y and z <= 65535; select grid x = B·Hkv < 2^31)
   if (a.B > 65535 || a.Hkv > 65535 || a.B * a.Hkv > 0x7fffffff)
     throw std::runtime_error("kvengine::cuda::hamming_topk: B and Hkv must be <= 65535 with B·Hkv < 2^31");
+  check(cudaMemsetAsync(p.tot, 0, size_t(a.B * a.Hkv) * l.nbins * sizeof(int32_t), stream), "hamming_topk memset");
   const dim3 grid(static_cast<unsigned>(l.nch), static_cast<unsigned>(a.Hkv), static_cast<unsigned>(a.B));
   const size_t smem1 = sizeof(int32_t) * (l.nbins + p.g * p.W);
   // 16-byte code loads when every row start is 16-byte aligned
@@ -752,8 +853,8 @@ void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream
     default: topk_score_kernel<8><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
   }
   check(cudaGetLastError(), "hamming_topk score launch");
-  const size_t smem2 = sizeof(int32_t) * (l.nbins + 2 * kTopkThreads);
-  topk_select_kernel<<<static_cast<unsigned>(a.B * a.Hkv), kTopkThreads, smem2, stream>>>(p);
+  const size_t smem2 = sizeof(int32_t) * 2 * l.nch;  // nch <= 256 (cuda_chunk)
+  topk_select_kernel<<<static_cast<unsigned>(a.B * a.Hkv), kSelThreads, smem2, stream>>>(p);
   check(cudaGetLastError(), "hamming_topk select launch");
   topk_gather_kernel<<<grid, kTopkThreads, 0, stream>>>(p);
   check(cudaGetLastError(), "hamming_topk gather launch");
