@@ -279,15 +279,25 @@ def hash_encode_mma(gen):
     return _hash(gen, mma=True)
 
 
-@case
-def hamming_topk(gen):
+def _topk(gen, mma: bool):
     from kvengine import ops
-    qc = torch.randint(-2**31, 2**31 - 1, (2, 16, 4), generator=gen, dtype=torch.int64).to(torch.int32)
-    kc = torch.randint(-2**31, 2**31 - 1, (2, 4, 20000, 4), generator=gen, dtype=torch.int64).to(torch.int32)
-    lens = torch.tensor([20000, 7777], dtype=torch.int32)
-    c, g = both(lambda a, b, s: ops.hamming_topk(a, b, 1024, seq_lens=s, keep=(4, 64)), qc, kc, lens)
+    with env("KVENGINE_TOPK_MMA", "1" if mma else "0"):
+        qc = torch.randint(-2**31, 2**31 - 1, (2, 16, 4), generator=gen, dtype=torch.int64).to(torch.int32)
+        kc = torch.randint(-2**31, 2**31 - 1, (2, 4, 20000, 4), generator=gen, dtype=torch.int64).to(torch.int32)
+        lens = torch.tensor([20000, 7777], dtype=torch.int32)
+        c, g = both(lambda a, b, s: ops.hamming_topk(a, b, 1024, seq_lens=s, keep=(4, 64)), qc, kc, lens)
     ok = same(c[0], g[0]) and same(c[1], g[1])
     return ok, f"indices equal {same(c[0], g[0])}, scores equal {same(c[1], g[1])}"
+
+
+@case
+def hamming_topk(gen):
+    return _topk(gen, mma=False)
+
+
+@case
+def hamming_topk_mma(gen):
+    return _topk(gen, mma=True)
 
 
 @case

@@ -8,7 +8,7 @@ from kvengine import ops
 from kvengine import reference as ref
 from kvengine import retrieval
 
-from conftest import DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
+from conftest import DEVICES, GPU_DEVICES, HAS_CUDA, assert_rows_close, outlier_randn
 
 
 def rand_codes(*shape, gen):
@@ -109,6 +109,27 @@ def test_hamming_topk_matches_brute_force(device, case, ties, gen):
     assert torch.equal(torch.sort(scr.cpu(), -1).values, torch.sort(rscr, -1).values)
     assert torch.equal(idx.cpu(), ridx)
     assert torch.equal(scr.cpu(), rscr)
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+@pytest.mark.parametrize("mma", ["0", "1"])
+@pytest.mark.parametrize("case", [
+    # B, Hq, Hkv, N, W, k, seq_lens, keep
+    (2, 24, 2, 3001, 8, 129, [3001, 1500], (1, 2)),  # g = 12: two head groups, two 128-bit halves
+    (1, 9, 1, 999, 1, 77, None, None),                # g = 9, 32-bit codes
+    (1, 16, 2, 4097, 2, 400, None, (0, 33)),          # g = 8 (registers), a chunk of one position
+])
+def test_hamming_topk_score_kernels(device, mma, case, gen, monkeypatch):
+    """Both CUDA score kernels (KVENGINE_TOPK_MMA=1: b1 AND+popc MMA, the default on sm_80+; 0: POPC on the CUDA
+    cores) against the reference, with ties."""
+    monkeypatch.setenv("KVENGINE_TOPK_MMA", mma)
+    B, Hq, Hkv, N, W, k, lens, keep = case
+    for make in (rand_codes, low_entropy_codes):
+        qc, kc = make(B, Hq, 1, W, gen=gen), make(B, Hkv, N, W, gen=gen)
+        sl = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+        idx, scr = ops.hamming_topk(qc.to(device), kc.to(device), k, None if sl is None else sl.to(device), keep)
+        ridx, rscr = ref.hamming_topk(qc, kc, k, sl, keep)
+        assert torch.equal(idx.cpu(), ridx) and torch.equal(scr.cpu(), rscr)
 
 
 def test_hamming_topk_strided_cache_view(gen):

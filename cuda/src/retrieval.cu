@@ -13,10 +13,11 @@
 //     each accumulator's (row, output) from CuTe's partition of an identity tensor and ORs its sign bit into the
 //     row's code word (shared atomics), then the words are written out.
 // hamming_topk: a memset and three kernels, no host sync, workspace sized from shapes only (graph capturable)
-//     topk_score_kernel   grid (chunk, Hkv, B), 256 threads: q codes of the group in shared memory, one thread per
-//                         position (16-byte loads for W >= 4), score -> uint16 workspace, shared-memory histogram of
-//                         the middle positions' scores -> per-chunk histogram, and its non-empty bins added
-//                         (global atomics) into the (b, h) total.
+//     topk_score_mma_kernel  (sm_80+, the default; KVENGINE_TOPK_MMA=0 for the other) grid (chunk, Hkv, B), 8 warps:
+//                         one b1 AND+popc MMA per 16 positions × 8 query heads, score -> uint16 workspace,
+//                         shared-memory histogram of the middle positions' scores -> per-chunk histogram, and its
+//                         non-empty bins added (global atomics) into the (b, h) total.
+//     topk_score_kernel   the same on the CUDA cores: one thread per position, POPC per word and query head.
 //     topk_select_kernel  one CTA of 512 per (b, h): T from a block scan of the total histogram, per-chunk counts
 //                         above / at T (a warp per chunk, bins >= T only), chunk output slots and tie budgets by
 //                         block scans; writes sinks, recent window and -1 padding.
@@ -377,6 +378,34 @@ __device__ __forceinline__ int block_excl_scan(int v, int* wsum, int& total) {
   return before + x - v;
 }
 
+// The CTA's chunk histogram (shared, complete after a barrier) -> its workspace row, and its non-empty bins into the
+// (b, h) total (global atomics; most bins are empty: scores concentrate around the mean)
+__device__ __forceinline__ void flush_histogram(const TopkParams& p, const int32_t* hist, int64_t bh, int64_t ck) {
+  int32_t* out = p.hist + (bh * p.nch + ck) * p.nbins;
+  int32_t* tot = p.tot + bh * p.nbins;
+  for (int i = threadIdx.x; i < p.nbins; i += kTopkThreads) {
+    const int32_t c = hist[i];
+    out[i] = c;
+    if (c) atomicAdd(&tot[i], c);
+  }
+}
+
+// d += popc(a & b) over one m16n8k256 b1 tile.  A (16 x 256, row): register r holds row gi + 8·(r & 1), k bits
+// 32t + 128·(r >> 1) + [0, 32); B (256 x 8, col): register r holds column gi, k bits 32t + 128r + [0, 32)
+// (gi = lane / 4, t = lane % 4); D: d0/d1 row gi, columns 2t / 2t + 1, d2/d3 row gi + 8.
+__device__ __forceinline__ void bmma_and_popc(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(KVENGINE_CUDA_EMU)
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
 template <int W>
 __global__ void __launch_bounds__(kTopkThreads) topk_score_kernel(const TopkParams p, const bool vec) {
   extern __shared__ int32_t topk_smem[];
@@ -417,13 +446,92 @@ __global__ void __launch_bounds__(kTopkThreads) topk_score_kernel(const TopkPara
     if (pos >= s.ns && pos < s.L - s.nr) atomicAdd(&hist[score], 1);
   }
   __syncthreads();
-  int32_t* out = p.hist + (bh * p.nch + ck) * p.nbins;
-  int32_t* tot = p.tot + bh * p.nbins;
-  for (int i = threadIdx.x; i < p.nbins; i += kTopkThreads) {
-    const int32_t c = hist[i];
-    out[i] = c;
-    if (c) atomicAdd(&tot[i], c);  // most bins are empty (scores concentrate around the mean)
+  flush_histogram(p, hist, bh, ck);
+}
+
+// The same scores on the tensor cores (sm_80+): one m16n8k256 b1 AND+popc MMA per 16 positions and 8 query heads
+// of the group (two for 256-bit codes): rows = positions, columns = query heads, and the 256-bit k range holds the
+// key's 128 code bits (A registers 0/1) against ~q (B register 0) and ~k (A registers 2/3) against q (B register 1),
+// so the accumulator is popc(k & ~q) + popc(~k & q) = popc(k ^ q) summed over the words; head groups past the
+// first 8 accumulate into the same registers, and the 8 columns (query heads; absent heads and words have zero B
+// words) are summed by two quad shuffles with both rows packed in one register.  A warp takes kTopkTiles tiles of
+// 16 positions at a time, loads first.  POPC runs at 16 per clock per SM; this needs ~25 issued instructions per
+// 16 positions and no POPC, so the kernel is bound by the code bytes, not the popcounts (docs/performance.md).
+constexpr int kTopkTiles = 4;
+
+template <int W, bool ONE>  // ONE: g <= 8, the B fragments live in registers
+__global__ void __launch_bounds__(kTopkThreads) topk_score_mma_kernel(const TopkParams p) {
+  constexpr int NH = W == 8 ? 2 : 1;  // 128-bit halves of a code
+  extern __shared__ int32_t topk_smem[];
+  int32_t* hist = topk_smem;                                                  // [nbins]
+  uint2* bs = reinterpret_cast<uint2*>(topk_smem + ((p.nbins + 1) & ~int64_t(1)));  // [ng][NH][32 lanes]
+  const int ng = (p.g + 7) / 8;
+  const int64_t ck = blockIdx.x, h = blockIdx.y, b = blockIdx.z, bh = b * p.Hkv + h;
+  const Span s = span_of(p, b);
+  for (int i = threadIdx.x; i < p.nbins; i += kTopkThreads) hist[i] = 0;
+  for (int i = threadIdx.x; i < ng * NH * 32; i += kTopkThreads) {
+    const int l = i % 32, hf = (i / 32) % NH, r = i / (32 * NH);
+    const int head = r * 8 + l / 4, word = hf * 4 + l % 4;
+    uint32_t qw = 0, nq = 0;
+    if (head < p.g && word < W) {
+      qw = p.q[b * p.qsb + (h * p.g + head) * p.qsh + word];
+      nq = ~qw;
+    }
+    bs[i] = make_uint2(nq, qw);
   }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gi = lane >> 2, t = lane & 3;
+  uint2 breg[NH];
+  if constexpr (ONE) {
+#pragma unroll
+    for (int hf = 0; hf < NH; ++hf) breg[hf] = bs[hf * 32 + lane];
+  }
+  // positions relative to the chunk start in 32-bit arithmetic (a chunk holds < 2^24 positions)
+  const int64_t p0 = ck * p.chunk;
+  const int n = static_cast<int>(mx64(0, mn64(s.L, p0 + p.chunk) - p0));
+  const int m0 = static_cast<int>(mn64(mx64(s.ns - p0, 0), n));
+  const int m1 = static_cast<int>(mx64(mn64(mx64(s.L - s.nr - p0, 0), n), m0));  // middle: [m0, m1)
+  const uint32_t* kc = p.k + b * p.ksb + h * p.ksh + p0 * W + t;
+  uint16_t* scc = p.sc + bh * p.npad + p0;
+  const int total = p.g * 32 * W;
+  const bool word_ok = t < W;  // W < 4: lanes t >= W hold no code word (their B words are zero)
+  const int my_row = gi + ((t & 1) ? 8 : 0), shift = (t & 1) ? 16 : 0;  // lanes t = 0 / 1 write rows gi / gi + 8
+  constexpr int kWarps = kTopkThreads / 32;
+  for (int t0 = warp * 16; t0 < n; t0 += kWarps * kTopkTiles * 16) {
+    uint32_t a[kTopkTiles][NH][2];
+#pragma unroll
+    for (int u = 0; u < kTopkTiles; ++u) {
+      const int r_lo = t0 + kWarps * 16 * u + gi, r_hi = r_lo + 8;
+#pragma unroll
+      for (int hf = 0; hf < NH; ++hf) {
+        a[u][hf][0] = word_ok && r_lo < n ? __ldg(kc + r_lo * W + hf * 4) : 0u;
+        a[u][hf][1] = word_ok && r_hi < n ? __ldg(kc + r_hi * W + hf * 4) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kTopkTiles; ++u) {
+      const int base = t0 + kWarps * 16 * u;
+      if (base >= n) break;  // warp-uniform
+      int d[4] = {0, 0, 0, 0};
+      for (int r = 0; r < (ONE ? 1 : ng); ++r)
+#pragma unroll
+        for (int hf = 0; hf < NH; ++hf) {
+          const uint2 bf = ONE ? breg[hf] : bs[(r * NH + hf) * 32 + lane];
+          bmma_and_popc(d, a[u][hf][0], a[u][hf][1], ~a[u][hf][0], ~a[u][hf][1], bf.x, bf.y);
+        }
+      int both = (d[0] + d[1]) | ((d[2] + d[3]) << 16);  // row sums <= 8192 (g · nbits <= 8192)
+      both += __shfl_xor_sync(kFull, both, 1);
+      both += __shfl_xor_sync(kFull, both, 2);
+      const int pos = base + my_row;
+      if (t < 2 && pos < n) {
+        const int score = total - ((both >> shift) & 0xffff);
+        scc[pos] = static_cast<uint16_t>(score);
+        if (static_cast<unsigned>(pos - m0) < static_cast<unsigned>(m1 - m0)) atomicAdd(&hist[score], 1);
+      }
+    }
+  }
+  __syncthreads();
+  flush_histogram(p, hist, bh, ck);
 }
 
 // One CTA per (b, h), no serial loop longer than a thread's share: T from a block scan of the summed histogram
@@ -806,6 +914,23 @@ void hash_encode(const HashEncodeArgs& a, cudaStream_t stream) {
   check(cudaGetLastError(), "hash_encode launch");
 }
 
+// KVENGINE_TOPK_MMA=0 forces the CUDA-core (POPC) score kernel; the tensor-core one needs sm_80+ (read at every call)
+static bool topk_mma_enabled() {
+  const char* e = std::getenv("KVENGINE_TOPK_MMA");
+  if (e && e[0] == '0') return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major >= 8;
+}
+
+template <int W>
+static void launch_topk_mma(bool one, dim3 grid, size_t smem, cudaStream_t stream, const TopkParams& p) {
+  if (one) topk_score_mma_kernel<W, true><<<grid, kTopkThreads, smem, stream>>>(p);
+  else topk_score_mma_kernel<W, false><<<grid, kTopkThreads, smem, stream>>>(p);
+}
+
 size_t hamming_topk_workspace_bytes(const HammingTopkArgs& a) { return layout(a).total; }
 
 void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream) {
@@ -846,11 +971,23 @@ void hamming_topk(const HammingTopkArgs& a, void* workspace, cudaStream_t stream
   // 16-byte code loads when every row start is 16-byte aligned
   const bool vec = reinterpret_cast<uintptr_t>(a.k_codes) % 16 == 0 && a.k_stride_b % 4 == 0 &&
                    a.k_stride_h % 4 == 0;
-  switch (p.W) {
-    case 1: topk_score_kernel<1><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
-    case 2: topk_score_kernel<2><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
-    case 4: topk_score_kernel<4><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
-    default: topk_score_kernel<8><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+  if (topk_mma_enabled()) {
+    const int ng = (p.g + 7) / 8, nh = p.W == 8 ? 2 : 1;
+    const size_t smem = sizeof(int32_t) * ((l.nbins + 1) / 2 * 2) + sizeof(uint2) * ng * nh * 32;  // <= 41 KB
+    const bool one = ng == 1;
+    switch (p.W) {
+      case 1: launch_topk_mma<1>(one, grid, smem, stream, p); break;
+      case 2: launch_topk_mma<2>(one, grid, smem, stream, p); break;
+      case 4: launch_topk_mma<4>(one, grid, smem, stream, p); break;
+      default: launch_topk_mma<8>(one, grid, smem, stream, p); break;
+    }
+  } else {
+    switch (p.W) {
+      case 1: topk_score_kernel<1><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+      case 2: topk_score_kernel<2><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+      case 4: topk_score_kernel<4><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+      default: topk_score_kernel<8><<<grid, kTopkThreads, smem1, stream>>>(p, vec); break;
+    }
   }
   check(cudaGetLastError(), "hamming_topk score launch");
   const size_t smem2 = sizeof(int32_t) * 2 * l.nch;  // nch <= 256 (cuda_chunk)

@@ -7,6 +7,7 @@ packed INT4 / INT2 cache (``quant_decode_attention(indices=...)``) vs ``sparse_d
 K/V.  8 KV heads, 32 query heads, D = 128, 128-bit codes, k = 1024."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,16 +45,27 @@ def torch_hash_encode(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     return ref.pack_bits(f > 0)
 
 
-def _encode_cuda_core(hasher, k):
-    old = os.environ.get("KVENGINE_HASH_MMA")
-    os.environ["KVENGINE_HASH_MMA"] = "0"
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
-        return hasher.encode_keys(k)
+        yield
     finally:
         if old is None:
-            del os.environ["KVENGINE_HASH_MMA"]
+            del os.environ[name]
         else:
-            os.environ["KVENGINE_HASH_MMA"] = old
+            os.environ[name] = old
+
+
+def _encode_cuda_core(hasher, k):
+    with _env("KVENGINE_HASH_MMA", "0"):
+        return hasher.encode_keys(k)
+
+
+def _topk_cuda_core(qc, kc, top_k):
+    with _env("KVENGINE_TOPK_MMA", "0"):
+        return ops.hamming_topk(qc, kc, top_k)
 
 
 def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=128, top_k=1024,
@@ -89,6 +101,12 @@ def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=1
         t_enc = timeit(lambda: hasher.encode_keys(k), device, repeat=rep)
         t_enc_t = timeit(lambda: torch_hash_encode(k, *w), device, repeat=max(3, rep // 2))
         enc_row = {"encode_us": t_enc * 1e6, "torch_encode_us": t_enc_t * 1e6, "encode_speedup": t_enc_t / t_enc}
+        topk_row = {}
+        if device != "cpu":  # the score kernel on the CUDA cores (POPC) vs the tensor cores (b1 MMA): same result
+            ci, cs = _topk_cuda_core(qc, kc, top_k)
+            assert torch.equal(ci, idx) and torch.equal(cs, scr)
+            t_kc = timeit(lambda: _topk_cuda_core(qc, kc, top_k), device, repeat=rep)
+            topk_row = {"topk_cudacore_us": t_kc * 1e6, "topk_mma_speedup": t_kc / t_k}
         if device != "cpu":  # the tensor-core kernel vs the CUDA-core kernel, same codes away from |f| ~ 0
             cc = _encode_cuda_core(hasher, k)
             agree = (cc == kc).float().mean().item()
@@ -110,7 +128,7 @@ def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=1
             "topk_us": t_k * 1e6, "torch_topk_us": t_t * 1e6, "speedup_vs_torch": t_t / t_k,
             "codes_GBps": code_bytes / t_k / 1e9,
             "sparse_attn_us": t_att * 1e6, "retrieval_step_us": t_step * 1e6, "full_sdpa_us": t_full * 1e6,
-            "step_speedup_vs_full": t_full / t_step, **enc_row, **packed,
+            "step_speedup_vs_full": t_full / t_step, **topk_row, **enc_row, **packed,
         })
         del k, v, kc
     print_table(f"hash retrieval on {device} ({dtype} K/V, B={B}, Hkv={hkv}, Hq={hq}, D={D}, {nbits}-bit codes, "
@@ -119,7 +137,8 @@ def run(device: str, contexts=(32768, 131072), B=1, hkv=8, hq=32, D=128, nbits=1
                 ["context", "topk_us", "torch_topk_us", "speedup_vs_torch", "codes_GBps", "sparse_attn_us",
                  "retrieval_step_us", "full_sdpa_us", "step_speedup_vs_full", "encode_us", "torch_encode_us",
                  "encode_speedup", "sparse_int4_us", "int4_vs_fp", "sparse_int2_us", "int2_vs_fp"]
-                + (["encode_cudacore_us", "mma_speedup", "code_word_agreement"] if device != "cpu" else []))
+                + (["topk_cudacore_us", "topk_mma_speedup", "encode_cudacore_us", "mma_speedup", "code_word_agreement"]
+                   if device != "cpu" else []))
     return rows
 
 
