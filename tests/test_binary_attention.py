@@ -457,6 +457,36 @@ def test_tensor_core_path_staging_and_sign_cases(device, dtype, causal, gen, mon
 
 
 @pytest.mark.parametrize("device", GPU_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_path_cta_sizes_and_running_max(device, dtype, gen, monkeypatch):
+    """8-warp CTAs (128 query rows, the default) and 4-warp CTAs (KVENGINE_BINARY_MMA_WARPS=4) give identical
+    results; the running max is skipped where a tile's bound mul·D·max β cannot move it (small scores) and moves,
+    rescaling O, where later keys are 40x larger (a row max rising by hundreds of log2 units mid-row)."""
+    B, Hkv, g, Lq, Lk, D = 1, 2, 2, 300, 333, 64
+    # Gaussian q / k here (outlier tails would make the bound D·max β loose enough that every tile computes the
+    # max): scores ~ 0.04 · β·n, so tiles of small keys skip the max and the 40x / 90x keys must move it
+    q = (torch.randn(B, Hkv * g, Lq, D, generator=gen) * 0.3).to(dtype)
+    v = outlier_randn(B, Hkv, Lk, D, generator=gen).to(dtype)
+    small = torch.randn(B, Hkv, Lk, D, generator=gen)
+    rising = small.clone()
+    rising[:, :, 200:] *= 40
+    rising[:, 1, 100:104] *= 90  # a second rise, in the second half of a tile (keys 96..127)
+    monkeypatch.setenv("KVENGINE_BINARY_MMA", "1")
+    for k in (small.to(dtype), rising.to(dtype)):
+        for causal in (False, True):
+            args = [t.to(device) for t in (q, k, v)]
+            kw = dict(causal=causal, center_k=False)  # centering would spread the large keys' mean over all keys
+            monkeypatch.setenv("KVENGINE_BINARY_MMA_WARPS", "4")
+            four = ops.binary_attention(*args, **kw)
+            monkeypatch.setenv("KVENGINE_BINARY_MMA_WARPS", "8")
+            eight = ops.binary_attention(*args, **kw)
+            assert torch.equal(four, eight)
+            expect = _ref_out(ref.binary_attention, args, kw)
+            assert torch.isfinite(eight).all()
+            assert_rows_close(eight.float().cpu(), expect, TOL[dtype])
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
 def test_tensor_core_path_falls_back_where_it_does_not_apply(device, gen, monkeypatch):
     """The variable really switches kernels (P rounded to fp16 changes some of 300k outputs); D = 256 and fp32 V keep
     the CUDA-core kernel (bit-identical with the variable set or not); packed keys use the tensor-core kernel like

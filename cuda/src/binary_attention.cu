@@ -340,10 +340,14 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
 }
 
 // ---- tensor-core path (sm_80+): QK as mma b1 AND + popc, P·V as fp16/bf16 mma ------------------------------------
-// binary_attn_mma_kernel<D, VT, BIAS>, D in {32, 64, 128}, V (and out) fp16 or bf16, BIAS: a bias or rel table given.  One CTA = 4 warps, 16 query
-// rows per warp (BQ = 64), keys in tiles of BK = 64, two shared-memory stages: while a tile is consumed the next
-// one's V rows arrive by cp.async (plain loads when V's rows are not 16-byte aligned) and its sign words and β are
-// loaded into registers (stored to the other stage after the tile), one __syncthreads per tile.
+// binary_attn_mma_kernel<D, VT, BIAS, NWARP>, D in {32, 64, 128}, V (and out) fp16 or bf16, BIAS: a bias or rel
+// table given.  One CTA = NWARP warps (8, or 4 with KVENGINE_BINARY_MMA_WARPS=4), 16 query rows per warp
+// (BQ = 16·NWARP), keys in tiles of BK = 64, two shared-memory stages: while a tile is consumed the next one's V rows
+// arrive by cp.async (plain loads when V's rows are not 16-byte aligned) and its sign words and β are loaded into
+// registers (stored to the other stage after the tile), one __syncthreads per tile.  Every CTA reads all of its KV
+// head's V from L2, so the L2 → SM traffic is (Lq / BQ)·Lk·D·2 bytes per head: BQ = 128 halves what BQ = 64 moved
+// (2.1 GB at L = 4K, D = 128, B·H = 32, comparable to the whole kernel's time at L2 rates).  Causal: a warp whose rows
+// see no key of a tile only stages and syncs.
 //   QK: one mma.m16n8k256.b1.and.popc per 8 keys gives popc(q ^ k) directly: the 256-bit k range holds
 //     q (registers 0/1 of A, words 0..3) against ~k (register 0 of B), and ~q (A registers 2/3) against k (B register
 //     1), and popc(q & ~k) + popc(~q & k) = popc(q ^ k); words past D/32 are zero in all four.  Which bits a (thread,
@@ -356,8 +360,9 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
 //     >= FLT_MIN, so masked (−inf) scores give exp2 = 0 even for an all-zero query row.  Masks are applied only in
 //     tiles that cross a row's last visible key (warp-uniform test); every other tile skips them.
 //   Online softmax with a lazy max: the running max m moves only when a tile's max exceeds it by more than kSlack
-//     (log2 units), so P <= 2^kSlack and the O rescale (ND·4 multiplies) runs only in the rare tiles where some row
-//     of the warp moved (__any_sync).  The row sums come from the tensor cores too: P times a column of ones, so
+//     = 15 (log2 units), so P <= 2^15 < 65504 and the O rescale (ND·4 multiplies) runs only in the rare tiles where
+//     some row of the warp moved (__any_sync).  Without a bias the tile's max is not even computed where the bound
+//     mul·D·(max β of the tile) is <= m + kSlack for every row of the warp (the staging warps reduce β's max).  The row sums come from the tensor cores too: P times a column of ones, so
 //     they sum exactly the rounded probabilities P·V used.
 //   P·V: P rounded to V's type is the A fragment (FlashAttention-2 register layout: the score fragments of two
 //     adjacent 8-key tiles are one 16-key step), V's B fragments come from the row-major stage by
@@ -365,21 +370,21 @@ void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
 //   The exponentials are ex2.approx.ftz.f32 (one MUFU op; exp2f adds a subnormal-range fix-up of 2 FMUL + 1 FSETP
 //     each, and P below 2^-126 is 0 in V's type anyway).
 //   BIAS (a dense bias or a relative table given) is a template parameter: the plain kernel carries no bias code or
-//     registers (sm_90a: 162 / 128 / 109 registers at D = 128 / 64 / 32; with BIAS 216-223), and the bias kernel has
-//     one branch-free loop per combination.
+//     registers (sm_90a, 8 warps: 168 / 128 / 117-121 registers at D = 128 / 64 / 32, one CTA per SM at D = 128 and
+//     two below; with BIAS 168-250), and the bias kernel has one branch-free loop per combination.
 // Opt-in (KVENGINE_BINARY_MMA=1) until it has run on a GPU.
-constexpr int kMmaBQ = 64;
 constexpr int kVPad = 8;  // fp16/bf16 elements of padding per staged V row
 
-template <int D>
-struct MmaSmem {  // byte offsets of the tensor-core kernel's shared memory
+template <int D, int NWARP>
+struct MmaSmem {  // byte offsets of the tensor-core kernel's shared memory (NWARP warps of 16 query rows)
   static constexpr int NW = D / 32;
   static constexpr int VR = D + kVPad;                                    // staged V row pitch (elements)
   static constexpr size_t v_stage = static_cast<size_t>(BK) * VR * 2;    // [BK][VR] fp16/bf16
-  static constexpr size_t k_stage = static_cast<size_t>(BK) * NW * 4 + BK * 4;  // [BK][NW] words, [BK] β
+  static constexpr int KSW = BK * NW + BK + 4;  // words per K stage: [BK][NW] sign words, [BK] β, max β of 2 halves
+  static constexpr size_t k_stage = static_cast<size_t>(KSW) * 4;
   static constexpr size_t k_off = 2 * v_stage;
-  static constexpr size_t q_off = k_off + 2 * k_stage;                    // [kWarps][16][NW] words, [kWarps][16] a
-  static constexpr size_t bytes = q_off + static_cast<size_t>(kWarps) * 16 * NW * 4 + kWarps * 16 * 4;
+  static constexpr size_t q_off = k_off + 2 * k_stage;                    // [NWARP][16][NW] words, [NWARP][16] a
+  static constexpr size_t bytes = q_off + static_cast<size_t>(NWARP) * 16 * NW * 4 + NWARP * 16 * 4;
   static_assert(v_stage % 16 == 0 && k_off % 16 == 0, "16-byte aligned stages");
 };
 
@@ -437,22 +442,23 @@ __device__ __forceinline__ void mma_and_popc(int (&d)[4], uint32_t a0, uint32_t 
 #endif
 }
 
-template <int D, typename VT, bool BIAS>
-__global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams p) {
-  using S = MmaSmem<D>;
+template <int D, typename VT, bool BIAS, int NWARP>
+__global__ void __launch_bounds__(NWARP * 32, (NWARP == 8 && (D == 128 || BIAS)) ? 1 : 2) binary_attn_mma_kernel(AttnParams p) {
+  using S = MmaSmem<D, NWARP>;
+  constexpr int kMmaThreads = NWARP * 32, kMmaBQ = NWARP * 16;
   constexpr int NW = S::NW;   // sign words per row (<= 4)
   constexpr int VR = S::VR;
   constexpr int NT = BK / 8;  // 8-key score tiles per key tile
   constexpr int ND = D / 8;   // 8-channel output tiles
-  constexpr float kSlack = 8.f;
+  constexpr float kSlack = 15.f;  // P <= 2^15 < 65504 (fp16 max)
   constexpr float kNOff = static_cast<float>(D) + 16777216.f;  // D + 2^24 (exact)
   static_assert(NW <= 4 && ND % 2 == 0, "the tensor-core path takes D in {32, 64, 128}");
   extern __shared__ float4 smem4[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem4);
   uint16_t* vst = reinterpret_cast<uint16_t*>(smem);                         // [2][BK][VR]
   uint32_t* kst = reinterpret_cast<uint32_t*>(smem + S::k_off);              // [2][BK·NW words + BK β]
-  uint32_t* qws = reinterpret_cast<uint32_t*>(smem + S::q_off);              // [kWarps][16][NW]
-  float* qa = reinterpret_cast<float*>(qws + kWarps * 16 * NW);              // [kWarps][16]
+  uint32_t* qws = reinterpret_cast<uint32_t*>(smem + S::q_off);              // [NWARP][16][NW]
+  float* qa = reinterpret_cast<float*>(qws + NWARP * 16 * NW);               // [NWARP][16]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
@@ -506,6 +512,8 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
   }
   // the last key every valid row of this warp sees (tiles up to it need no mask)
   const int lim_w = rbase < p.Lq ? (p.causal ? min(p.Lk - 1, rbase + shift) : p.Lk - 1) : INT_MAX;
+  // the last key any valid row of this warp sees (-1: none)
+  const int lim_last = rbase < p.Lq ? (p.causal ? min(p.Lk - 1, min(rbase + 15, p.Lq - 1) + shift) : p.Lk - 1) : -1;
 
   float o[ND][4], ls[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -513,6 +521,7 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
   float m_r[2] = {-INFINITY, -INFINITY};
+  float nm[2] = {0.f, 0.f};  // -m (0 while m = -inf)
   const uint32_t ones = pack2<VT>(1.f, 1.f);
 
   int kend = p.Lk;
@@ -524,7 +533,8 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
 
   // tile `tile`'s V rows into stage s (zeros past Lk: P = 0 must not meet NaN garbage).  Thread tid copies the
   // 16-byte chunk lc of rows lt + RPS·u.
-  constexpr int CPR = D / 8, RPS = kThreads / CPR, NSTEP = BK / RPS;
+  constexpr int CPR = D / 8, RPS = kMmaThreads / CPR, NSTEP = BK / RPS;
+  static_assert(kMmaThreads % CPR == 0 && BK % RPS == 0 && BK <= kMmaThreads, "V staging covers a tile");
   const int lt = tid / CPR, lc = (tid - lt * CPR) * 8;
   const int64_t vstep = static_cast<int64_t>(RPS) * p.v_st;
   auto load_v = [&](int tile, int s) {
@@ -563,11 +573,17 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
     }
   };
   auto store_k = [&](int s) {
-    if (tid < BK) {
-      uint32_t* ks = kst + s * (BK * NW + BK);
+    if (tid < BK) {  // whole warps (BK = 64)
+      uint32_t* ks = kst + s * S::KSW;
 #pragma unroll
       for (int w = 0; w < NW; ++w) ks[tid * NW + w] = kr[w];
       reinterpret_cast<float*>(ks + BK * NW)[tid] = br;
+      if constexpr (!BIAS) {  // max β of this warp's 32 keys: the tile's bound on β·n is D·max β
+        float bm = br;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, o));
+        if (lane == 0) reinterpret_cast<float*>(ks + BK * NW + BK)[warp] = bm;
+      }
     }
   };
 
@@ -590,98 +606,110 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
     }
     ptx::cp_async_commit();
     const uint16_t* vs = vst + s * BK * VR;
-    const uint32_t* kws = kst + s * (BK * NW + BK);
+    const uint32_t* kws = kst + s * S::KSW;
     const float* beta = reinterpret_cast<const float*>(kws + BK * NW);
 
-    // x for rows g / g + 8 (hh = 0 / 1) and keys 8n + 2·tig + {0, 1}
-    float x[NT][4];
+    // a warp whose rows see no key of this tile (causal: rows below the CTA's last) only stages and syncs
+    if (j0 <= lim_last) {
+      // x for rows g / g + 8 (hh = 0 / 1) and keys 8n + 2·tig + {0, 1}
+      float x[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      int cnt[4];
-      const uint32_t kx = has_w ? kws[(8 * n + g) * NW + tig] : 0u;
-      mma_and_popc(cnt, a0, a1, a2, a3, has_w ? ~kx : 0u, kx, 0x4B000000);
-      const float2 bt = *reinterpret_cast<const float2*>(beta + 8 * n + 2 * tig);  // β of keys 2·tig + {0, 1}
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float nf = fmaf(-2.f, __int_as_float(cnt[e]), kNOff);  // D − 2·popc(q ^ k), exact
-        x[n][e] = ((e & 1) ? bt.y : bt.x) * nf;
-      }
-    }
-    // x = a·x + log2 e·(bias + rel), one loop per block-uniform combination (no per-element branches)
-    auto add_bias = [&](auto use_bias, auto use_rel) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n) {
+        int cnt[4];
+        const uint32_t kx = has_w ? kws[(8 * n + g) * NW + tig] : 0u;
+        mma_and_popc(cnt, a0, a1, a2, a3, has_w ? ~kx : 0u, kx, 0x4B000000);
+        const float2 bt = *reinterpret_cast<const float2*>(beta + 8 * n + 2 * tig);  // β of keys 2·tig + {0, 1}
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int hh = e >> 1, j = min(j0 + 8 * n + 2 * tig + (e & 1), p.Lk - 1);
-          float bv = 0.f;
-          if constexpr (decltype(use_bias)::value) bv = brow[hh][j];
-          if constexpr (decltype(use_rel)::value) bv += rrow[hh][-j];
-          x[n][e] = fmaf(ar[hh], x[n][e], kLog2e * bv);
+          const float nf = fmaf(-2.f, __int_as_float(cnt[e]), kNOff);  // D − 2·popc(q ^ k), exact
+          x[n][e] = ((e & 1) ? bt.y : bt.x) * nf;
         }
-    };
-    if constexpr (BIAS) {
-      if (p.bias != nullptr && p.rel != nullptr) add_bias(std::true_type{}, std::true_type{});
-      else if (p.bias != nullptr) add_bias(std::true_type{}, std::false_type{});
-      else add_bias(std::false_type{}, std::true_type{});
-    }
-    if (j0 + BK - 1 > lim_w) {  // warp-uniform: some row's visible keys end inside this tile
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (j0 + 8 * n + 2 * tig + (e & 1) > lim[e >> 1]) x[n][e] = -INFINITY;
-    }
-    // lazy running max per row (the 4 threads of a group hold one row's 64 keys)
-    float nm[2];
-    bool moved = false;
-    float alpha[2] = {1.f, 1.f};
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(x[n][2 * hh], x[n][2 * hh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-      const float mt = mx == -INFINITY ? -INFINITY : mul[hh] * mx;
-      if (mt > m_r[hh] + kSlack) {
-        alpha[hh] = m_r[hh] == -INFINITY ? 0.f : exp2f(m_r[hh] - mt);
-        m_r[hh] = mt;
-        moved = true;
       }
-      nm[hh] = m_r[hh] == -INFINITY ? 0.f : -m_r[hh];
-    }
-    if (__any_sync(kFull, moved)) {
+      // x = a·x + log2 e·(bias + rel), one loop per block-uniform combination (no per-element branches)
+      auto add_bias = [&](auto use_bias, auto use_rel) {
 #pragma unroll
-      for (int d = 0; d < ND; ++d) {
-        o[d][0] *= alpha[0];
-        o[d][1] *= alpha[0];
-        o[d][2] *= alpha[1];
-        o[d][3] *= alpha[1];
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int hh = e >> 1, j = min(j0 + 8 * n + 2 * tig + (e & 1), p.Lk - 1);
+            float bv = 0.f;
+            if constexpr (decltype(use_bias)::value) bv = brow[hh][j];
+            if constexpr (decltype(use_rel)::value) bv += rrow[hh][-j];
+            x[n][e] = fmaf(ar[hh], x[n][e], kLog2e * bv);
+          }
+      };
+      if constexpr (BIAS) {
+        if (p.bias != nullptr && p.rel != nullptr) add_bias(std::true_type{}, std::true_type{});
+        else if (p.bias != nullptr) add_bias(std::true_type{}, std::false_type{});
+        else add_bias(std::false_type{}, std::true_type{});
       }
-      ls[0] *= alpha[0];
-      ls[1] *= alpha[0];
-      ls[2] *= alpha[1];
-      ls[3] *= alpha[1];
-    }
-    // P (rounded to V's type) · V and P · 1, 16 keys per step
+      if (j0 + BK - 1 > lim_w) {  // warp-uniform: some row's visible keys end inside this tile
 #pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t pa[4];
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // r: (row half, 8-key tile) = (r & 1, r >> 1)
-        const int n = 2 * kk + (r >> 1), hh = r & 1;
-        pa[r] = pack2<VT>(ex2_ftz(fmaf(mul[hh], x[n][2 * hh], nm[hh])), ex2_ftz(fmaf(mul[hh], x[n][2 * hh + 1], nm[hh])));
+          for (int e = 0; e < 4; ++e)
+            if (j0 + 8 * n + 2 * tig + (e & 1) > lim[e >> 1]) x[n][e] = -INFINITY;
       }
-      const uint16_t* vrow = vs + (16 * kk + (lane & 15)) * VR + 8 * (lane >> 4);
-#pragma unroll
-      for (int dp = 0; dp < ND / 2; ++dp) {
-        uint32_t bf[4];
-        ptx::ldmatrix_x4_trans(bf, vrow + 16 * dp);
-        mma16816<VT>(o[2 * dp], pa, bf[0], bf[1]);
-        mma16816<VT>(o[2 * dp + 1], pa, bf[2], bf[3]);
+      // lazy running max per row (the 4 threads of a group hold one row's 64 keys).  Without a bias a tile's scores
+      // are bounded by mul·D·(max β of the tile): where that bound is <= m + kSlack for both rows of every thread,
+      // no score can move m, and the per-element max (and its shuffles) is skipped -- the same result.
+      bool need_max = true;
+      if constexpr (!BIAS) {
+        const float2 bm = *reinterpret_cast<const float2*>(beta + BK);
+        const float bound = static_cast<float>(D) * fmaxf(bm.x, bm.y);
+        need_max = __any_sync(kFull, mul[0] * bound > m_r[0] + kSlack || mul[1] * bound > m_r[1] + kSlack);
       }
-      mma16816<VT>(ls, pa, ones, ones);
+      if (need_max) {
+        bool moved = false;
+        float alpha[2] = {1.f, 1.f};
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(x[n][2 * hh], x[n][2 * hh + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+          const float mt = mx == -INFINITY ? -INFINITY : mul[hh] * mx;
+          if (mt > m_r[hh] + kSlack) {
+            alpha[hh] = m_r[hh] == -INFINITY ? 0.f : exp2f(m_r[hh] - mt);
+            m_r[hh] = mt;
+            moved = true;
+          }
+          nm[hh] = m_r[hh] == -INFINITY ? 0.f : -m_r[hh];
+        }
+        if (__any_sync(kFull, moved)) {
+#pragma unroll
+          for (int d = 0; d < ND; ++d) {
+            o[d][0] *= alpha[0];
+            o[d][1] *= alpha[0];
+            o[d][2] *= alpha[1];
+            o[d][3] *= alpha[1];
+          }
+          ls[0] *= alpha[0];
+          ls[1] *= alpha[0];
+          ls[2] *= alpha[1];
+          ls[3] *= alpha[1];
+        }
+      }
+      // P (rounded to V's type) · V and P · 1, 16 keys per step
+#pragma unroll
+      for (int kk = 0; kk < NT / 2; ++kk) {
+        uint32_t pa[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // r: (row half, 8-key tile) = (r & 1, r >> 1)
+          const int n = 2 * kk + (r >> 1), hh = r & 1;
+          pa[r] = pack2<VT>(ex2_ftz(fmaf(mul[hh], x[n][2 * hh], nm[hh])), ex2_ftz(fmaf(mul[hh], x[n][2 * hh + 1], nm[hh])));
+        }
+        const uint16_t* vrow = vs + (16 * kk + (lane & 15)) * VR + 8 * (lane >> 4);
+#pragma unroll
+        for (int dp = 0; dp < ND / 2; ++dp) {
+          uint32_t bf[4];
+          ptx::ldmatrix_x4_trans(bf, vrow + 16 * dp);
+          mma16816<VT>(o[2 * dp], pa, bf[0], bf[1]);
+          mma16816<VT>(o[2 * dp + 1], pa, bf[2], bf[3]);
+        }
+        mma16816<VT>(ls, pa, ones, ones);
+      }
     }
     if (more) store_k(s ^ 1);
   }
@@ -701,17 +729,30 @@ __global__ void __launch_bounds__(kThreads, 2) binary_attn_mma_kernel(AttnParams
   }
 }
 
-template <int D, typename VT>
-void launch_mma(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
-  const size_t smem = MmaSmem<D>::bytes;
-  auto fn = p.bias != nullptr || p.rel != nullptr ? binary_attn_mma_kernel<D, VT, true> : binary_attn_mma_kernel<D, VT, false>;
+// KVENGINE_BINARY_MMA_WARPS=4 selects 4-warp CTAs (64 query rows) instead of 8 (128 rows; read per call)
+int mma_warps() {
+  const char* e = std::getenv("KVENGINE_BINARY_MMA_WARPS");
+  return e != nullptr && e[0] == '4' && e[1] == '\0' ? 4 : 8;
+}
+
+template <int D, typename VT, int NWARP>
+void launch_mma_w(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
+  const size_t smem = MmaSmem<D, NWARP>::bytes;
+  auto fn = p.bias != nullptr || p.rel != nullptr ? binary_attn_mma_kernel<D, VT, true, NWARP>
+                                                  : binary_attn_mma_kernel<D, VT, false, NWARP>;
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
           "shared memory opt-in");
-  const dim3 grid(static_cast<unsigned>((Lq + kMmaBQ - 1) / kMmaBQ), static_cast<unsigned>(Hq),
-                  static_cast<unsigned>(B));
-  fn<<<grid, kThreads, smem, stream>>>(p);
+  constexpr int BQ = NWARP * 16;
+  const dim3 grid(static_cast<unsigned>((Lq + BQ - 1) / BQ), static_cast<unsigned>(Hq), static_cast<unsigned>(B));
+  fn<<<grid, NWARP * 32, smem, stream>>>(p);
   check(cudaGetLastError(), "tensor-core kernel launch");
+}
+
+template <int D, typename VT>
+void launch_mma(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
+  if (mma_warps() == 4) launch_mma_w<D, VT, 4>(p, B, Hq, Lq, stream);
+  else launch_mma_w<D, VT, 8>(p, B, Hq, Lq, stream);
 }
 
 template <typename VT>
