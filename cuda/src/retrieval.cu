@@ -572,19 +572,29 @@ __global__ void __launch_bounds__(kSelThreads) topk_select_kernel(const TopkPara
   __syncthreads();
   const int32_t T = sh_T, need = sh_need;
   if (threadIdx.x == 0) p.thr[bh] = T;
-  for (int64_t ck = warp; ck < p.nch; ck += kSelThreads / 32) {
-    const int32_t* h = p.hist + (bh * p.nch + ck) * p.nbins;
-    int cg = 0, ce = 0;
+  // a warp per chunk, kSelChunks chunks at a time (their loads in flight together: nch <= 256 is <= 2 rounds)
+  constexpr int kSelWarps = kSelThreads / 32, kSelChunks = 8;
+  for (int64_t c0 = warp; c0 < p.nch; c0 += kSelWarps * kSelChunks) {
+    int cg[kSelChunks], ce[kSelChunks];
+#pragma unroll
+    for (int u = 0; u < kSelChunks; ++u) cg[u] = ce[u] = 0;
     for (int64_t i = T + lane; i < p.nbins; i += 32) {
-      const int v = h[i];
-      if (i == T) ce = v;
-      else cg += v;
+#pragma unroll
+      for (int u = 0; u < kSelChunks; ++u) {
+        const int64_t ck = c0 + u * kSelWarps;
+        const int v = ck < p.nch ? p.hist[(bh * p.nch + ck) * p.nbins + i] : 0;
+        if (i == T) ce[u] = v;
+        else cg[u] += v;
+      }
     }
-    cg = warp_sum(cg);
-    ce = warp_sum(ce);
-    if (lane == 0) {
-      gt[ck] = cg;
-      eq[ck] = ce;
+#pragma unroll
+    for (int u = 0; u < kSelChunks; ++u) {
+      const int64_t ck = c0 + u * kSelWarps;
+      const int g = warp_sum(cg[u]), e = warp_sum(ce[u]);
+      if (lane == 0 && ck < p.nch) {
+        gt[ck] = g;
+        eq[ck] = e;
+      }
     }
   }
   __syncthreads();
