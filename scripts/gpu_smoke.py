@@ -27,6 +27,14 @@ def case(fn):
     return fn
 
 
+def case_pair(name: str, body):
+    """Two cases, NAME (the CUDA-core kernel, body(gen, mma=False)) and NAME_mma (the tensor-core kernel)."""
+    for mma in (False, True):
+        fn = (lambda m: lambda gen: body(gen, mma=m))(mma)
+        fn.__name__ = name + ("_mma" if mma else "")
+        case(fn)
+
+
 def heavy(*shape, gen, dtype=torch.float32):
     x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     x = x / torch.rand(*shape, generator=gen, dtype=torch.float64).clamp_min(0.05).sqrt()
@@ -232,14 +240,7 @@ def _binary(gen, mma: bool):
     return max(errs.values()) < tol, " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" (tol {tol})"
 
 
-@case
-def binary_attention(gen):
-    return _binary(gen, mma=False)
-
-
-@case
-def binary_attention_mma(gen):
-    return _binary(gen, mma=True)
+case_pair("binary_attention", _binary)
 
 
 @case
@@ -269,14 +270,7 @@ def _hash(gen, mma: bool):
     return agree > 0.999, f"code bit agreement {agree:.5f} (> 0.999; bits at |f| ~ 0 may flip)"
 
 
-@case
-def hash_encode(gen):
-    return _hash(gen, mma=False)
-
-
-@case
-def hash_encode_mma(gen):
-    return _hash(gen, mma=True)
+case_pair("hash_encode", _hash)
 
 
 def _topk(gen, mma: bool):
@@ -290,14 +284,7 @@ def _topk(gen, mma: bool):
     return ok, f"indices equal {same(c[0], g[0])}, scores equal {same(c[1], g[1])}"
 
 
-@case
-def hamming_topk(gen):
-    return _topk(gen, mma=False)
-
-
-@case
-def hamming_topk_mma(gen):
-    return _topk(gen, mma=True)
+case_pair("hamming_topk", _topk)
 
 
 @case
