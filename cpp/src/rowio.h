@@ -96,4 +96,29 @@ inline void store_row(const float* src, float scale, DType t, int64_t n, void* y
   }
 }
 
+// v[i] = round_to(v[i] · scale, t) in place (fp32 values that a store to dtype t and a load back would give)
+inline void scale_round_row(float* v, float scale, DType t, int64_t n) {
+  int64_t i = 0;
+#ifdef KVENGINE_AVX2
+  const __m256 s = _mm256_set1_ps(scale);
+  switch (t) {
+    case DType::F32:
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(v + i), s));
+      break;
+    case DType::F16:
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(v + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(v + i), s),
+                                                                 _MM_FROUND_TO_NEAREST_INT)));
+      break;
+    case DType::BF16:
+      for (; i + 8 <= n; i += 8) {
+        const __m256i w = _mm256_cvtepu16_epi32(cvt_ps_bf16(_mm256_mul_ps(_mm256_loadu_ps(v + i), s)));
+        _mm256_storeu_ps(v + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+      }
+      break;
+  }
+#endif
+  for (; i < n; ++i) v[i] = round_to(v[i] * scale, t);
+}
+
 }  // namespace kvengine::detail
