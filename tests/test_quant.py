@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -318,6 +320,38 @@ def test_clip_zero_and_one_are_minmax_and_nonfinite_groups_keep_minmax(device, m
         tv, rv = _meta_view(t.cpu())[bad], _meta_view(r.cpu())[bad]
         assert torch.equal(tv.view(torch.int32), rv.view(torch.int32))
     assert torch.equal(_meta_view(s.cpu()).nan_to_num()[bad], _meta_view(rs).nan_to_num()[bad])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["per_channel", "per_token"])
+def test_clip_overflowing_minmax_error_keeps_minmax(device, mode, gen):
+    """Finite values whose min/max squared error overflows fp32 while a shrunk candidate's does not: the group keeps
+    min/max (as the reference does), it does not switch to the candidate."""
+    G, n = 32, 16
+    # one group's values, scaled so that Σ err² of min/max is FLT_MAX / sqrt(r) and the best candidate's
+    # FLT_MAX · sqrt(r) (r = their ratio, float64), each square itself finite
+    for _ in range(100):
+        v = outlier_randn(G, generator=gen, dtype=torch.float64)
+        cs, cz = _clip_candidates(v.float().reshape(G, 1), 2, G, "per_channel", torch.float32, 11)
+        cs, cz = cs.double(), cz.double()
+        cand = ((ref._codes(v[:, None], cs, cz, 3.0) * cs + cz - v[:, None]) ** 2).sum(0)
+        r = float(cand[1:].min() / cand[0])
+        if r < 0.7:
+            break
+    assert r < 0.7, "no group where the range search helps in 100 draws"
+    fmax = torch.finfo(torch.float32).max
+    v = v * math.sqrt(fmax / float(cand[0]) / math.sqrt(r))
+    x = (v[None, :, None].expand(1, G, n) if mode == "per_channel" else v[None, None, :].expand(1, n, G))
+    x = x.float().contiguous().to(device)
+    _, rs, rz = ref.quantize_pack(x.cpu(), 2, G, mode, None, 11)
+    _, s0, z0 = ops.quantize_pack(x, 2, G, mode)
+    _, s, z = ops.quantize_pack(x, 2, G, mode, None, 11)
+    assert torch.equal(rs, s0.cpu()) and torch.equal(rz, z0.cpu()), "the reference did not keep min/max"
+    assert torch.equal(s.cpu(), s0.cpu()) and torch.equal(z.cpu(), z0.cpu())
+    # and the same group scaled by 1/4 (errors / 16, all finite) takes a shrunk candidate
+    _, s4, _ = ops.quantize_pack(x / 4, 2, G, mode, None, 11)
+    _, s40, _ = ops.quantize_pack(x / 4, 2, G, mode)
+    assert not torch.equal(s4.cpu(), s40.cpu())
 
 
 def test_clip_bad_inputs():
