@@ -95,21 +95,21 @@ inline float group_sse(const float* v, int64_t n, int64_t stride, float s, float
   return e;
 }
 
-// scale / zero of one group of n values v[i·stride] with fp32 min/max lo/hi: min/max, or the best of `clip`
-// range-search candidates (quant.h)
-inline void group_meta(const float* v, int64_t n, int64_t stride, float lo, float hi, float qmax, DType md,
-                       int clip, float& s, float& z) {
+// scale / zero of one group with fp32 min/max lo/hi: min/max, or the best of `clip` range-search candidates
+// (quant.h); sse(s, z) = the group's Σ (code·s + z − x)²
+template <class Sse>
+inline void group_meta(float lo, float hi, float qmax, DType md, int clip, Sse&& sse, float& s, float& z) {
   s = round_to((hi - lo) / qmax, md);
   z = round_to(lo, md);
   if (clip <= 1) return;
-  float best = group_sse(v, n, stride, s, z, qmax);
+  float best = sse(s, z);
   if (!std::isfinite(best)) return;
   const float w = hi - lo;
   for (int c = 1; c < clip; ++c) {
     const float aw = clip_shrink(c) * w;
     const float l = lo + aw, h = hi - aw;
     const float sc = round_to((h - l) / qmax, md), zc = round_to(l, md);
-    const float e = group_sse(v, n, stride, sc, zc, qmax);
+    const float e = sse(sc, zc);
     if (e < best) {
       best = e;
       s = sc;
@@ -243,29 +243,6 @@ inline float group_sse16(const float* v, int nv, float s, float z, vf qmax) {
   return simd::hsum(e2);
 }
 
-// group_meta for a contiguous group of 16·nv values, vectorized
-inline void group_meta16(const float* v, int nv, float lo, float hi, float qmax, DType md, int clip, float& s,
-                         float& z) {
-  s = round_to((hi - lo) / qmax, md);
-  z = round_to(lo, md);
-  if (clip <= 1) return;
-  const vf vq = simd::splat(qmax);
-  float best = group_sse16(v, nv, s, z, vq);
-  if (!std::isfinite(best)) return;
-  const float w = hi - lo;
-  for (int c = 1; c < clip; ++c) {
-    const float aw = clip_shrink(c) * w;
-    const float l = lo + aw, h = hi - aw;
-    const float sc = round_to((h - l) / qmax, md), zc = round_to(l, md);
-    const float e = group_sse16(v, nv, sc, zc, vq);
-    if (e < best) {
-      best = e;
-      s = sc;
-      z = zc;
-    }
-  }
-}
-
 }  // namespace
 
 void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int64_t D, int64_t x_batch_stride,
@@ -369,12 +346,14 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
             }
             lo = hnan_min(l);
             hi = hnan_max(h);
-            group_meta16(v, nv, lo, hi, qmax, md, qp.clip, sc, zz);
+            group_meta(lo, hi, qmax, md, qp.clip, [&](float s, float z) { return group_sse16(v, nv, s, z, vq); }, sc,
+                       zz);
             const vf vs = simd::splat(sc), vz = simd::splat(zz);
             for (int k = 0; k < nv; ++k) store_codes16(quant_code16(simd::ld(v + k * W), vs, vz, vq), c.data() + g * G + k * W);
           } else {
             for (int i = 1; i < G; ++i) { lo = nan_min(lo, v[i]); hi = nan_max(hi, v[i]); }
-            group_meta(v, G, 1, lo, hi, qmax, md, qp.clip, sc, zz);
+            group_meta(lo, hi, qmax, md, qp.clip, [&](float s, float z) { return group_sse(v, G, 1, s, z, qmax); }, sc,
+                       zz);
             for (int i = 0; i < G; ++i) c[g * G + i] = quant_code(v[i], sc, zz, qmax);
           }
           store_from_float(scale, rr * gpr + g, md, sc);
