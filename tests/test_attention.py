@@ -1,3 +1,5 @@
+import math
+
 """quant_decode_attention vs the reference, built directly from random packed segments (incl. varlen)."""
 import pytest
 import torch
@@ -12,6 +14,36 @@ from conftest import DEVICES, GPU_DEVICES, HAS_CUDA, assert_rows_close, outlier_
 # itself reached 1.08e-4 on one seed (an emulation of the CUDA kernel on the CPU: 7.2e-5), so 1e-4 flaked; a real
 # indexing or unpacking bug is >= 1e-2
 FP32 = 2e-4
+
+
+def fp32_tol(device, args, bk, bv, G, VG, softmax_scale=None, rotate_k=False, k_perm=None, k_mode="per_channel"):
+    """FP32, or more where fp32 arithmetic itself cannot reach it on these heavy-tailed inputs (logits up to ~10^5):
+    an output row's relative error follows the absolute error of its logits.  The CPU kernel dequantizes
+    (k̂ = code·s + z) and takes q·k̂, whose error is a few ulp of |q·k̂|: 4 units of 2^-24·max|logit| (worst measured:
+    1.5 units over 1500 draws of the per-token cases).  The CUDA kernel folds the scale into q, s·(q·code) + z·Σq,
+    which cancels against large zero points: 3 units of 2^-24·max_t Σ_d |q_d|(|k̂_td| + |z_td|) (worst measured in
+    the emulator: 0.9 units over 250 draws; a fixed 2e-4 failed ~1 in 100)."""
+    q = args[0].detach().cpu().double()
+    B, Hq, Tq, D = q.shape
+    Hkv = args[1].shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if rotate_k:
+        q = ref.fwht(q, None, None if k_perm is None else k_perm.cpu())
+    a = [t.cpu() for t in args[1:10]]
+    zero_only = [a[0] * 0, a[1] * 0, a[2], *a[3:6], a[6] * 0, *a[7:]]  # dequantizes to z (0 for fp tokens)
+    folded = str(device) != "cpu"
+    m = 0.0
+    for b in range(B):
+        K, _ = ref.gather_kv(*a, bk, bv, G, VG, b, k_mode=k_mode)
+        if not K.shape[1]:
+            continue
+        if folded:
+            Z, _ = ref.gather_kv(*zero_only, bk, bv, G, VG, b, k_mode=k_mode)
+            mag = q[b].abs() @ (K.abs() + Z.abs()).repeat_interleave(Hq // Hkv, 0).transpose(-1, -2)
+        else:
+            mag = (q[b] @ K.repeat_interleave(Hq // Hkv, 0).transpose(-1, -2)).abs()
+        m = max(m, mag.max().item() * scale)
+    return max(FP32, (3 if folded else 4) * 2.0**-24 * m)
 
 
 def make_inputs(B, Hkv, g, Tq, D, bits_k, bits_v, G, VG, lens, qcap, fcap, dtype, meta_dtype, gen, device,
@@ -53,7 +85,8 @@ def test_matches_reference(device, case, dtype, gen):
     assert out.shape == args[0].shape and out.dtype == dtype
     assert_rows_close(out, expect if dtype == torch.float32 else
                       ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG).float(),
-                      {torch.float32: FP32, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype])
+                      {torch.float32: fp32_tol(device, args, bk, bv, G, VG), torch.bfloat16: 2e-2,
+                       torch.float16: 4e-3}[dtype])
 
 
 # per-token keys: G is the key channel group (a multiple of 32 on CUDA, 16 on CPU); quantized lengths need not be
@@ -78,12 +111,13 @@ def test_per_token_keys_match_reference(device, case, dtype, gen):
     out = ops.quant_decode_attention(*args, bk, bv, G, VG, k_mode="per_token")
     expect = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, k_mode="per_token").float()
     assert out.shape == args[0].shape and out.dtype == dtype
-    assert_rows_close(out, expect, {torch.float32: FP32, torch.bfloat16: 2e-2}[dtype])
+    assert_rows_close(out, expect, {torch.float32: fp32_tol(device, args, bk, bv, G, VG, k_mode="per_token"),
+                                    torch.bfloat16: 2e-2}[dtype])
     # with rotation (q rotated in, out rotated back)
     if dtype == torch.float32:
         o2 = ops.quant_decode_attention(*args, bk, bv, G, VG, 0.3, True, True, k_mode="per_token")
         e2 = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, 0.3, True, True, k_mode="per_token")
-        assert_rows_close(o2, e2, FP32)
+        assert_rows_close(o2, e2, fp32_tol(device, args, bk, bv, G, VG, 0.3, True, k_mode="per_token"))
 
 
 def test_per_token_keys_group16_cpu(gen):
@@ -103,7 +137,7 @@ def test_rotation_and_perms(device, gen):
         out = ops.quant_decode_attention(*args, 2, 2, 32, 32, 0.2, rk, rv, kpp, vpp)
         e = ref.quant_decode_attention(*[a.cpu() for a in args], 2, 2, 32, 32, 0.2, rk, rv,
                                        None if kpp is None else kpp.cpu(), None if vpp is None else vpp.cpu())
-        assert_rows_close(out, e, FP32)
+        assert_rows_close(out, e, fp32_tol(device, args, 2, 2, 32, 32, 0.2, rk, kpp))
 
 
 def test_opcheck(gen):
@@ -259,12 +293,13 @@ def test_sparse_indices_match_reference(device, case, dtype, idx_dtype, gen):
     expect = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, k_mode=km, indices=idx.cpu())
     assert out.shape == args[0].shape and out.dtype == dtype
     assert (out[-1, -g:] == 0).all()
-    assert_rows_close(out, expect.float(), {torch.float32: FP32, torch.bfloat16: 2e-2}[dtype])
+    assert_rows_close(out, expect.float(), {torch.float32: fp32_tol(device, args, bk, bv, G, VG, k_mode=km),
+                                            torch.bfloat16: 2e-2}[dtype])
     if dtype == torch.float32 and D & (D - 1) == 0:  # rotated cache: q rotated in, output rotated back
         o2 = ops.quant_decode_attention(*args, bk, bv, G, VG, 0.2, True, True, k_mode=km, indices=idx)
         e2 = ref.quant_decode_attention(*[a.cpu() for a in args], bk, bv, G, VG, 0.2, True, True, k_mode=km,
                                         indices=idx.cpu())
-        assert_rows_close(o2, e2, FP32)
+        assert_rows_close(o2, e2, fp32_tol(device, args, bk, bv, G, VG, 0.2, True, k_mode=km))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "kvengine/fwht.h"
@@ -231,16 +232,69 @@ inline vf column_sse16(const float* v, int G, int64_t ld, vf s, vf z, vf qmax) {
   return e2;
 }
 
-// Σ over the n = 16·nv contiguous values v of (code·s + z − v)² (16 partial sums, then their sum)
-inline float group_sse16(const float* v, int nv, float s, float z, vf qmax) {
-  const vf vs = simd::splat(s), vz = simd::splat(z);
-  vf e2{};
-  for (int k = 0; k < nv; ++k) {
-    const vf x = simd::ld(v + k * W);
-    const vf e = quant_code16(x, vs, vz, qmax) * vs + vz - x;
-    e2 = e2 + e * e;
+// Scratch of tile_meta: per column of a [G, Dp] tile
+struct TileMeta {
+  std::vector<float> lo, hi, s, z, cs, cz, be;
+  explicit TileMeta(int64_t Dp) {
+    for (auto* v : {&lo, &hi, &s, &z, &cs, &cz, &be}) v->resize(Dp);
   }
-  return simd::hsum(e2);
+};
+
+// scale / zero (m.s, m.z) of every column of a tile of G rows × Dp columns (stride Dp, Dp % 16 == 0), each column
+// one group: min/max, or the best of `clip` range-search candidates (the same rule as group_meta, with each
+// column's error summed over the rows in order, as group_sse does; a column whose min/max error is not finite
+// keeps min/max: best error -1)
+void tile_meta(const float* buf, int G, int64_t Dp, float qmax, DType md, int clip, TileMeta& m) {
+  const vf vq = simd::splat(qmax);
+  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+    vf l = simd::ld(buf + d0), h = l;
+    for (int r = 1; r < G; ++r) {
+      const vf v = simd::ld(buf + r * Dp + d0);
+      l = vnan_min(l, v);
+      h = vnan_max(h, v);
+    }
+    simd::stv(m.lo.data() + d0, l);
+    simd::stv(m.hi.data() + d0, h);
+  }
+  for (int64_t d = 0; d < Dp; ++d) {
+    m.s[d] = round_to((m.hi[d] - m.lo[d]) / qmax, md);
+    m.z[d] = round_to(m.lo[d], md);
+  }
+  if (clip <= 1) return;
+  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+    const vf e = column_sse16(buf + d0, G, Dp, simd::ld(m.s.data() + d0), simd::ld(m.z.data() + d0), vq);
+    simd::stv(m.be.data() + d0, e <= std::numeric_limits<float>::max() ? e : simd::splat(-1.0f));
+  }
+  for (int cand = 1; cand < clip; ++cand) {
+    for (int64_t d = 0; d < Dp; ++d) {
+      const float aw = clip_shrink(cand) * (m.hi[d] - m.lo[d]);
+      const float l = m.lo[d] + aw, h = m.hi[d] - aw;
+      m.cs[d] = round_to((h - l) / qmax, md);
+      m.cz[d] = round_to(l, md);
+    }
+    for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+      const vf vs = simd::ld(m.cs.data() + d0), vz = simd::ld(m.cz.data() + d0);
+      const vf e = column_sse16(buf + d0, G, Dp, vs, vz, vq);
+      const vf bst = simd::ld(m.be.data() + d0);
+      const vi better = e < bst;
+      simd::stv(m.be.data() + d0, better ? e : bst);
+      simd::stv(m.s.data() + d0, better ? vs : simd::ld(m.s.data() + d0));
+      simd::stv(m.z.data() + d0, better ? vz : simd::ld(m.z.data() + d0));
+    }
+  }
+}
+
+// tile[i·16 + l] = v[l·G + i]: 16 consecutive groups of G values as the 16 columns of a [G, 16] tile
+inline void transpose_groups16(const float* v, int G, float* tile) {
+#if defined(__AVX512F__)
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(G));
+  const __m512 zero = _mm512_setzero_ps();  // the masked form: no _mm512_undefined_ps() (GCC 12 warns on it)
+  for (int i = 0; i < G; ++i) _mm512_storeu_ps(tile + i * W, _mm512_mask_i32gather_ps(zero, 0xffff, idx, v + i, 4));
+#else
+  for (int l = 0; l < W; ++l)
+    for (int i = 0; i < G; ++i) tile[i * W + l] = v[l * G + i];
+#endif
 }
 
 }  // namespace
@@ -261,54 +315,15 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
     const int64_t groups = T / G, tiles = batch * groups;
     const int64_t Dp = (D + W - 1) / W * W;
     parallel_for(tiles, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> buf(static_cast<size_t>(G) * Dp, 0.0f), lo(Dp), hi(Dp), s(Dp), z(Dp);
-      std::vector<float> cs, cz, be;  // range search scratch
-      if (qp.clip > 1) {
-        for (auto* v : {&cs, &cz, &be}) v->resize(Dp);
-      }
+      std::vector<float> buf(static_cast<size_t>(G) * Dp, 0.0f);
+      TileMeta m(Dp);
+      const float* s = m.s.data();
+      const float* z = m.z.data();
       std::vector<uint8_t> c(Dp);
       for (int64_t tile = i0; tile < i1; ++tile) {
         const int64_t b = tile / groups, g = tile % groups;
         load_tile(xb, dtype, D, x_batch_stride, x_row_stride, b, g * G, G, rp, buf.data(), Dp);
-        for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-          vf l = simd::ld(buf.data() + d0), h = l;
-          for (int r = 1; r < G; ++r) {
-            const vf v = simd::ld(buf.data() + r * Dp + d0);
-            l = vnan_min(l, v);
-            h = vnan_max(h, v);
-          }
-          simd::stv(lo.data() + d0, l);
-          simd::stv(hi.data() + d0, h);
-        }
-        for (int64_t d = 0; d < Dp; ++d) {
-          s[d] = round_to((hi[d] - lo[d]) / qmax, md);
-          z[d] = round_to(lo[d], md);
-        }
-        if (qp.clip > 1) {
-          // range search: each channel's error summed over the rows in order, as group_meta does; a channel whose
-          // min/max error is not finite keeps min/max (best error -1)
-          for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-            const vf e = column_sse16(buf.data() + d0, G, Dp, simd::ld(s.data() + d0), simd::ld(z.data() + d0), vq);
-            simd::stv(be.data() + d0, e <= std::numeric_limits<float>::max() ? e : simd::splat(-1.0f));
-          }
-          for (int cand = 1; cand < qp.clip; ++cand) {
-            for (int64_t d = 0; d < Dp; ++d) {
-              const float aw = clip_shrink(cand) * (hi[d] - lo[d]);
-              const float l = lo[d] + aw, h = hi[d] - aw;
-              cs[d] = round_to((h - l) / qmax, md);
-              cz[d] = round_to(l, md);
-            }
-            for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-              const vf vs = simd::ld(cs.data() + d0), vz = simd::ld(cz.data() + d0);
-              const vf e = column_sse16(buf.data() + d0, G, Dp, vs, vz, vq);
-              const vf bst = simd::ld(be.data() + d0);
-              const vi better = e < bst;
-              simd::stv(be.data() + d0, better ? e : bst);
-              simd::stv(s.data() + d0, better ? vs : simd::ld(s.data() + d0));
-              simd::stv(z.data() + d0, better ? vz : simd::ld(z.data() + d0));
-            }
-          }
-        }
+        tile_meta(buf.data(), G, Dp, qmax, md, qp.clip, m);
         const int64_t moff = (b * groups + g) * D;
         for (int64_t d = 0; d < D; ++d) {
           store_from_float(scale, moff + d, md, s[d]);
@@ -317,49 +332,46 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
         for (int r = 0; r < G; ++r) {
           const float* row = buf.data() + r * Dp;
           for (int64_t d0 = 0; d0 < Dp; d0 += W)
-            store_codes16(quant_code16(simd::ld(row + d0), simd::ld(s.data() + d0), simd::ld(z.data() + d0), vq),
-                          c.data() + d0);
+            store_codes16(quant_code16(simd::ld(row + d0), simd::ld(s + d0), simd::ld(z + d0), vq), c.data() + d0);
           pack_codes(c.data(), D, bits, codes + (b * T + g * G + r) * row_bytes);
         }
       }
     });
   } else {
+    // blocks of RB rows hold RB·D/G groups, a multiple of 16: each 16 consecutive groups are transposed into a
+    // [G, 16] tile (one group per column) whose scales / zeros tile_meta finds as for per-channel groups; the codes
+    // are then computed in the row layout
     const int64_t gpr = D / G;  // groups per row
     const int64_t rows = batch * T;
-    const bool vec = G % W == 0;  // whole 16-lane vectors per group (else one value at a time)
-    parallel_for(rows, std::max<int64_t>(1, 4096 / D), [&](int64_t r0, int64_t r1) {
-      std::vector<float> buf(D);
-      std::vector<uint8_t> c(D);
-      for (int64_t rr = r0; rr < r1; ++rr) {
-        const int64_t b = rr / T, t = rr % T;
-        load_tile(xb, dtype, D, x_batch_stride, x_row_stride, b, t, 1, rp, buf.data(), D);
-        for (int64_t g = 0; g < gpr; ++g) {
-          const float* v = buf.data() + g * G;
-          float lo = v[0], hi = v[0], sc, zz;  // (the scalar path's running min / max)
-          if (vec) {
-            const int nv = G / W;
-            vf l = simd::ld(v), h = l;
-            for (int k = 1; k < nv; ++k) {
-              const vf x = simd::ld(v + k * W);
-              l = vnan_min(l, x);
-              h = vnan_max(h, x);
-            }
-            lo = hnan_min(l);
-            hi = hnan_max(h);
-            group_meta(lo, hi, qmax, md, qp.clip, [&](float s, float z) { return group_sse16(v, nv, s, z, vq); }, sc,
-                       zz);
-            const vf vs = simd::splat(sc), vz = simd::splat(zz);
-            for (int k = 0; k < nv; ++k) store_codes16(quant_code16(simd::ld(v + k * W), vs, vz, vq), c.data() + g * G + k * W);
-          } else {
-            for (int i = 1; i < G; ++i) { lo = nan_min(lo, v[i]); hi = nan_max(hi, v[i]); }
-            group_meta(lo, hi, qmax, md, qp.clip, [&](float s, float z) { return group_sse(v, G, 1, s, z, qmax); }, sc,
-                       zz);
-            for (int i = 0; i < G; ++i) c[g * G + i] = quant_code(v[i], sc, zz, qmax);
+    const int64_t RB = W / std::gcd<int64_t>(W, gpr), nblk = (rows + RB - 1) / RB;
+    parallel_for(nblk, std::max<int64_t>(1, 4096 / (RB * D)), [&](int64_t k0, int64_t k1) {
+      // buf: RB rows plus room for a last tile's unused columns (their values are never stored)
+      std::vector<float> buf(static_cast<size_t>(RB * D + W * G), 0.0f), tile(static_cast<size_t>(G) * W);
+      std::vector<uint8_t> c(static_cast<size_t>(RB * D) + W);
+      TileMeta m(W);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r0 = k * RB, nr = std::min(RB, rows - r0), ng = nr * gpr;
+        for (int64_t r = 0; r < nr; ++r)
+          load_tile(xb, dtype, D, x_batch_stride, x_row_stride, (r0 + r) / T, (r0 + r) % T, 1, rp,
+                    buf.data() + r * D, D);
+        for (int64_t q0 = 0; q0 < ng; q0 += W) {
+          transpose_groups16(buf.data() + q0 * G, G, tile.data());
+          tile_meta(tile.data(), G, W, qmax, md, qp.clip, m);
+          const int nl = int(std::min<int64_t>(W, ng - q0));
+          for (int l = 0; l < nl; ++l) {
+            const int64_t q = q0 + l;
+            const float sc = m.s[l], zz = m.z[l];
+            store_from_float(scale, r0 * gpr + q, md, sc);
+            store_from_float(zero, r0 * gpr + q, md, zz);
+            const float* v = buf.data() + q * G;
+            uint8_t* cq = c.data() + q * G;
+            int i = 0;
+            for (; i + W <= G; i += W)
+              store_codes16(quant_code16(simd::ld(v + i), simd::splat(sc), simd::splat(zz), vq), cq + i);
+            for (; i < G; ++i) cq[i] = quant_code(v[i], sc, zz, qmax);
           }
-          store_from_float(scale, rr * gpr + g, md, sc);
-          store_from_float(zero, rr * gpr + g, md, zz);
         }
-        pack_codes(c.data(), D, bits, codes + rr * row_bytes);
+        for (int64_t r = 0; r < nr; ++r) pack_codes(c.data() + r * D, D, bits, codes + (r0 + r) * row_bytes);
       }
     });
   }
