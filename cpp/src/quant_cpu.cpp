@@ -1,6 +1,9 @@
 // kvengine — asymmetric group quantization + bit-packing on the CPU (optionally fused with the FWHT rotation).
 // One task = one tile: the G rows of a per-channel group, or a run of rows for per-token groups.  Each tile is
-// loaded (and rotated) into an fp32 buffer once, then quantized from it.
+// loaded (and rotated) into an fp32 buffer once, then quantized from it, 16 lanes per step with the scalar code's
+// exact operations (IEEE division), so codes and metadata are bit-identical to the reference's formula:
+// per-channel, lanes = channels (rows in order); per-token, 16 groups are gathered into the columns of a [G, 16]
+// tile so that the same column search (tile_meta) finds their scales / zeros.
 #include <algorithm>
 #include <cmath>
 #include <limits>
