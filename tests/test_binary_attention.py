@@ -117,6 +117,22 @@ def test_default_scale_and_fully_masked_rows(device, D, gen):
     assert_rows_close(out[:, :, 16:], expect[:, :, 16:], TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_late_keys_far_above_the_running_max(device, causal, gen):
+    """Keys 200-263 scaled ×16, so their scores (~2^200) are far above the first blocks' (~2^10): the CPU kernel takes
+    one pass without a block max only while a block's bound stays within 2^64 of the running max, and here it must
+    fall back to the rescaled max (a mistake overflows to inf/NaN). Gaussian, not heavy-tailed, inputs: outliers
+    would put the logits near 10^4, where fp32 itself is off by more than the tolerance."""
+    q, k, v = (torch.randn(1, 2, 300, 64, generator=gen) for _ in range(3))
+    k[:, :, 200:264] *= 16
+    args = [t.to(device) for t in (q, k, v)]
+    out = ops.binary_attention(*args, causal=causal, softmax_scale=0.5)
+    expect = _ref_out(ref.binary_attention, args, dict(causal=causal, softmax_scale=0.5))
+    assert torch.isfinite(out).all()
+    assert_rows_close(out.cpu(), expect, TOL[torch.float32])
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread CPU times from Linux /proc")
 def test_cpu_kernel_uses_torch_threads(gen):
     """The CPU kernels run on torch's intra-op pool (at::parallel_for, which is serial unless the binding is compiled

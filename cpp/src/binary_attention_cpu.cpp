@@ -5,18 +5,23 @@
 //
 // binary_attention_cpu: flash-attention style, never materializing Lq × Lk.
 //   pre-pass   the packed keys of every (b, KV head) are re-laid out block-transposed, [Lk/64][D/32][64] words
-//              (zero padded), so that one 16-lane vector holds word w of 16 consecutive keys; non-fp32 V is converted
-//              to fp32 once; the relative-position table is reversed (index increasing with the key) and ×log2 e.
-//   work item  (b, query head, tile of 16 query rows); the tile's query rows are packed into sign words and
-//              α_i · softmax_scale · log2 e.  Keys in blocks of 64:
+//              (zero padded), so that one 16-lane vector holds word w of 16 consecutive keys; D·β_j, −2·β_j and each
+//              block's D · max β are tabulated; non-fp32 V is converted to fp32 once; the relative-position table is
+//              reversed (index increasing with the key) and ×log2 e.
+//   work item  (b, query head, tile of 128 query rows); the tile's query rows are packed into sign words and
+//              a_i = α_i · softmax_scale · log2 e.  Keys in blocks of 64:
 //     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available; the word loop
-//              unrolled for D = 32/64/128/256), s = a_i · β_j · (D − 2 pc) + log2 e · bias (dense and/or relative),
-//              causal / range mask -> −inf (only in chunks that cross the last visible key)
-//     softmax  online, in base 2 (exp2 by a degree-6 polynomial and VSCALEFPS), per row: block max, rescale α
-//              (exp2 skipped when the max did not move), p, and the denominator kept as 16 partial sums
+//              unrolled for D = 32/64/128/256), t = pc·(−2β) + Dβ, s = a_i · t + log2 e · bias (dense and/or
+//              relative), causal / range mask (only in chunks that cross the last visible key)
+//     softmax  online, in base 2 (exp2 by a degree-5 polynomial and VSCALEFPS), the denominator kept as 16 partial
+//              sums. Without a bias, once a row has a running max m, a block whose bound |a_i|·D·max β is at most
+//              m + 64 takes one pass: p = 2^(a_i·t − m) (≤ 2^64, no block max, no rescale, scores never stored);
+//              otherwise (first block, biases, outliers) block max, rescale α (exp2 skipped when the max did not
+//              move), p.
 //     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators) over the block's 64 keys; the V chunk
-//              (64 keys × 64 channels) stays in L1 across the 4 row groups of the tile (16 rows, not 32: measured
-//              faster, most at D = 128, where the tile's p, acc and V chunk then total 28 KiB).
+//              (64 keys × 64 channels) stays in L1 across the row groups of the tile. 128 rows per tile (was 16)
+//              because each tile streams the head's whole V (2 MiB at L = 4K, D = 128) through L2/L3: at 16 rows
+//              that stream, not the FMAs, set the speed on a 2 MiB-L2 Xeon (docs/performance.md).
 //   A row with no visible key (causal with Lq > Lk, or a bias of −inf everywhere) outputs 0.
 #include <algorithm>
 #include <cmath>
@@ -37,10 +42,11 @@ namespace {
 
 using namespace simd;
 constexpr int BT = 64;  // keys per block
-constexpr int RQ = 16;  // query rows per work item
+constexpr int RQ = 128;  // query rows per work item
 constexpr int RG = 4;   // query rows per P·V register tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float NEG = -std::numeric_limits<float>::infinity();
+constexpr float kSlack = 64.f;  // log2 units a block may exceed the running max by without a rescale
 
 inline vu vpopcnt(vu x) {
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
@@ -52,20 +58,20 @@ inline vu vpopcnt(vu x) {
 #endif
 }
 
-// 2^x for x <= 0 (scores minus the running max), exactly 0 for x < −126 (and −inf): round to the nearest integer n,
-// e^((x − n)·ln 2) by a degree-6 polynomial in (x − n) (the ln 2 powers folded into the coefficients, rel. err < 2e-7),
-// then ·2^n with VSCALEFPS — about half the instructions of simd::vexp2, which it replaces only here.
-inline vf exp2_nonpos(vf x) {
+// 2^x for x <= 64 (scores minus the running max), exactly 0 for x < −126 (and −inf): round to the nearest integer n,
+// 2^(x − n) by a degree-5 polynomial (relative-error minimax on [−1/2, 1/2], fitted by reweighted least squares:
+// 9.2e-8 in exact arithmetic, < 2e-7 evaluated in fp32), then ·2^n with VSCALEFPS — about half the instructions of
+// simd::vexp2, which it replaces only here.
+inline vf exp2_fast(vf x) {
 #if defined(__AVX512F__)
   const __m512 xv = _mm512_max_ps((__m512)x, _mm512_set1_ps(-127.f));
   const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(xv, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);            // ln2^6 / 720
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 120
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));   // ln2^4 / 24
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));   // ln2^3 / 6
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));   // ln2^2 / 2
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));   // ln2
+  __m512 p = _mm512_set1_ps(1.3264701733242236e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671504598373026e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733731208585e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242209729897e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469776578078e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
   return (vf)_mm512_maskz_scalef_ps(keep, p, n);
@@ -119,7 +125,8 @@ inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, c
 struct Prep {
   int64_t nblk = 0, nw = 0;
   std::vector<uint32_t> kt;  // [B·Hkv][nblk][nw][BT]
-  std::vector<float> beta;   // [B·Hkv][nblk·BT]
+  std::vector<float> bd, bm2;  // [B·Hkv][nblk·BT]: D·β, −2·β (0 past Lk)
+  std::vector<float> bmax;     // [B·Hkv][nblk]: D · max β of the block
   std::vector<float> vconv;  // [B·Hkv][Lk][D] when V is not fp32
   std::vector<float> rel;    // [Hq][rel_len] reversed, × log2 e
 };
@@ -175,26 +182,32 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
     vst = D;
   }
   const uint32_t* ktb = pr.kt.data() + bhk * pr.nblk * nw * BT;
-  const float* betab = pr.beta.data() + bhk * pr.nblk * BT;
   const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const int64_t relc = (a.rel_len - 1) / 2;
   const float* relh = a.rel_bias ? pr.rel.data() + h * a.rel_len : nullptr;
+  const bool biased = a.bias || a.rel_bias;
   for (int64_t j0 = 0; j0 < kend; j0 += BT) {
     const int nt = int(std::min<int64_t>(BT, kend - j0));
     const uint32_t* kt = ktb + (j0 / BT) * nw * BT;
-    const float* beta = betab + j0;
+    const float dbmax = pr.bmax[bhk * pr.nblk + j0 / BT];  // D · max β over the block
+    const float* bd = pr.bd.data() + bhk * pr.nblk * BT + j0;  // D · β
+    const float* bm2 = pr.bm2.data() + bhk * pr.nblk * BT + j0;  // −2 · β
     for (int r = 0; r < R; ++r) {
       const int64_t i = i0 + r, pos = i + shift;
       const int64_t lim = std::min<int64_t>(kend - 1, a.causal ? pos : a.Lk - 1);  // last visible key
-      float* s = tl.s.data();
+      float* p = tl.p.data() + r * BT;
+      if (j0 > lim) {  // nothing visible in this block for this row
+        std::memset(p, 0, BT * sizeof(float));
+        tl.al[r] = 1.f;
+        continue;
+      }
       const uint32_t* qw = tl.qw.data() + r * nw;
       const vf ar = splat(tl.a[r]);
-      const float* brow = a.bias ? a.bias + b * a.bias_stride_b + h * a.bias_stride_h + i * a.bias_stride_i : nullptr;
-      vf vmax = splat(NEG);
       vu qb[NW ? NW : 1];
       if constexpr (NW > 0)
         for (int w = 0; w < NW; ++w) qb[w] = vu{} + qw[w];
-      for (int c = 0; c < BT; c += W) {
+      // t_j = β_j · (D − 2·popcount(q xor k_j)); the score is a_i · t_j (+ biases)
+      auto t_of = [&](int c) {
         vu pc = {};
         if constexpr (NW > 0) {
 #pragma GCC unroll 8
@@ -202,7 +215,29 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
         } else {
           for (int64_t w = 0; w < nw; ++w) pc += vpopcnt((vu{} + qw[w]) ^ ldu(kt + w * BT + c));
         }
-        vf sv = __builtin_convertvector(vi{} + int32_t(D) - 2 * (vi)pc, vf) * ld(beta + c) * ar;
+        return fmadd(__builtin_convertvector((vi)pc, vf), ld(bm2 + c), ld(bd + c));
+      };
+      if (!biased && tl.m[r] != NEG && std::fabs(tl.a[r]) * dbmax <= tl.m[r] + kSlack) {
+        // no score of the block can exceed the running max by more than kSlack: one pass, the max left as it is
+        // (p <= 2^kSlack, finite and far from overflowing the fp32 sums)
+        const vf nm = splat(-tl.m[r]);
+        vf sum = {};
+        for (int c = 0; c < BT; c += W) {
+          vf e = exp2_fast(fmadd(ar, t_of(c), nm));
+          const int64_t jc = j0 + c;
+          if (jc + W - 1 > lim) e = (iota + int32_t(jc) > int32_t(lim)) ? vf{} : e;
+          stv(p + c, e);
+          sum += e;
+        }
+        stv(tl.lv.data() + r * W, ld(tl.lv.data() + r * W) + sum);
+        tl.al[r] = 1.f;
+        continue;
+      }
+      float* s = tl.s.data();
+      const float* brow = a.bias ? a.bias + b * a.bias_stride_b + h * a.bias_stride_h + i * a.bias_stride_i : nullptr;
+      vf vmax = splat(NEG);
+      for (int c = 0; c < BT; c += W) {
+        vf sv = t_of(c) * ar;
         const int64_t jc = j0 + c;
         if (jc <= lim) {
           if (brow) {
@@ -226,8 +261,7 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
         vmax = vmax > sv ? vmax : sv;
       }
       const float bm = hmax(vmax);
-      float* p = tl.p.data() + r * BT;
-      if (bm == NEG) {  // nothing visible in this block for this row
+      if (bm == NEG) {  // every visible key has a bias of −inf
         std::memset(p, 0, BT * sizeof(float));
         tl.al[r] = 1.f;
         continue;
@@ -237,7 +271,7 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
       const float alpha = tl.m[r] == NEG ? 0.f : (tl.m[r] == mn ? 1.f : std::exp2(tl.m[r] - mn));
       vf sum = {};
       for (int c = 0; c < BT; c += W) {
-        const vf e = exp2_nonpos(ld(s + c) - splat(mn));
+        const vf e = exp2_fast(ld(s + c) - splat(mn));
         stv(p + c, e);
         sum += e;
       }
@@ -308,7 +342,9 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
   pr.nw = nw;
   pr.nblk = (a.Lk + BT - 1) / BT;
   pr.kt.assign(size_t(BHk) * pr.nblk * nw * BT, 0u);
-  pr.beta.assign(size_t(BHk) * pr.nblk * BT, 0.f);
+  pr.bd.assign(size_t(BHk) * pr.nblk * BT, 0.f);
+  pr.bm2.assign(size_t(BHk) * pr.nblk * BT, 0.f);
+  pr.bmax.assign(size_t(BHk) * pr.nblk, 0.f);
   if (a.v_dtype != DType::F32) pr.vconv.resize(size_t(BHk) * a.Lk * D);
   parallel_for(BHk, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t bh = h0; bh < h1; ++bh) {
@@ -316,7 +352,14 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
       uint32_t* kt = pr.kt.data() + bh * pr.nblk * nw * BT;
       for (int64_t j = 0; j < a.Lk; ++j)
         for (int64_t w = 0; w < nw; ++w) kt[((j / BT) * nw + w) * BT + j % BT] = kb[j * nw + w];
-      std::memcpy(pr.beta.data() + bh * pr.nblk * BT, a.k_scale + bh * a.Lk, a.Lk * sizeof(float));
+      const float* beta = a.k_scale + bh * a.Lk;
+      for (int64_t j = 0; j < a.Lk; ++j) {
+        pr.bd[bh * pr.nblk * BT + j] = float(D) * beta[j];
+        pr.bm2[bh * pr.nblk * BT + j] = -2.f * beta[j];
+        float& mx = pr.bmax[bh * pr.nblk + j / BT];
+        const float v = float(D) * beta[j];
+        mx = (std::isnan(mx) || std::isnan(v)) ? v + mx : std::max(mx, v);  // NaN stays (the two-pass path)
+      }
       if (a.v_dtype != DType::F32) {
         const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
         const char* vb = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * dtype_size(a.v_dtype);
