@@ -50,6 +50,33 @@ def timeit(fn: Callable[[], object], device: str = "cpu", repeat: int = 15, min_
     return statistics.median(samples)
 
 
+def timeit_paired(fns: list[Callable[[], object]], device: str = "cpu", repeat: int = 9
+                  ) -> tuple[list[float], list[float]]:
+    """Interleaved timing for noisy shared machines: each of ``repeat`` rounds times every function once, in turn,
+    so that a slow spell of the machine hits all of them.  Returns the median seconds of each and, for each, the
+    median over rounds of ``time(fns[0]) / time(fn)`` (paired ratios; 1.0 for the first)."""
+    for fn in fns:
+        fn()
+    sync(device)
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, out in zip(fns, samples):
+            if device.startswith("cuda"):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                out.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+    medians = [statistics.median(x) for x in samples]
+    ratios = [statistics.median(a / b for a, b in zip(samples[0], x)) for x in samples]
+    return medians, ratios
+
+
 def randn(*shape: int, device: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """N(0, 1) data drawn on the device itself (a GPU benchmark never builds gigabytes on the host), seeded."""
     g = torch.Generator(device=device).manual_seed(seed)
