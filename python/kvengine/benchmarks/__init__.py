@@ -101,11 +101,31 @@ def _stop(signum, frame):
     raise _Stopped(f"signal {signum}")
 
 
+def _cpu_model() -> str | None:
+    """The host CPU's model name, family and model (CPU timings differ by machine: the perf log names the one it
+    measured)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return platform.processor() or None
+    name = fields.get("model name") or platform.processor() or None
+    if name and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
 def environment(device: str) -> dict:
     info = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine()),
         "device_kind": "cuda" if device.startswith("cuda") else "cpu",
         "cpu_threads": torch.get_num_threads(),
+        "cpu_model": _cpu_model(),
         "torch": torch.__version__,
         "kvengine": kvengine.build_info(),
         "python": platform.python_version(),
