@@ -134,8 +134,12 @@ class Worker {
       load_queries(b, h, st);
       N_ = std::numeric_limits<int64_t>::max() / 4;  // nothing is masked: every selected position is visible
       const int32_t* ix = a.indices + bh * a.n_idx;
+      // each token is a handful of lines in separate arrays (codes, per-group key metadata, value metadata) and its
+      // dequantization keeps the core busy, so without a look-ahead the misses of consecutive tokens do not overlap
+      for (int64_t i = c0; i < std::min(c1, c0 + kLookAhead); ++i) prefetch_token(b, h, ns, nq, N, ix[i]);
       int nt = 0;
       for (int64_t i = c0; i < c1; ++i) {
+        if (i + kLookAhead < c1) prefetch_token(b, h, ns, nq, N, ix[i + kLookAhead]);
         const int64_t pos = ix[i];
         if (pos < 0 || pos >= N) continue;
         load_token(b, h, ns, nq, pos, st, st.kblk.data() + size_t(nt) * a.D, st.vblk.data() + size_t(nt) * a.D);
@@ -151,6 +155,31 @@ class Worker {
       out[r * (a.D + 2) + 1] = st.l[r];
       std::memcpy(out + r * (a.D + 2) + 2, st.acc.data() + size_t(r) * a.D, a.D * sizeof(float));
     }
+  }
+
+  static constexpr int kLookAhead = 4;  // tokens whose lines are requested ahead of their use (run_sparse)
+
+  // the lines load_token(pos) will read
+  void prefetch_token(int64_t b, int64_t h, int64_t ns, int64_t nq, int64_t N, int64_t pos) const {
+    const DecodeAttentionArgs& a = a_;
+    if (pos < 0 || pos >= N) return;
+    const int64_t D = a.D, esz = dtype_size(a.dtype), msz = dtype_size(a.meta_dtype), bh = b * a.Hkv + h;
+    if (pos < ns || pos >= ns + nq) {
+      const int64_t slot = pos < ns ? pos : pos - nq;
+      prefetch(static_cast<const char*>(a.k_fp) + (bh * a.f_cap + slot) * D * esz, D * esz);
+      prefetch(static_cast<const char*>(a.v_fp) + (bh * a.f_cap + slot) * D * esz, D * esz);
+      return;
+    }
+    const int64_t j = pos - ns, gpr = D / a.v_group;
+    prefetch(a.k_codes + (bh * a.q_cap + j) * (D * BK / 8), D * BK / 8);
+    prefetch(a.v_codes + (bh * a.q_cap + j) * (D * BV / 8), D * BV / 8);
+    const int64_t km = a.k_per_token ? (bh * a.q_cap + j) * (D / a.k_group)
+                                     : (bh * (a.q_cap / a.k_group) + j / a.k_group) * D;
+    const int64_t kn = a.k_per_token ? D / a.k_group : D;
+    prefetch(static_cast<const char*>(a.k_scale) + km * msz, kn * msz);
+    prefetch(static_cast<const char*>(a.k_zero) + km * msz, kn * msz);
+    prefetch(static_cast<const char*>(a.v_scale) + (bh * a.q_cap + j) * gpr * msz, gpr * msz);
+    prefetch(static_cast<const char*>(a.v_zero) + (bh * a.q_cap + j) * gpr * msz, gpr * msz);
   }
 
   // K and V rows (fp32) of logical position pos: a sink / recent slot, or a packed token dequantized as quant_range

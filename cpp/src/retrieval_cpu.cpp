@@ -312,9 +312,19 @@ void sparse_item(const SparseCtx& c, int64_t item, std::vector<float>& buf) {
   const char* vbase = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * esz;
   const int64_t j0 = ck * c.chunk, j1 = std::min(a.n_sel, j0 + c.chunk);
   const int64_t nv = Dp / VW;
+  // the rows of the token kLookAhead places ahead are requested before this one is copied (simd::prefetch)
+  constexpr int64_t kLookAhead = 4;
+  auto request = [&](int64_t jj) {
+    const int64_t p = index_at(a, b, h, jj);
+    if (p < 0 || p >= L) return;
+    prefetch(kbase + p * a.k_stride_t * esz, D * esz);
+    prefetch(vbase + p * a.v_stride_t * esz, D * esz);
+  };
+  for (int64_t jj = j0; jj < std::min(j1, j0 + kLookAhead); ++jj) request(jj);
   for (int64_t j = j0; j < j1;) {
     int nt = 0;
     for (; j < j1 && nt < BT; ++j) {  // gather up to BT valid tokens
+      if (j + kLookAhead < j1) request(j + kLookAhead);
       const int64_t p = index_at(a, b, h, j);
       if (p < 0 || p >= L) continue;
       detail::load_row(kbase + p * a.k_stride_t * esz, a.dtype, D, nullptr, kb + nt * Dp);

@@ -25,6 +25,9 @@ inline void load_row(const void* x, DType t, int64_t n, const int32_t* perm, flo
 #ifdef KVENGINE_AVX2
       for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+      // short rows (per-token group metadata: D / G values) would otherwise take the out-of-line scalar path
+      for (; i + 4 <= n; i += 4)
+        _mm_storeu_ps(dst + i, _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i))));
 #endif
       for (; i < n; ++i) dst[i] = half_to_float(p[i]);
       return;
@@ -35,6 +38,10 @@ inline void load_row(const void* x, DType t, int64_t n, const int32_t* perm, flo
       for (; i + 8 <= n; i += 8) {
         __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
         _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+      }
+      for (; i + 4 <= n; i += 4) {
+        __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i)));
+        _mm_storeu_ps(dst + i, _mm_castsi128_ps(_mm_slli_epi32(w, 16)));
       }
 #endif
       for (; i < n; ++i) dst[i] = bf16_to_float(p[i]);
