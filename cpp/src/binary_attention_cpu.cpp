@@ -47,6 +47,7 @@ constexpr int RG = 4;   // query rows per P·V register tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float NEG = -std::numeric_limits<float>::infinity();
 constexpr float kSlack = 64.f;  // log2 units a block may exceed the running max by without a rescale
+constexpr int kBiasAhead = 8;   // rows by which the dense bias is requested ahead (simd::prefetch)
 
 inline vu vpopcnt(vu x) {
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
@@ -196,6 +197,14 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
       const int64_t i = i0 + r, pos = i + shift;
       const int64_t lim = std::min<int64_t>(kend - 1, a.causal ? pos : a.Lk - 1);  // last visible key
       float* p = tl.p.data() + r * BT;
+      if (a.bias) {  // dense bias: 64 floats per row and block, rows far apart; requested kBiasAhead rows early
+        const int rr = r + kBiasAhead;
+        const int64_t jb = rr < R ? j0 : j0 + BT;
+        if (jb < kend) {
+          const float* nb = a.bias + b * a.bias_stride_b + h * a.bias_stride_h + (i0 + rr % R) * a.bias_stride_i;
+          prefetch(nb + jb, std::min<int64_t>(BT, a.Lk - jb) * int64_t(sizeof(float)));
+        }
+      }
       if (j0 > lim) {  // nothing visible in this block for this row
         std::memset(p, 0, BT * sizeof(float));
         tl.al[r] = 1.f;
