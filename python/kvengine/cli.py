@@ -658,7 +658,8 @@ def cmd_retrieval_eval(args) -> int:
     return 0
 
 
-BENCHES = ("fwht", "quant", "attention", "binary", "retrieval")
+BENCHES = ("fwht", "quant", "attention", "binary", "retrieval")  # kernel benchmarks: what "all" runs
+MODEL_BENCHES = ("decode",)  # a real model end to end (loads SmolLM2)
 
 
 def cmd_bench(args) -> int:
@@ -791,8 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", default=None, help="write the results here")
     r.set_defaults(fn=cmd_retrieval_eval)
 
-    b = sub.add_parser("bench", help="kernel benchmarks")
-    b.add_argument("name", nargs="?", default="all", choices=BENCHES + ("all",))
+    b = sub.add_parser("bench", help="kernel benchmarks (all), or decode: a real model's decode speed per cache")
+    b.add_argument("name", nargs="?", default="all", choices=BENCHES + MODEL_BENCHES + ("all",))
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", default=None, metavar="DIR", help="write <DIR>/<name>.json")
     b.add_argument("--device", default=None)

@@ -1,0 +1,51 @@
+"""`kvengine bench decode`: the bulk-loaded caches it times must be the caches a real prefill would build."""
+import pytest
+import torch
+
+from kvengine import models
+from kvengine.benchmarks import decode
+
+
+@pytest.mark.model
+def test_bulk_loaded_caches_decode_like_their_own_prefill(smollm2):
+    from transformers import DynamicCache
+
+    net, tok = smollm2.model, smollm2.tokenizer
+    # 301 tokens: past the sinks + recent window + one group (packed tokens exist) and past top_k (selection active)
+    ids = models.token_ids(tok, 301)[None]
+    prompt, nxt = ids[:, :-1], ids[:, -1:]
+    bulk = decode.prefilled(net, prompt)
+    assert list(bulk) == list(decode.CONFIGS)
+    logits = {}
+    with torch.no_grad():
+        for name in decode.CONFIGS:
+            cache, attn = bulk[name]
+            net.set_attn_implementation(attn)
+            a = net(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+            own, attn2 = (DynamicCache(), "sdpa") if name == "fp" else decode._make(name, net.config)
+            assert attn2 == attn
+            net(input_ids=prompt, past_key_values=own, use_cache=True)
+            b = net(input_ids=nxt, past_key_values=own, use_cache=True).logits[0, -1]
+            assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (name, (a - b).abs().max().item())
+            assert cache.get_seq_length() == own.get_seq_length() == 301, name
+            logits[name] = a
+    net.set_attn_implementation("sdpa")
+    # every compressed / sparse config really changed the attention (the comparison above is not fp vs fp)
+    for name in decode.CONFIGS[1:]:
+        assert (logits[name] - logits["fp"]).abs().max() > 1e-3, name
+
+
+@pytest.mark.model
+def test_decode_bench_rows(smollm2):
+    rows = decode.run("cpu", contexts=(200,), rounds=1, steps=1, model=smollm2, progress=False)
+    assert [r["config"] for r in rows] == list(decode.CONFIGS)
+    by = {r["config"]: r for r in rows}
+    for r in rows:
+        assert r["context"] == 200 and r["ms_per_token"] > 0 and r["speedup_vs_fp"] > 0 and r["steps_timed"] == 1
+    assert by["fp"]["speedup_vs_fp"] == 1.0
+    assert by["kvengine INT2"]["kv_MB"] < by["kvengine INT4"]["kv_MB"] < by["fp"]["kv_MB"]
+
+
+def test_decode_bench_refuses_cuda():
+    with pytest.raises(SystemExit, match="CPU only"):
+        decode.run("cuda", contexts=(64,))
