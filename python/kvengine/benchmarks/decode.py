@@ -69,7 +69,7 @@ def prefilled(net, ids: torch.Tensor, names=CONFIGS) -> dict:
     return caches
 
 
-def run(device: str = "cpu", contexts=(1024, 4096, 8192), rounds: int = 4, steps: int = 6, model=None,
+def run(device: str = "cpu", contexts=(1024, 4096, 8000), rounds: int = 10, steps: int = 6, model=None,
         progress: bool = True) -> list[dict]:
     from .. import models
 
