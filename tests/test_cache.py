@@ -75,6 +75,49 @@ def test_flush_boundaries_and_incremental_equals_bulk(device, gen):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_decode_fast_append_is_the_general_append(device, rotate, steps, monkeypatch, gen):
+    """append's decode shortcut (no new sink, no flush, room left) leaves exactly what the general path leaves, and
+    it is what decode steps take (the general path only at flushes and growth)."""
+    B, H, D, G, R, S = 2, 2, 64, 32, 32, 4
+    N0, n = 37, 90  # a prefill, then decode steps across flushes and a growth of the fp buffer
+    k = outlier_randn(B, H, N0 + n * steps, D, generator=gen).to(device)
+    v = outlier_randn(B, H, N0 + n * steps, D, generator=gen).to(device)
+    q = outlier_randn(B, 2 * H, steps, D, generator=gen).to(device)
+    general_calls = []
+    orig = QuantizedKVCache._append_general
+
+    def counted(self, *a):
+        general_calls.append(self._fast_append)
+        return orig(self, *a)
+
+    monkeypatch.setattr(QuantizedKVCache, "_append_general", counted)
+    caches = []
+    for fast in (True, False):
+        c = QuantizedKVCache(H, D, group_size=G, residual=R, sinks=S, rotate=rotate, batch_size=B, device=device,
+                             chunk=G)
+        c._fast_append = fast
+        c.append(k[:, :, :N0], v[:, :, :N0])
+        outs = []
+        for t in range(N0, N0 + n * steps, steps):
+            c.append(k[:, :, t : t + steps], v[:, :, t : t + steps])
+            outs.append(c.attend(q))
+        caches.append((c, torch.stack(outs)))
+    (a, oa), (b, ob) = caches
+    assert (a.n_sink, a.n_quant, a.n_res, a.n_seen) == (b.n_sink, b.n_quant, b.n_res, b.n_seen)
+    assert torch.equal(a._lens, b._lens)
+    f = a.n_sink + a.n_res
+    assert torch.equal(a.k_fp[:, :, :f], b.k_fp[:, :, :f]) and torch.equal(a.v_fp[:, :, :f], b.v_fp[:, :, :f])
+    for x, y in zip(a._q_used().values(), b._q_used().values()):
+        assert torch.equal(x, y)
+    assert torch.equal(oa, ob)
+    n_fast_general = general_calls.count(True)
+    assert general_calls.count(False) == n + 1
+    assert n_fast_general <= 1 + n * steps // G + 4, n_fast_general  # prefill, flushes, growth
+
+
 def test_quality_ordering_on_outlier_keys(gen):
     """Error of attention vs exact fp attention, orderings that are expected on these data:
     keys with stable outlier channels -> per-channel keys beat per-token keys (KIVI);

@@ -221,6 +221,24 @@ class QuantizedKVCache:
             if sink_mask.shape != (T,) or sink_mask.dtype != torch.bool:
                 raise ValueError(f"QuantizedKVCache: sink_mask must be a bool tensor of shape [{T}]")
             sink_mask = sink_mask.to(self.device)
+        elif (self._fast_append and self.n_seen >= self.S and self.n_res + T - self.R < self.G
+              and self.n_sink + self.n_res + T <= self.k_fp.shape[2]):
+            # decode: no sink among the new tokens, nothing flushed, room left — they only extend the recent window
+            # (what the general path below computes, without its ~25 small tensor ops per call)
+            kr = self._rot(k, self.rotate_k, self.k_perm)
+            vr = self._rot(v, self.rotate_v, self.v_perm)
+            a = self.n_sink + self.n_res
+            self.k_fp[:, :, a : a + T] = kr
+            self.v_fp[:, :, a : a + T] = vr
+            self.n_res += T
+            self.n_seen += T
+            self._lens[:, 2].fill_(self.n_res)
+            return
+        self._append_general(k, v, sink_mask, T)
+
+    _fast_append = True  # the decode shortcut of append (tests compare it with the general path)
+
+    def _append_general(self, k: Tensor, v: Tensor, sink_mask: Optional[Tensor], T: int) -> None:
         # ---- compute everything into temporaries (nothing visible changes until the commit below) -------------
         is_sink = torch.zeros(T, dtype=torch.bool, device=self.device)
         n_first = min(T, max(0, self.S - self.n_seen))  # the first `sinks` tokens of the sequence
