@@ -423,3 +423,138 @@ def test_attend_selected_positions(device, k_mode, gen):
             s = q[b, hq].double().cpu() @ k[b, hq // g, ix].double().cpu().T / D**0.5
             expect[b, hq] = torch.softmax(s, -1) @ v[b, hq // g, ix].double().cpu()
     assert_rows_close(out, expect, 1e-3)
+
+
+# ---- editing: select_rows (beam search, batch selection) and truncate (speculative decoding) ----------------------------
+def _used_state(c):
+    """Everything a cache's attention and later appends read: counters, lens, the filled fp and quantized parts."""
+    f = c.n_sink + c.n_res
+    return ((c.n_sink, c.n_quant, c.n_res, c.n_seen, c.B), c._lens, c.k_fp[:, :, :f], c.v_fp[:, :, :f],
+            *c._q_used().values())
+
+
+def _assert_same_state(a, b):
+    sa, sb = _used_state(a), _used_state(b)
+    assert sa[0] == sb[0]
+    for x, y in zip(sa[1:], sb[1:]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k_mode", ["per_channel", "per_token"])
+def test_select_rows_is_the_cache_of_the_selected_sequences(device, k_mode, gen):
+    """select_rows(idx) leaves exactly the cache that appending the rows idx of every input would have built (rows
+    repeated, reordered and dropped), and decoding goes on identically; a bool mask selects like its nonzero()."""
+    B, H, D, G, R, S = 3, 2, 64, 32, 16, 3  # G = 32: the CUDA kernel's smallest per-token key group
+    N0, steps = 45, 50  # prefill, then decode steps across flushes and a growth of the fp buffer
+    k = outlier_randn(B, H, N0 + 2 * steps, D, generator=gen).to(device)
+    v = outlier_randn(B, H, N0 + 2 * steps, D, generator=gen).to(device)
+    kw = dict(group_size=G, residual=R, sinks=S, rotate=True, device=device, chunk=G, k_mode=k_mode, bits_k=4)
+    idx = torch.tensor([2, 0, 2, 1])
+    a = QuantizedKVCache(H, D, batch_size=B, **kw)
+    b = QuantizedKVCache(H, D, batch_size=len(idx), **kw)
+    a.append(k[:, :, :N0], v[:, :, :N0])
+    b.append(k[idx, :, :N0], v[idx, :, :N0])
+    for t in range(N0, N0 + steps):
+        a.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        b.append(k[idx, :, t : t + 1], v[idx, :, t : t + 1])
+    assert a.n_quant >= 2 * G
+    a.select_rows(idx.to(device))
+    _assert_same_state(a, b)
+    q = outlier_randn(len(idx), 2 * H, 1, D, generator=gen).to(device)
+    for t in range(N0 + steps, N0 + 2 * steps):  # both keep decoding: still the same cache
+        a.append(k[idx, :, t : t + 1], v[idx, :, t : t + 1])
+        b.append(k[idx, :, t : t + 1], v[idx, :, t : t + 1])
+        assert torch.equal(a.attend(q), b.attend(q))
+    _assert_same_state(a, b)
+    mask = torch.tensor([True, False, False, True])
+    a.select_rows(mask)
+    b.select_rows(mask.nonzero().flatten())
+    _assert_same_state(a, b)
+    assert a.B == 2 and a.attend(q[:2]).shape == (2, 2 * H, 1, D)
+
+
+def test_select_rows_bad_index_leaves_the_cache_unchanged(gen):
+    c = QuantizedKVCache(2, 64, group_size=16, residual=16, batch_size=3)
+    c.append(torch.randn(3, 2, 50, 64, generator=gen), torch.randn(3, 2, 50, 64, generator=gen))
+    before = [t.clone() for t in c.dequantize()]
+    for bad, msg in [(torch.tensor([0, 3]), r"in \[0, 3\), got 0..3"), (torch.tensor([-1]), r"got -1..-1"),
+                     (torch.tensor([], dtype=torch.long), "no rows selected"),
+                     (torch.tensor([True, False]), r"bool mask must have shape \[3\]"),
+                     (torch.tensor([0.0, 1.0]), "1-D integer"), (torch.zeros(2, 2, dtype=torch.long), "1-D integer")]:
+        with pytest.raises(ValueError, match=msg):
+            c.select_rows(bad)
+        assert c.B == 3
+        for x, y in zip(before, c.dequantize()):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_truncate_drops_the_newest_tokens(device, rotate, gen):
+    """Draft tokens appended and then rejected: without a flush in between, truncate leaves exactly the cache that
+    never saw them; with one, the kept tokens keep their exact contents and attention reads exactly those.  Beyond the
+    full-precision window (or into the sinks) it raises and changes nothing."""
+    B, H, D, G, R, S = 2, 2, 64, 16, 24, 4
+    N0, d, keep = 60, 7, 3
+    n = N0 + 3 * d
+    k = outlier_randn(B, H, n, D, generator=gen).to(device)
+    v = outlier_randn(B, H, n, D, generator=gen).to(device)
+    kw = dict(group_size=G, residual=R, sinks=S, rotate=rotate, device=device, batch_size=B)
+    a, b = QuantizedKVCache(H, D, **kw), QuantizedKVCache(H, D, **kw)
+    a.append(k[:, :, :N0], v[:, :, :N0])
+    b.append(k[:, :, :N0], v[:, :, :N0])
+    assert a.n_res + d < R + G  # this draft block triggers no flush
+    a.append(k[:, :, N0 : N0 + d], v[:, :, N0 : N0 + d])
+    a.truncate(d - keep)
+    b.append(k[:, :, N0 : N0 + keep], v[:, :, N0 : N0 + keep])
+    _assert_same_state(a, b)
+    q = outlier_randn(B, 2 * H, 1, D, generator=gen).to(device)
+    assert torch.equal(a.attend(q), b.attend(q))
+    # a draft block that does flush: the kept tokens are unchanged, attention over them is exact
+    m = N0 + keep
+    while a.n_res + d < R + G:
+        a.append(k[:, :, m : m + 1], v[:, :, m : m + 1])
+        m += 1
+    kd0, vd0 = a.dequantize()
+    nq0 = a.n_quant
+    a.append(k[:, :, m : m + d], v[:, :, m : m + d])
+    assert a.n_quant == nq0 + G
+    kd1, vd1 = a.dequantize()
+    a.truncate(d - keep)
+    assert a.seq_len == kd0.shape[2] + keep and a.n_res < R
+    kd, vd = a.dequantize()
+    assert torch.equal(kd, kd1[:, :, : a.seq_len]) and torch.equal(vd, vd1[:, :, : a.seq_len])
+    assert_rows_close(a.attend(q), sdpa(q, kd, vd), 1e-4)
+    # too much: into the quantized tokens / into the sinks
+    state = [t.clone() for t in _used_state(a)[1:]]
+    with pytest.raises(ValueError, match=f"only {a.n_res} of the {a.seq_len} are still in the full-precision"):
+        a.truncate(a.n_res + 1)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        a.truncate(-1)
+    for x, y in zip(state, _used_state(a)[1:]):
+        assert torch.equal(x, y)
+    a.truncate(0)
+    # the window refills and flushes normally afterwards
+    for t in range(m + keep, n):
+        a.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    kd2, vd2 = a.dequantize()
+    assert torch.equal(kd2[:, :, : a.n_sink + nq0 + G], kd[:, :, : a.n_sink + nq0 + G])
+    assert_rows_close(a.attend(q), sdpa(q, kd2, vd2), 1e-4)
+
+
+def test_truncate_never_drops_a_sink(gen):
+    """Tokens older than the newest sink (first tokens or an extra sink marked late) are never truncatable."""
+    H, D = 2, 64
+    c = QuantizedKVCache(H, D, group_size=16, residual=32, sinks=4)
+    c.append(torch.randn(1, H, 3, D, generator=gen), torch.randn(1, H, 3, D, generator=gen))
+    assert c.n_truncatable == 0  # all three are sinks
+    with pytest.raises(ValueError, match="only 0 of the 3"):
+        c.truncate(1)
+    c = QuantizedKVCache(H, D, group_size=16, residual=32, sinks=4)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[30] = True  # an extra sink among the recent tokens' time span
+    c.append(torch.randn(1, H, 40, D, generator=gen), torch.randn(1, H, 40, D, generator=gen), sink_mask=mask)
+    assert c.n_res == 35 and c.n_truncatable == 9  # positions 31..39
+    c.truncate(9)
+    assert c.seq_len == 31 and c.n_truncatable == 0

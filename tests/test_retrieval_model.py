@@ -14,6 +14,8 @@ from kvengine.integrations.retrieval import (ATTN_NAME, RetrievalCache, Retrieva
                                              train_layer_hashes)
 from kvengine.retrieval import SpotlightHash
 
+from hf_edit import check_crop, check_row_edits
+
 
 def tiny_llama(seed=0, layers=2):
     torch.manual_seed(seed)
@@ -122,6 +124,36 @@ def test_batch_of_two_equals_each_sequence(selector):
     for b in range(2):
         one = run_chunks(model, ids[b : b + 1], RetrievalCache(model.config, **kw), 24, 9)
         torch.testing.assert_close(both[b : b + 1], one, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_beam_search_reorder_and_batch_edits_are_exact(packed):
+    """reorder_cache / batch_select_indices / batch_repeat_interleave: decoding goes on as from a cache that saw the
+    edited batch (fp K/V + codes, or packed K/V + codes)."""
+    model = tiny_llama()
+    q = dict(bits_k=4, bits_v=4, group_size=16, residual=16, sinks=4) if packed else None
+    c = check_row_edits(model, lambda: RetrievalCache(model.config, top_k=24, sinks=4, recent=8, quant=q))
+    l0 = c.layers[0]
+    assert (l0.qc.B if packed else l0.ra.k.shape[0]) == 6
+    assert (l0.codes if packed else l0.ra.codes).codes.shape[0] == 6
+    assert l0.context_tokens > l0.selected_tokens  # the selection was really applied
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_crop_drops_rejected_draft_tokens_exactly(packed):
+    """crop of draft tokens: keys, values and their codes — exactly the cache that never saw them."""
+    model = tiny_llama()
+    q = dict(bits_k=4, bits_v=4, group_size=16, residual=16, sinks=4) if packed else None
+    c = check_crop(model, lambda: RetrievalCache(model.config, top_k=24, sinks=4, recent=8, quant=q))
+    l0 = c.layers[0]
+    codes = l0.codes if packed else l0.ra.codes
+    assert codes.seq_len == c.get_seq_length() == 46 and c.is_croppable
+    if packed:
+        assert l0.qc.n_quant >= 16
+        with torch.inference_mode(), pytest.raises(ValueError, match="full-precision recent window"):
+            c.crop(-(l0.qc.n_res + 1))
+        assert codes.seq_len == l0.qc.seq_len == 46  # nothing changed
+        assert not RetrievalCache(model.config, top_k=24, sinks=4, recent=8, quant=dict(q, residual=0)).is_croppable
 
 
 @torch.inference_mode()

@@ -14,6 +14,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from kvengine.integrations.transformers import KVEngineCache, KVEngineLayer  # noqa: E402
 
+from hf_edit import check_crop, check_row_edits  # noqa: E402
+
 
 def tiny_llama(seed=0, layers=2, head_dim=32):
     torch.manual_seed(seed)
@@ -74,15 +76,28 @@ def test_generate_with_kvengine_cache_tiny():
     assert (out[0, :36] == ref[0, :36]).float().mean() > 0.9
 
 
-def test_unsupported_operations_are_clear():
+@pytest.mark.parametrize("fp_layers", [(), (1,)])
+def test_beam_search_reorder_and_batch_edits_are_exact(fp_layers):
+    """reorder_cache (beam search), batch_select_indices and batch_repeat_interleave on a cache whose packed part is
+    in use (and one full-precision layer): decoding goes on exactly as from a cache that saw the edited batch."""
     model = tiny_llama()
-    cache = KVEngineCache(model.config, bits=4)
-    with torch.inference_mode():
-        model(torch.zeros(1, 10, dtype=torch.long), past_key_values=cache)
-    with pytest.raises(NotImplementedError, match="beam"):
-        cache.reorder_cache(torch.tensor([0]))
-    with pytest.raises(NotImplementedError, match="crop"):
-        cache.crop(-2)
+    c = check_row_edits(model, lambda: KVEngineCache(model.config, bits=4, group_size=16, residual=16, sinks=2,
+                                                     fp_layers=fp_layers))
+    q = c.layers[0].qcache
+    assert q.B == 6 and q.n_quant >= 32
+
+
+def test_crop_drops_rejected_draft_tokens_exactly():
+    """crop (assisted / prompt-lookup decoding) of draft tokens still in the full-precision window: exactly the cache
+    that never saw them; cropping into the quantized part raises a clear error; residual=0 is not croppable."""
+    model = tiny_llama()
+    c = check_crop(model, lambda: KVEngineCache(model.config, bits=4, group_size=16, residual=16, sinks=2))
+    assert c.is_croppable and c.layers[0].qcache.n_quant >= 16
+    with torch.inference_mode(), pytest.raises(ValueError, match="still in the full-precision recent window"):
+        c.crop(-(c.layers[0].qcache.n_res + 1))
+    with pytest.raises(ValueError, match="cannot remove 1000000 tokens from a cache of 46"):
+        c.crop(-(10**6))
+    assert not KVEngineCache(model.config, bits=4, residual=0).is_croppable
     with pytest.raises(ValueError):
         KVEngineCache(model.config, bits=3)
 

@@ -90,6 +90,24 @@ def detect_sinks(x: Tensor, top: int = 4, min_ratio: float = 4.0, exclude_last: 
     return mask
 
 
+def row_index(index, B: int, device, who: str = "select_rows") -> Tensor:
+    """A batch-row index (ints in [0, B), or a bool mask over B rows) as a 1-D int64 tensor on ``device``."""
+    idx = torch.as_tensor(index, device=device)
+    if idx.dtype == torch.bool:
+        if idx.shape != (B,):
+            raise ValueError(f"{who}: a bool mask must have shape [{B}], got {tuple(idx.shape)}")
+        idx = idx.nonzero().flatten()
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dim() > 1:
+        raise ValueError(f"{who}: index must be a 1-D integer tensor (or a bool mask)")
+    idx = idx.flatten().long()
+    if idx.numel() < 1:
+        raise ValueError(f"{who}: no rows selected")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= B:
+        raise ValueError(f"{who}: row indices must be in [0, {B}), got {lo}..{hi}")
+    return idx
+
+
 class QuantizedKVCache:
     def __init__(
         self,
@@ -158,6 +176,7 @@ class QuantizedKVCache:
         self.chunk = max(group_size, (chunk // group_size) * group_size)
         self.n_sink = self.n_quant = self.n_res = 0
         self.n_seen = 0  # tokens appended so far
+        self._sink_end = 0  # 1 + the time position of the newest sink (tokens after it are all stream tokens)
         self.q = self._new_q(0)
         self._alloc_fp(self.S + self.R + self.G + 8)
         self._lens = torch.zeros(self.B, 3, dtype=torch.int32, device=self.device)
@@ -306,8 +325,49 @@ class QuantizedKVCache:
         self.k_fp[:, :, n_sink2 : n_sink2 + n_res2] = res_k
         self.v_fp[:, :, n_sink2 : n_sink2 + n_res2] = res_v
         self.n_sink, self.n_quant, self.n_res = n_sink2, n_quant2, n_res2
+        if ns_new:
+            self._sink_end = self.n_seen + int(new_sink_idx[-1]) + 1
         self.n_seen += T
         self._lens.copy_(torch.tensor([[n_sink2, n_quant2, n_res2]] * self.B, dtype=torch.int32), non_blocking=True)
+
+    # ---- editing (beam search, batch selection, speculative decoding) -------------------------------------------
+    def select_rows(self, index) -> None:
+        """Keep, reorder or repeat sequences: row i of the cache becomes row ``index[i]`` of the old one (an int index
+        of any length ≥ 1, or a bool mask over the B rows).  Beam search reorders with it, batch selection and
+        repeat-interleave are special cases.  Every row holds the same number of tokens, so this is one
+        ``index_select`` of each buffer; the kept rows' contents are unchanged bit for bit."""
+        idx = row_index(index, self.B, self.device, "QuantizedKVCache.select_rows")
+        self.q = {name: t.index_select(0, idx) for name, t in self.q.items()}
+        self.k_fp, self.v_fp = self.k_fp.index_select(0, idx), self.v_fp.index_select(0, idx)
+        self._lens = self._lens.index_select(0, idx)
+        self.B = int(idx.numel())
+
+    @property
+    def n_truncatable(self) -> int:
+        """How many of the newest tokens ``truncate`` can drop: those still in the full-precision recent window and
+        newer than every sink."""
+        return max(0, min(self.n_res, self.n_seen - self._sink_end))
+
+    def truncate(self, n: int) -> None:
+        """Drop the ``n`` newest tokens (speculative / assisted decoding rejects draft tokens).  Exact for tokens still
+        in the full-precision recent window (``n_truncatable``, at least ``residual`` tokens once the window has
+        filled); older tokens are already quantized and cannot be taken back, which raises.  The kept tokens stay
+        exactly as they were; if the dropped tokens had triggered a flush, some kept tokens are already quantized
+        that a decode which never saw the dropped ones would still hold in full precision (the recent window is then
+        shorter than ``residual`` until new tokens refill it)."""
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"QuantizedKVCache.truncate: n must be >= 0, got {n}")
+        if n == 0:
+            return
+        if n > self.n_truncatable:
+            raise ValueError(
+                f"QuantizedKVCache.truncate: cannot drop the newest {n} tokens — only {self.n_truncatable} of the "
+                f"{self.seq_len} are still in the full-precision recent window (older ones are quantized or sinks); "
+                f"use a residual window of at least the number of draft tokens (residual={self.R})")
+        self.n_res -= n
+        self.n_seen -= n
+        self._lens[:, 2].fill_(self.n_res)
 
     def _new_q(self, cap: int, old: Optional[dict] = None) -> dict:
         B, H, D, G = self.B, self.H, self.D, self.G

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .cache import row_index
 
 __all__ = ["SpotlightHash", "HashCodeCache", "RetrievalAttention", "train_hash", "topk_recall", "layer_problem",
            "sample_positions",
@@ -135,6 +136,16 @@ class HashCodeCache:
         self.seq_len += T
         return c
 
+    def select_rows(self, index: Tensor) -> None:
+        """Row i becomes row ``index[i]`` (beam search, batch selection; index as ``QuantizedKVCache.select_rows``)."""
+        self._buf = self._buf.index_select(0, row_index(index, self._buf.shape[0], self._buf.device, "HashCodeCache.select_rows"))
+
+    def truncate(self, n: int) -> None:
+        """Drop the codes of the ``n`` newest keys."""
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"HashCodeCache.truncate: n must be in [0, {self.seq_len}], got {n}")
+        self.seq_len -= n
+
     @property
     def codes(self) -> Tensor:
         """A view [B, Hkv, seq_len, W] (no copy)."""
@@ -175,6 +186,19 @@ class RetrievalAttention:
         self._v[:, :, self.seq_len : n] = v
         self.codes.append(k)
         self.seq_len = n
+
+    def select_rows(self, index: Tensor) -> None:
+        """Row i becomes row ``index[i]`` (beam search, batch selection; index as ``QuantizedKVCache.select_rows``)."""
+        idx = row_index(index, self._k.shape[0], self._k.device, "RetrievalAttention.select_rows")
+        self._k, self._v = self._k.index_select(0, idx), self._v.index_select(0, idx)
+        self.codes.select_rows(idx)
+
+    def truncate(self, n: int) -> None:
+        """Drop the ``n`` newest tokens (keys, values and their codes; exact, everything is full precision)."""
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"RetrievalAttention.truncate: n must be in [0, {self.seq_len}], got {n}")
+        self.codes.truncate(n)
+        self.seq_len -= n
 
     @property
     def k(self) -> Tensor:

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .. import ops
 from ..cache import QuantizedKVCache
+from ._hf import EditableLayerMixin
 from ..retrieval import HashCodeCache, RetrievalAttention, SpotlightHash, train_hash
 
 try:
@@ -100,13 +101,12 @@ def lsh_hashes(config, nbits: int = 128, seed: int = 0) -> dict[int, SpotlightHa
 
 
 # ---- one layer ------------------------------------------------------------------------------------------------------------
-class RetrievalLayer(CacheLayerMixin):
+class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
     """One attention layer: full-precision K/V + packed key codes (``RetrievalAttention``), created on the first
     update (when batch size, dtype and device are known)."""
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
 
     def __init__(self, owner: "RetrievalCache", layer_idx: int, hasher: Optional[SpotlightHash], top_k: int,
                  sinks: int, recent: int, selector: str, quant: Optional[dict] = None):
@@ -301,25 +301,27 @@ class RetrievalLayer(CacheLayerMixin):
     def prefetch(self):
         pass
 
-    def _unsupported(self, what: str):
-        raise NotImplementedError(f"RetrievalCache does not support {what}; use greedy/sampling generation with "
-                                  "num_beams=1")
+    # -- EditableLayerMixin hooks: beam search, batch selection, crop
+    def _select_rows(self, index) -> None:
+        if self.qc is not None:
+            self.qc.select_rows(index)
+            self.codes.select_rows(index)
+        else:
+            self.ra.select_rows(index)
 
-    def reorder_cache(self, beam_idx):
-        if self.cumulative_length:
-            self._unsupported("beam search (reorder_cache)")
+    def _truncate(self, n: int) -> None:
+        if self.qc is not None:
+            self.qc.truncate(n)  # raises (nothing changed) if the tokens are already quantized
+            self.codes.truncate(n)
+        else:
+            self.ra.truncate(n)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            self._unsupported("crop (assisted / speculative decoding)")
+    def _croppable(self) -> bool:
+        default = QuantizedKVCache.__init__.__kwdefaults__["residual"]
+        return self.quant is None or int(self.quant.get("residual", default)) > 0
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.cumulative_length and repeats != 1:
-            self._unsupported("batch_repeat_interleave")
-
-    def batch_select_indices(self, indices) -> None:
-        if self.cumulative_length:
-            self._unsupported("batch_select_indices")
+    def _batch_size(self) -> int:
+        return self.qc.B if self.qc is not None else self.ra.k.shape[0]
 
     @property
     def nbytes(self) -> int:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..cache import QuantizedKVCache
+from ._hf import EditableLayerMixin
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
@@ -80,13 +81,12 @@ def _load_plan(plan) -> Optional[dict]:
 
 
 # ---- one layer ----------------------------------------------------------------------------------------------------------
-class KVEngineLayer(CacheLayerMixin):
+class KVEngineLayer(EditableLayerMixin, CacheLayerMixin):
     """One attention layer's cache: a packed ``QuantizedKVCache`` (created on the first update, when batch size,
     head count, head dim, dtype and device are known)."""
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
 
     def __init__(self, owner: "KVEngineCache", layer_idx: int, qkw: dict, k_perm: Optional[Tensor] = None,
                  v_perm: Optional[Tensor] = None, sink_detect: Optional[dict] = None):
@@ -192,25 +192,18 @@ class KVEngineLayer(CacheLayerMixin):
     def prefetch(self):
         pass
 
-    def _unsupported(self, what: str):
-        raise NotImplementedError(f"KVEngineCache does not support {what} (packed caches cannot be edited per "
-                                  "sequence yet); use greedy/sampling generation with num_beams=1")
+    # -- EditableLayerMixin hooks: beam search, batch selection, crop
+    def _select_rows(self, index) -> None:
+        self.qcache.select_rows(index)
 
-    def reorder_cache(self, beam_idx):
-        if self.cumulative_length:
-            self._unsupported("beam search (reorder_cache)")
+    def _truncate(self, n: int) -> None:
+        self.qcache.truncate(n)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            self._unsupported("crop (assisted / speculative decoding)")
+    def _croppable(self) -> bool:
+        return int(self.qkw["residual"]) > 0
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.cumulative_length and repeats != 1:
-            self._unsupported("batch_repeat_interleave")
-
-    def batch_select_indices(self, indices) -> None:
-        if self.cumulative_length:
-            self._unsupported("batch_select_indices")
+    def _batch_size(self) -> int:
+        return self.qcache.B
 
     # -- memory
     @property

@@ -1,0 +1,64 @@
+"""Checks shared by the transformers caches' tests: beam-search reorder, batch selection/repetition and crop must
+leave exactly the cache that the edited history would have built (tiny models, exact logits)."""
+import torch
+
+
+def _step(model, ids, cache):
+    return model(ids, past_key_values=cache, use_cache=True).logits
+
+
+def _ids(B, n, seed):
+    return torch.randint(0, 256, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def check_row_edits(model, make_cache, prompt=40, decoded=12):
+    """reorder_cache / batch_select_indices / batch_repeat_interleave (through the Cache, every layer) on a cache
+    with quantized tokens, then more decode steps: the logits equal those of a fresh cache that saw the edited
+    batch from the start (to rounding: the fresh cache's prefill runs at another batch size)."""
+    B = 3
+    p, d = _ids(B, prompt, 1), _ids(B, decoded, 2)
+    a = make_cache()
+    _step(model, p, a)
+    for t in range(decoded):
+        _step(model, d[:, t : t + 1], a)
+    edits = [("reorder_cache", torch.tensor([2, 0, 0, 1])), ("batch_select_indices", torch.tensor([0, 3])),
+             ("batch_repeat_interleave", 3)]
+    for i, (name, arg) in enumerate(edits):
+        getattr(a, name)(arg)
+        sel = torch.arange(p.shape[0]).repeat_interleave(arg) if isinstance(arg, int) else arg
+        p, d = p[sel], d[sel]  # each row's history, in the edited order
+        b = make_cache()
+        _step(model, p, b)
+        for t in range(d.shape[1]):
+            _step(model, d[:, t : t + 1], b)
+        more = _ids(len(sel), 4, 10 + i)
+        for t in range(more.shape[1]):
+            la = _step(model, more[:, t : t + 1], a)
+            lb = _step(model, more[:, t : t + 1], b)
+            # a fresh cache's prefill ran on another batch size: the GEMMs round differently in the last bit
+            torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}, step {t}: {m}")
+        d = torch.cat([d, more], 1)
+    return a
+
+
+@torch.inference_mode()
+def check_crop(model, make_cache, prompt=40, draft=6, keep=2):
+    """A draft block appended in one forward, then ``crop(-(draft - keep))``, then decode: the logits equal those of
+    a cache that only ever saw the kept tokens (when the draft block flushed nothing), and crop's legacy absolute
+    form (``crop(max_length)``) drops the same."""
+    p, d, more = _ids(2, prompt, 5), _ids(2, draft, 6), _ids(2, 4, 7)
+    out = []
+    for legacy in (False, True):
+        a, b = make_cache(), make_cache()
+        _step(model, p, a)
+        _step(model, p, b)
+        _step(model, d, a)
+        a.crop(prompt + keep if legacy else -(draft - keep))
+        assert a.get_seq_length() == prompt + keep
+        _step(model, d[:, :keep], b)
+        for t in range(more.shape[1]):
+            la, lb = _step(model, more[:, t : t + 1], a), _step(model, more[:, t : t + 1], b)
+            assert torch.equal(la, lb), (legacy, t, (la - lb).abs().max())
+        out.append(a)
+    return out[0]
