@@ -558,3 +558,102 @@ def test_truncate_never_drops_a_sink(gen):
     assert c.n_res == 35 and c.n_truncatable == 9  # positions 31..39
     c.truncate(9)
     assert c.seq_len == 31 and c.n_truncatable == 0
+
+
+# ---- rows of unequal length: a left-padded prompt ----------------------------------------------------------------------
+def _row_state(c, b):
+    """Row b's counters and filled contents (the state attention reads and later appends extend)."""
+    ns, nq, nr = (int(x) for x in c._lens[b].tolist())
+    ng = nq if c.k_mode == "per_token" else nq // c.G
+    q = [t[b, :, : (ng if name in ("k_scale", "k_zero") else nq)] for name, t in c.q.items()]
+    return (ns, nq, nr), [c.k_fp[b, :, : ns + nr], c.v_fp[b, :, : ns + nr], *q]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lens,steps", [((70, 51, 33), 1), ((70, 51, 33), 3), ((24, 2, 9), 1)])
+def test_left_padded_prompt_rows_are_single_sequence_caches(device, lens, steps, gen):
+    """Each row of a cache filled from a left-padded prompt is exactly the cache of its real tokens alone — with
+    min(sinks, shortest prompt) sinks and a residual window longer by the row's extra length, because the windows
+    flush together — through decode steps across flushes and buffer growth, a row selection that drops the longest
+    row, and a truncation; attention per row is that cache's attention."""
+    B, H, D, G, R, S = len(lens), 2, 64, 16, 16, 4
+    T, n = max(lens), 60 * steps
+    k = outlier_randn(B, H, T + n, D, generator=gen).to(device)
+    v = outlier_randn(B, H, T + n, D, generator=gen).to(device)
+    valid = torch.arange(T)[None, :] >= torch.tensor([T - x for x in lens])[:, None]
+    kw = dict(group_size=G, sinks=S, rotate=True, device=device, chunk=G)
+    c = QuantizedKVCache(H, D, residual=R, batch_size=B, **kw)
+    c.append(k[:, :, :T], v[:, :, :T], valid=valid)
+    s_eff = min(S, min(lens))
+    singles = [QuantizedKVCache(H, D, residual=R + x - min(lens), **dict(kw, sinks=s_eff)) for x in lens]
+    for b, s in enumerate(singles):
+        s.append(k[b : b + 1, :, T - lens[b] : T], v[b : b + 1, :, T - lens[b] : T])
+    assert c.row_lens == list(lens) and c.n_sink == s_eff
+
+    def check(rows):
+        for b, s in zip(range(c.B), rows):
+            (ca, ta), (cb, tb) = _row_state(c, b), _row_state(s, 0)
+            assert ca == cb, (b, ca, cb)
+            for x, y in zip(ta, tb):
+                assert torch.equal(x, y)
+
+    check(singles)
+    q = outlier_randn(B, 2 * H, steps, D, generator=gen).to(device)
+    for t in range(T, T + n, steps):
+        c.append(k[:, :, t : t + steps], v[:, :, t : t + steps])
+        for b, s in enumerate(singles):
+            s.append(k[b : b + 1, :, t : t + steps], v[b : b + 1, :, t : t + steps])
+        out = c.attend(q)
+        for b, s in enumerate(singles):
+            assert_rows_close(out[b : b + 1], s.attend(q[b : b + 1]), 1e-6)
+    check(singles)
+    assert c.n_quant >= 2 * G and c.row_lens == [x + n for x in lens]
+    kd, vd = c.dequantize_row(1)
+    assert_rows_close(c.attend(q)[1:2], sdpa(q[1:2], kd[None], vd[None]), 1e-4)
+    with pytest.raises(ValueError, match="use dequantize_row"):
+        c.dequantize()
+    assert c.effective_bits == pytest.approx(
+        sum(s.nbytes for s in singles) * 8 / (2 * H * D * sum(c.row_lens)))
+    # drop the longest row: the counters follow the longest remaining one; decoding goes on as before
+    keep = [2, 1]
+    c.select_rows(torch.tensor(keep))
+    singles = [singles[i] for i in keep]
+    check(singles)
+    assert c.n_truncatable == min(s.n_truncatable for s in singles) > 0
+    m = c.n_truncatable
+    c.truncate(m)
+    for s in singles:
+        s.truncate(m)
+    check(singles)
+    k2 = outlier_randn(2, H, 40, D, generator=gen).to(device)
+    v2 = outlier_randn(2, H, 40, D, generator=gen).to(device)
+    for t in range(40):
+        c.append(k2[:, :, t : t + 1], v2[:, :, t : t + 1])
+        for b, s in enumerate(singles):
+            s.append(k2[b : b + 1, :, t : t + 1], v2[b : b + 1, :, t : t + 1])
+    check(singles)
+
+
+def test_padding_mask_errors(gen):
+    c = QuantizedKVCache(2, 64, group_size=16, residual=16, batch_size=2)
+    k, v = torch.randn(2, 2, 8, 64, generator=gen), torch.randn(2, 2, 8, 64, generator=gen)
+    left = torch.tensor([[False] * 3 + [True] * 5, [True] * 8])
+    for bad, msg in [(left[:, :7], r"shape \[B=2, T=8\]"), (left.int(), "bool tensor"),
+                     (left.flip(1), "left padding"), (torch.tensor([[True, False] * 4] * 2), "left padding"),
+                     (torch.tensor([[False] * 8, [True] * 8]), "at least one real token")]:
+        with pytest.raises(ValueError, match=msg):
+            c.append(k, v, valid=bad)
+        assert c.seq_len == 0
+    with pytest.raises(ValueError, match="sink_mask and padding"):
+        c.append(k, v, sink_mask=torch.zeros(8, dtype=torch.bool), valid=left)
+    c.append(k, v, valid=torch.ones(2, 8, dtype=torch.bool))  # no padding: an ordinary append
+    assert c._short is None and c.row_lens == [8, 8]
+    with pytest.raises(ValueError, match="only accepted in the first append"):
+        c.append(k, v, valid=left)
+    p = QuantizedKVCache(2, 64, group_size=16, residual=16, batch_size=2)
+    p.append(k, v, valid=left)
+    assert p.row_lens == [5, 8]
+    with pytest.raises(ValueError, match="sink_mask is not supported once rows differ"):
+        p.append(k[:, :, :1], v[:, :, :1], sink_mask=torch.zeros(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="6 query tokens but only 5 cached"):
+        p.attend(torch.randn(2, 2, 6, 64))

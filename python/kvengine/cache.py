@@ -177,6 +177,9 @@ class QuantizedKVCache:
         self.n_sink = self.n_quant = self.n_res = 0
         self.n_seen = 0  # tokens appended so far
         self._sink_end = 0  # 1 + the time position of the newest sink (tokens after it are all stream tokens)
+        # rows of unequal length (a left-padded prompt): row b holds n_res - _short[b] recent tokens (None: all equal;
+        # the counters n_seen / n_res describe the longest row)
+        self._short: Optional[list] = None
         self.q = self._new_q(0)
         self._alloc_fp(self.S + self.R + self.G + 8)
         self._lens = torch.zeros(self.B, 3, dtype=torch.int32, device=self.device)
@@ -209,7 +212,21 @@ class QuantizedKVCache:
     # ---- public API --------------------------------------------------------------------------------------------------
     @property
     def seq_len(self) -> int:
+        """Tokens cached (of the longest row, when the rows of a left-padded prompt differ)."""
         return self.n_sink + self.n_quant + self.n_res
+
+    @property
+    def row_lens(self) -> list:
+        """Tokens cached per row."""
+        n = self.seq_len
+        return [n] * self.B if self._short is None else [n - d for d in self._short]
+
+    def _row_res(self) -> list:
+        return [self.n_res] * self.B if self._short is None else [self.n_res - d for d in self._short]
+
+    def _set_lens(self) -> None:
+        rows = [[self.n_sink, self.n_quant, r] for r in self._row_res()]
+        self._lens.copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
 
     def _rot(self, x: Tensor, rotate: bool, perm: Optional[Tensor]) -> Tensor:
         return ops.fwht(x, None, perm) if rotate else x
@@ -229,13 +246,26 @@ class QuantizedKVCache:
         if x.device != self.device:
             raise ValueError(f"QuantizedKVCache: {name} is on {x.device}, the cache is on {self.device}")
 
-    def append(self, k: Tensor, v: Tensor, sink_mask: Optional[Tensor] = None) -> None:
+    def append(self, k: Tensor, v: Tensor, sink_mask: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> None:
         """Append T new tokens: k, v [B, H_kv, T, D].  ``sink_mask`` ([T] bool, shared by the batch) marks extra
-        attention-sink tokens among them (kept in full precision; see ``detect_sinks``).  On any error the cache is
-        left exactly as it was."""
+        attention-sink tokens among them (kept in full precision; see ``detect_sinks``).  ``valid`` ([B, T] bool, first
+        append only): a left-padded prompt — row b's real tokens are its last ``valid[b].sum()``, the padding is
+        dropped, and the rows then hold different lengths (each row keeps min(sinks, shortest prompt) sinks; the
+        recent windows flush together when the shortest one is full, so longer rows hold a few more tokens in full
+        precision).  On any error the cache is left exactly as it was."""
         self._check("k", k)
         T = k.shape[2]
         self._check("v", v, T)
+        if valid is not None:
+            valid = self._check_valid(valid, T, sink_mask)
+            if valid is not None:
+                self._append_padded(k, v, valid)
+                return
+        if self._short is not None:
+            if sink_mask is not None:
+                raise ValueError("QuantizedKVCache: sink_mask is not supported once rows differ in length")
+            self._append_ragged(k, v, T)
+            return
         if sink_mask is not None:
             if sink_mask.shape != (T,) or sink_mask.dtype != torch.bool:
                 raise ValueError(f"QuantizedKVCache: sink_mask must be a bool tensor of shape [{T}]")
@@ -292,11 +322,7 @@ class QuantizedKVCache:
         res_k, res_v = res_all_k[:, :, F:], res_all_v[:, :, F:]
         n_sink2, n_res2, n_quant2 = self.n_sink + ns_new, n_res_all - F, self.n_quant + F
         # capacity (new buffers are made before anything is overwritten)
-        q_new = None
-        if n_quant2 > self.q_cap:
-            cap = max(n_quant2, self.q_cap + max(self.chunk, self.q_cap // 4))
-            cap = -(-cap // self.G) * self.G
-            q_new = self._new_q(cap, self._q_used())
+        q_new = self._grown_q(n_quant2)
         f_need = n_sink2 + n_res2
         fp_new = None
         if f_need > self.k_fp.shape[2]:
@@ -309,15 +335,7 @@ class QuantizedKVCache:
         if q_new is not None:
             self.q = q_new
         if q_parts is not None:
-            (kc, ks, kz), (vc, vs, vz) = q_parts
-            a, b = self.n_quant, n_quant2
-            self.q["k_codes"][:, :, a:b] = kc
-            ka, kb = (a, b) if self.k_mode == "per_token" else (a // self.G, b // self.G)
-            self.q["k_scale"][:, :, ka:kb] = ks
-            self.q["k_zero"][:, :, ka:kb] = kz
-            self.q["v_codes"][:, :, a:b] = vc
-            self.q["v_scale"][:, :, a:b] = vs
-            self.q["v_zero"][:, :, a:b] = vz
+            self._write_q(q_parts, self.n_quant, n_quant2)
         if fp_new is not None:
             self.k_fp, self.v_fp = fp_new
         self.k_fp[:, :, :n_sink2] = sinks_k
@@ -330,6 +348,128 @@ class QuantizedKVCache:
         self.n_seen += T
         self._lens.copy_(torch.tensor([[n_sink2, n_quant2, n_res2]] * self.B, dtype=torch.int32), non_blocking=True)
 
+    # ---- rows of unequal length (left-padded prompts) ------------------------------------------------------------
+    def _check_valid(self, valid: Tensor, T: int, sink_mask: Optional[Tensor]) -> Optional[Tensor]:
+        """A left-padding mask [B, T] -> the mask on the device, or None when every token is real."""
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != (self.B, T):
+            raise ValueError(f"QuantizedKVCache: valid must be a bool tensor of shape [B={self.B}, T={T}]")
+        valid = valid.to(self.device)
+        if bool(valid.all()):
+            return None
+        if self.n_seen:
+            raise ValueError("QuantizedKVCache: padding (valid) is only accepted in the first append (a left-padded "
+                             "prompt); later tokens must all be real")
+        if sink_mask is not None:
+            raise ValueError("QuantizedKVCache: sink_mask and padding (valid) together are not supported")
+        v = valid.to(torch.int8)
+        if bool((v[:, 1:] < v[:, :-1]).any()):
+            raise ValueError("QuantizedKVCache: valid must be left padding (each row: False... then True...); right "
+                             "padding or holes are not supported")
+        if not bool(valid[:, -1].all()):
+            raise ValueError("QuantizedKVCache: every row of a padded prompt needs at least one real token")
+        return valid
+
+    def _append_padded(self, k: Tensor, v: Tensor, valid: Tensor) -> None:
+        """First append of a left-padded prompt: per row the real tokens only."""
+        T = k.shape[2]
+        L = [int(x) for x in valid.sum(1).tolist()]
+        S = min(self.S, min(L))
+        start = [T - n for n in L]
+        F = max(0, (min(L) - S - self.R) // self.G * self.G)  # flushed in every row (the shortest row decides)
+        res = [n - S - F for n in L]
+        n_res = max(res)
+
+        def rows(x, a, b):  # [B, H, b - a, D]: tokens a..b-1 of each row's real tokens
+            return torch.stack([x[i, :, s + a : s + b] for i, s in enumerate(start)])
+
+        kr = self._rot(k, self.rotate_k, self.k_perm)
+        vr = self._rot(v, self.rotate_v, self.v_perm)
+        q_parts = None
+        if F:
+            q_parts = (self._quant_k(rows(k, S, S + F), fused=self.rotate_k),
+                       self._quant_v(rows(v, S, S + F), fused=self.rotate_v))
+        q_new = self._grown_q(F)
+        cap = max(self.k_fp.shape[2], S + n_res + self.R + self.G + 8)
+        k_fp = torch.zeros(self.B, self.H, cap, self.D, dtype=self.dtype, device=self.device)
+        v_fp = torch.zeros_like(k_fp)
+        k_fp[:, :, :S], v_fp[:, :, :S] = rows(kr, 0, S), rows(vr, 0, S)
+        for i, s in enumerate(start):
+            k_fp[i, :, S : S + res[i]] = kr[i, :, s + S + F :]
+            v_fp[i, :, S : S + res[i]] = vr[i, :, s + S + F :]
+        # ---- commit
+        if q_new is not None:
+            self.q = q_new
+        if q_parts is not None:
+            self._write_q(q_parts, 0, F)
+        self.k_fp, self.v_fp = k_fp, v_fp
+        self.S = S
+        self.n_sink, self.n_quant, self.n_res = S, F, n_res
+        self.n_seen = max(L)
+        self._sink_end = S
+        self._short = [n_res - r for r in res]
+        self._set_lens()
+
+    def _append_ragged(self, k: Tensor, v: Tensor, T: int) -> None:
+        """T new (real) tokens for each row when the rows differ in length: row b's go after its own recent window;
+        the windows flush together once the shortest one holds residual + group_size tokens."""
+        ns, res = self.n_sink, self._row_res()
+        kr = self._rot(k, self.rotate_k, self.k_perm)
+        vr = self._rot(v, self.rotate_v, self.v_perm)
+        F = max(0, (min(res) + T - self.R) // self.G * self.G)
+        n_res2 = self.n_res + T - F
+        if F == 0 and ns + n_res2 <= self.k_fp.shape[2]:
+            # decode: each row's tokens straight after its own recent tokens
+            pos = torch.tensor([[ns + r + t for t in range(T)] for r in res], device=self.device)
+            bi = torch.arange(self.B, device=self.device)[:, None]
+            self.k_fp[bi, :, pos] = kr.transpose(1, 2)
+            self.v_fp[bi, :, pos] = vr.transpose(1, 2)
+        else:
+            kall = [torch.cat([self.k_fp[i, :, ns : ns + r], kr[i]], 1) for i, r in enumerate(res)]
+            vall = [torch.cat([self.v_fp[i, :, ns : ns + r], vr[i]], 1) for i, r in enumerate(res)]
+            q_parts = None
+            if F:
+                q_parts = (self._quant_k(torch.stack([x[:, :F] for x in kall]), fused=False),
+                           self._quant_v(torch.stack([x[:, :F] for x in vall]), fused=False))
+            n_quant2 = self.n_quant + F
+            q_new = self._grown_q(n_quant2)
+            k_fp, v_fp = self.k_fp, self.v_fp
+            if ns + n_res2 > k_fp.shape[2]:
+                k_fp = torch.zeros(self.B, self.H, ns + n_res2 + self.R + self.G + 8, self.D, dtype=self.dtype,
+                                   device=self.device)
+                v_fp = torch.zeros_like(k_fp)
+                k_fp[:, :, :ns], v_fp[:, :, :ns] = self.k_fp[:, :, :ns], self.v_fp[:, :, :ns]
+            # ---- commit
+            if q_new is not None:
+                self.q = q_new
+            if q_parts is not None:
+                self._write_q(q_parts, self.n_quant, n_quant2)
+            for i, r in enumerate(res):
+                k_fp[i, :, ns : ns + r + T - F] = kall[i][:, F:]
+                v_fp[i, :, ns : ns + r + T - F] = vall[i][:, F:]
+            self.k_fp, self.v_fp = k_fp, v_fp
+            self.n_quant = n_quant2
+        self.n_res = n_res2
+        self.n_seen += T
+        self._set_lens()
+
+    def _grown_q(self, n_quant: int) -> Optional[dict]:
+        """New quantized buffers (the used part copied) if ``n_quant`` tokens do not fit, else None."""
+        if n_quant <= self.q_cap:
+            return None
+        cap = max(n_quant, self.q_cap + max(self.chunk, self.q_cap // 4))
+        return self._new_q(-(-cap // self.G) * self.G, self._q_used())
+
+    def _write_q(self, q_parts, a: int, b: int) -> None:
+        """Store quantized tokens a..b-1 (the outputs of _quant_k / _quant_v)."""
+        (kc, ks, kz), (vc, vs, vz) = q_parts
+        self.q["k_codes"][:, :, a:b] = kc
+        ka, kb = (a, b) if self.k_mode == "per_token" else (a // self.G, b // self.G)
+        self.q["k_scale"][:, :, ka:kb] = ks
+        self.q["k_zero"][:, :, ka:kb] = kz
+        self.q["v_codes"][:, :, a:b] = vc
+        self.q["v_scale"][:, :, a:b] = vs
+        self.q["v_zero"][:, :, a:b] = vz
+
     # ---- editing (beam search, batch selection, speculative decoding) -------------------------------------------
     def select_rows(self, index) -> None:
         """Keep, reorder or repeat sequences: row i of the cache becomes row ``index[i]`` of the old one (an int index
@@ -341,12 +481,18 @@ class QuantizedKVCache:
         self.k_fp, self.v_fp = self.k_fp.index_select(0, idx), self.v_fp.index_select(0, idx)
         self._lens = self._lens.index_select(0, idx)
         self.B = int(idx.numel())
+        if self._short is not None:
+            short = [self._short[i] for i in idx.tolist()]
+            m = min(short)  # the counters follow the longest remaining row
+            self.n_res -= m
+            self.n_seen -= m
+            self._short = [d - m for d in short] if max(short) > m else None
 
     @property
     def n_truncatable(self) -> int:
         """How many of the newest tokens ``truncate`` can drop: those still in the full-precision recent window and
         newer than every sink."""
-        return max(0, min(self.n_res, self.n_seen - self._sink_end))
+        return max(0, min(min(self._row_res()), self.n_seen - self._sink_end))
 
     def truncate(self, n: int) -> None:
         """Drop the ``n`` newest tokens (speculative / assisted decoding rejects draft tokens).  Exact for tokens still
@@ -363,11 +509,11 @@ class QuantizedKVCache:
         if n > self.n_truncatable:
             raise ValueError(
                 f"QuantizedKVCache.truncate: cannot drop the newest {n} tokens — only {self.n_truncatable} of the "
-                f"{self.seq_len} are still in the full-precision recent window (older ones are quantized or sinks); "
-                f"use a residual window of at least the number of draft tokens (residual={self.R})")
+                f"{min(self.row_lens)} are still in the full-precision recent window (older ones are quantized or "
+                f"sinks); use a residual window of at least the number of draft tokens (residual={self.R})")
         self.n_res -= n
         self.n_seen -= n
-        self._lens[:, 2].fill_(self.n_res)
+        self._set_lens()
 
     def _new_q(self, cap: int, old: Optional[dict] = None) -> dict:
         B, H, D, G = self.B, self.H, self.D, self.G
@@ -417,9 +563,9 @@ class QuantizedKVCache:
                              f"the KV head count ({self.H})")
         if q.device != self.device:
             raise ValueError(f"QuantizedKVCache.attend: q is on {q.device}, the cache is on {self.device}")
-        if q.shape[2] > self.seq_len:
-            raise ValueError(f"QuantizedKVCache.attend: {q.shape[2]} query tokens but only {self.seq_len} cached; "
-                             "append the new keys/values first")
+        if q.shape[2] > min(self.row_lens):
+            raise ValueError(f"QuantizedKVCache.attend: {q.shape[2]} query tokens but only {min(self.row_lens)} "
+                             "cached; append the new keys/values first")
         qq = q.to(self.dtype)
         out = ops.quant_decode_attention(
             qq, self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"], self.q["v_scale"],
@@ -430,16 +576,21 @@ class QuantizedKVCache:
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
         """(k, v) [B, H_kv, N, D] in full precision (``dtype``, default the cache's), original (unrotated) space, in
         the cache's logical order (sinks, then quantized, then recent tokens) — the order attention uses for its
-        causal rule."""
-        ks, vs = [], []
-        for b in range(self.B):
-            K, V = ref.gather_kv(self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"],
-                                 self.q["v_scale"], self.q["v_zero"], self.k_fp, self.v_fp, self._lens.cpu(),
-                                 self.bits_k, self.bits_v, self.k_group, self.v_group, b, dtype=torch.float32,
-                                 k_mode=self.k_mode)
-            ks.append(K)
-            vs.append(V)
-        k, v = torch.stack(ks), torch.stack(vs)
+        causal rule.  Rows of unequal length (a left-padded prompt): ``dequantize_row``."""
+        if self._short is not None:
+            raise ValueError(f"QuantizedKVCache.dequantize: the rows hold different lengths {self.row_lens}; use "
+                             "dequantize_row(b)")
+        rows = [self.dequantize_row(b, dtype) for b in range(self.B)]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    def dequantize_row(self, b: int, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """(k, v) [H_kv, N_b, D] of row b, as ``dequantize``."""
+        if not 0 <= b < self.B:
+            raise ValueError(f"QuantizedKVCache.dequantize_row: row {b} is not in [0, {self.B})")
+        k, v = ref.gather_kv(self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"],
+                             self.q["v_scale"], self.q["v_zero"], self.k_fp, self.v_fp, self._lens.cpu(),
+                             self.bits_k, self.bits_v, self.k_group, self.v_group, b, dtype=torch.float32,
+                             k_mode=self.k_mode)
         if self.rotate_k:
             k = _unrotate(k, self.k_perm)
         if self.rotate_v:
@@ -454,7 +605,7 @@ class QuantizedKVCache:
         nq = self.n_quant
         b = (per_tok(self.q["k_codes"]) + per_tok(self.q["v_codes"]) + 2 * per_tok(self.q["v_scale"])) * nq
         b += 2 * per_tok(self.q["k_scale"]) * (nq if self.k_mode == "per_token" else nq // self.G)
-        b += 2 * per_tok(self.k_fp) * (self.n_sink + self.n_res)
+        b += 2 * per_tok(self.k_fp) // self.B * (self.B * self.n_sink + sum(self._row_res()))
         return b
 
     @property
@@ -464,8 +615,8 @@ class QuantizedKVCache:
 
     @property
     def effective_bits(self) -> float:
-        n = self.seq_len
-        return self.nbytes * 8 / (2 * self.B * self.H * n * self.D) if n else 0.0
+        n = sum(self.row_lens)
+        return self.nbytes * 8 / (2 * self.H * n * self.D) if n else 0.0
 
 
 def _unrotate(x: Tensor, perm: Optional[Tensor]) -> Tensor:
