@@ -14,6 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from kvengine.integrations.transformers import KVEngineCache, KVEngineLayer  # noqa: E402
 
+from conftest import assert_rows_close  # noqa: E402
 from hf_edit import check_crop, check_row_edits  # noqa: E402
 
 
@@ -100,6 +101,53 @@ def test_crop_drops_rejected_draft_tokens_exactly():
     assert not KVEngineCache(model.config, bits=4, residual=0).is_croppable
     with pytest.raises(ValueError):
         KVEngineCache(model.config, bits=3)
+
+
+def _padded_logits(model, cache, prompts, steps):
+    """Left-padded batch: prefill, then one forced token per row per step (position ids from the mask, as generate
+    makes them).  -> [B, T + steps, V] logits of the real positions ... as a list per row [L_b + steps, V]."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    outs = [model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits]
+    nxt = torch.randint(0, 256, (B, steps), generator=torch.Generator().manual_seed(9))
+    for t in range(steps):
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+        pos = pos[:, -1:] + 1
+        outs.append(model(nxt[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True).logits)
+    full = torch.cat(outs, 1)
+    return [full[b, T - len(p):] for b, p in enumerate(prompts)], nxt
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("k_mode", ["per_channel", "per_token"])
+def test_left_padded_batch_equals_each_sequence_alone(k_mode):
+    """A left-padded batch decodes every row as that prompt alone would (the cache drops the padding and holds rows of
+    unequal length; one kernel call per step), through flushes; the rows flush together, so row b alone is given a
+    residual window longer by its extra length."""
+    model = tiny_llama()
+    lens = [52, 37, 20]
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(20 + n)) for n in lens]
+    kw = dict(bits=8, group_size=16, sinks=2, k_mode=k_mode)
+    cache = KVEngineCache(model.config, residual=16, **kw)
+    rows, nxt = _padded_logits(model, cache, prompts, 40)
+    q = cache.layers[0].qcache
+    assert q.row_lens == [n + 40 for n in lens] and q.n_quant >= 32
+    for b, p in enumerate(prompts):
+        alone = KVEngineCache(model.config, residual=16 + lens[b] - min(lens), **kw)
+        ref = run_chunks(model, torch.cat([p, nxt[b]])[None], alone, len(p), 1)[0]
+        assert_rows_close(rows[b], ref, 2e-4)
+    # a beam-style reorder of the ragged cache keeps each row's own length
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert cache.layers[0].qcache.row_lens == [60, 60, 92]
+    # a mask that does not match what the cache holds is refused
+    with pytest.raises(NotImplementedError, match="only left padding of the prompt"):
+        bad = torch.cat([torch.zeros(3, 10, dtype=torch.long), torch.ones(3, 83, dtype=torch.long)], 1)
+        model(torch.zeros(3, 1, dtype=torch.long), attention_mask=bad, past_key_values=cache, use_cache=True)
 
 
 @torch.inference_mode()
@@ -203,3 +251,36 @@ def test_beam_search_and_prompt_lookup_on_smollm2(smollm2, monkeypatch):
         assert cache.layers[0].qcache.n_quant >= 192
         assert agree(out, ref) >= 14, (extra, tok.decode(ref), tok.decode(out))
     assert sum(1 for n in crops if n) >= 2 * model.config.num_hidden_layers  # drafts were rejected and cropped
+
+
+@pytest.mark.model
+@torch.inference_mode()
+def test_left_padded_batch_generate_on_smollm2(smollm2):
+    """generate() on a left-padded batch of 3 Wikipedia prompts (55–208 tokens) with an INT4 cache: each row gives
+    the tokens of that prompt alone, with the residual window that row has in the batch (longer by its extra length,
+    since the rows flush together)."""
+    from kvengine.integrations.binary import load_summaries
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    model.set_attn_implementation("kvengine")
+    texts = [t[1] for t in load_summaries(3)]
+    prompts = [texts[0][:900], texts[1][:500], texts[2][:200]]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    L = enc["attention_mask"].sum(1).tolist()
+    assert len(set(L)) == 3
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+    cache = KVEngineCache(model.config, bits=4, group_size=32, residual=32)
+    out = model.generate(**enc, past_key_values=cache, **kw)[:, enc["input_ids"].shape[1]:]
+    q = cache.layers[0].qcache
+    assert q.row_lens == [n + 15 for n in L] and q.n_quant >= 32
+    for b, p in enumerate(prompts):
+        one = tok(p, return_tensors="pt")
+        alone = KVEngineCache(model.config, bits=4, group_size=32, residual=32 + L[b] - min(L))
+        ref = model.generate(**one, past_key_values=alone, **kw)[0, one["input_ids"].shape[1]:]
+        n_same = int((out[b] == ref).long().cumprod(0).sum())
+        assert n_same >= 12, (b, tok.decode(ref), tok.decode(out[b]))

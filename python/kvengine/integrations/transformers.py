@@ -96,9 +96,18 @@ class KVEngineLayer(EditableLayerMixin, CacheLayerMixin):
         self.qkw = qkw
         self.k_perm, self.v_perm = k_perm, v_perm
         self.sink_detect = sink_detect
-        self.qcache: Optional[QuantizedKVCache] = None
+        self._qcache: Optional[QuantizedKVCache] = None
         self.cumulative_length = 0
         self._pending: Optional[tuple[Tensor, Tensor]] = None
+        self._prefill: Optional[tuple[Tensor, Tensor]] = None  # the prompt, appended once its padding mask is known
+
+    @property
+    def qcache(self) -> Optional[QuantizedKVCache]:
+        """The layer's packed cache (a prompt not yet attended — bulk loading through ``update`` alone — is
+        appended first, unpadded)."""
+        if self._prefill is not None:
+            self.commit_prefill(None)
+        return self._qcache
 
     def __repr__(self):
         q = self.qkw
@@ -110,8 +119,8 @@ class KVEngineLayer(EditableLayerMixin, CacheLayerMixin):
         B, H, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         dtype = key_states.dtype if key_states.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-        self.qcache = QuantizedKVCache(H, D, batch_size=B, dtype=dtype, device=key_states.device, k_perm=self.k_perm,
-                                       v_perm=self.v_perm, **self.qkw)
+        self._qcache = QuantizedKVCache(H, D, batch_size=B, dtype=dtype, device=key_states.device, k_perm=self.k_perm,
+                                        v_perm=self.v_perm, **self.qkw)
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -132,8 +141,9 @@ class KVEngineLayer(EditableLayerMixin, CacheLayerMixin):
             kd, vd = self.qcache.dequantize()
             return kd.to(key_states.dtype), vd.to(value_states.dtype)
         if self.cumulative_length == 0:
-            # prefill: one bulk append; attention over the prompt itself runs in full precision
-            self.qcache.append(k, v, self._sink_mask(k))
+            # prefill: attention over the prompt runs in full precision (SDPA); the prompt is then appended in one
+            # bulk call by the attention, which knows the padding mask (commit_prefill)
+            self._prefill = (k, v)
             mode = "prefill"
         else:
             self._pending = (k, v)
@@ -141,6 +151,19 @@ class KVEngineLayer(EditableLayerMixin, CacheLayerMixin):
         self.cumulative_length += T
         setattr(key_states, _TAG, (self, mode))
         return key_states, value_states
+
+    def commit_prefill(self, valid: Optional[Tensor]) -> None:
+        """Append the prompt (one bulk call): ``valid`` [B, T] marks the real tokens of a left-padded batch (None:
+        all real)."""
+        k, v = self._prefill
+        self._prefill = None
+        if valid is not None and not bool(valid.all()):
+            if self.sink_detect:
+                _warn_once("pad_sinks", "KVEngineCache: extra attention-sink detection is skipped for a padded batch "
+                           "(each row keeps its first tokens as sinks)")
+            self._qcache.append(k, v, valid=valid)
+        else:
+            self._qcache.append(k, v, self._sink_mask(k))
 
     def _sink_mask(self, k: Tensor) -> Optional[Tensor]:
         """Extra attention sinks among the prompt's tokens (beyond the first ``sinks``), by massive key activations
@@ -181,8 +204,8 @@ class KVEngineLayer(EditableLayerMixin, CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.qcache = None
-        self._pending = None
+        self._qcache = None
+        self._pending = self._prefill = None
         self.is_initialized = False
         self.cumulative_length = 0
 
@@ -362,7 +385,7 @@ class KVEngineCache(Cache):
                 if q is None:
                     continue
                 eb = dtype_bytes or torch.empty((), dtype=q.dtype).element_size()
-                total += 2 * q.B * q.H * q.seq_len * q.D * eb
+                total += 2 * q.H * sum(q.row_lens) * q.D * eb
             else:
                 total += _fp_layer_nbytes(l)
         return total
@@ -374,7 +397,7 @@ class KVEngineCache(Cache):
         for l in self.layers:
             if isinstance(l, KVEngineLayer) and l.qcache is not None and l.qcache.seq_len:
                 q = l.qcache
-                n = 2 * q.B * q.H * q.seq_len * q.D
+                n = 2 * q.H * sum(q.row_lens) * q.D
                 bits += q.effective_bits * n
                 el += n
         return bits / el if el else 0.0
@@ -407,8 +430,10 @@ def kvengine_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     except AttributeError:
         pass
     if mode == "prefill":
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     is_causal=is_causal, **kwargs)
+        layer.commit_prefill(_real_tokens(attention_mask, key.shape[0], key.shape[-2]))
+        return out
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("kvengine attention: logit soft-capping (Gemma-2) is not supported by the packed "
                                   "decode kernel")
@@ -417,15 +442,28 @@ def kvengine_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     if dropout:
         raise NotImplementedError("kvengine attention: dropout is not supported in the packed decode path")
     T = query.shape[-2]
-    if attention_mask is not None and attention_mask.dim() == 4:
-        past = attention_mask.shape[-1] - T
-        m = attention_mask[..., :past]
-        ok = bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
-        if not ok:
-            raise NotImplementedError("kvengine attention: padded batches (a padding mask over cached tokens) are not "
-                                      "supported by the packed cache yet; run unpadded sequences / batch size 1")
+    real = _real_tokens(attention_mask, key.shape[0], layer.cumulative_length)
+    if real is not None:
+        # the cache holds only real tokens (a left-padded prompt was appended without its padding): the mask over
+        # the cached positions must say the same
+        past = layer.cumulative_length - T
+        n_real = real[:, :past].sum(1).tolist()
+        if n_real != layer.qcache.row_lens:
+            raise NotImplementedError(f"kvengine attention: the padding mask marks {n_real} cached tokens per row as "
+                                      f"real, the packed cache holds {layer.qcache.row_lens}: only left padding of "
+                                      "the prompt is supported")
     out = layer.attend_pending(query, scaling)  # [B, Hq, T, D]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _real_tokens(mask: Optional[Tensor], B: int, n_kv: int) -> Optional[Tensor]:
+    """[B, n_kv] bool: the key positions the last query may attend (the real tokens of a left-padded batch), from
+    a 4-D attention mask (bool, or additive float); None when there is no such mask."""
+    if mask is None or mask.dim() != 4:
+        return None
+    row = mask[:, 0, -1, -n_kv:]
+    real = row if row.dtype == torch.bool else row == 0
+    return real.expand(B, -1)
 
 
 def register() -> None:
