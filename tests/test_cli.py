@@ -90,6 +90,13 @@ def test_parser_and_module_entry():
         p.parse_args(["eval", "--clip", "q"])
     assert a.k_mode == "per_channel" and p.parse_args(["eval", "--keys", "token"]).k_mode == "per_token"
     assert p.parse_args(["generate", "hi", "--keys", "channel"]).k_mode == "per_channel"
+    g = p.parse_args(["generate", "a b", "c", "--num-beams", "3"])
+    assert g.prompt == ["a b", "c"] and g.num_beams == 3 and g.prompt_lookup == 0
+    for bad, msg in [(["generate", "a", "b", "--prompt-lookup", "4"], "one prompt and greedy search"),
+                     (["generate", "a", "--prompt-lookup", "4", "--num-beams", "2"], "one prompt and greedy search"),
+                     (["generate", "a", "--num-beams", "0"], "must be >= 1")]:
+        with pytest.raises(SystemExit, match=msg):  # refused before the model is loaded
+            cli.cmd_generate(p.parse_args(bad))
     with pytest.raises(SystemExit):
         p.parse_args(["eval", "--keys", "head"])
     rows = cli.eval_configs(bits=(2,), groups=(64,), k_mode="per_token", quanto=False)

@@ -510,32 +510,49 @@ def cmd_generate(args) -> int:
 
     from .integrations.transformers import KVEngineCache, cache_kv_stats
 
+    if args.prompt_lookup and (len(args.prompt) > 1 or args.num_beams > 1):
+        raise SystemExit("kvengine generate: --prompt-lookup works with one prompt and greedy search (transformers' "
+                         "assisted decoding runs batch size 1)")
+    if args.num_beams < 1:
+        raise SystemExit(f"kvengine generate: --num-beams must be >= 1, got {args.num_beams}")
     _setup_threads(args.threads)
     lm = _load(args)
     model, tok = lm.model, lm.tokenizer
     model.set_attn_implementation("kvengine")
-    if args.chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                      return_tensors="pt")
-        if not isinstance(ids, torch.Tensor):
-            ids = ids["input_ids"]
-    else:
-        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    seqs = []
+    for prompt in args.prompt:
+        if args.chat and getattr(tok, "chat_template", None):
+            t = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt")
+            t = t if isinstance(t, torch.Tensor) else t["input_ids"]
+        else:
+            t = tok(prompt, return_tensors="pt")["input_ids"]
+        seqs.append(t[0])
+    T = max(len(x) for x in seqs)  # several prompts: one left-padded batch
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, x in enumerate(seqs):
+        ids[b, T - len(x):], mask[b, T - len(x):] = x, 1
     plan = args.plan
+    search = dict(num_beams=args.num_beams) if args.num_beams > 1 else {}
+    if args.prompt_lookup:
+        search["prompt_lookup_num_tokens"] = args.prompt_lookup
 
     def run(cache, label):
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                 max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, **search)
         dt = time.perf_counter() - t0
-        new = out[0, ids.shape[1]:]
-        text = tok.decode(new, skip_special_tokens=True)
+        n_new = 0
+        for b in range(len(seqs)):
+            new = out[b, T:]
+            n_new += len(new)
+            print(f"\n[{label}]{f' #{b}' if len(seqs) > 1 else ''} {tok.decode(new, skip_special_tokens=True)}")
         st = cache_kv_stats(cache)
-        print(f"\n[{label}] {text}")
-        print(f"[{label}] {len(new)} new tokens in {dt:.2f}s ({len(new) / dt:.1f} tok/s incl. prefill of "
-              f"{ids.shape[1]})")
+        print(f"[{label}] {n_new} new tokens in {dt:.2f}s ({n_new / dt:.1f} tok/s incl. prefill of "
+              f"{' + '.join(str(len(x)) for x in seqs)})")
         return st
 
     if plan and _is_auto_plan_file(plan):  # a per-layer plan sets bits/group/rotation/residual/sinks itself
@@ -743,8 +760,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", parents=[common], help="greedy generation with the compressed cache")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="+", help="one or more prompts (several: one left-padded batch)")
     _add_cache_args(g, False)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="prompt-lookup decoding: draft N tokens from the prompt per step, crop the rejected ones")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--chat", dest="chat", action="store_true", default=True,
                    help="wrap the prompt in the model's chat template (default)")
