@@ -62,3 +62,26 @@ def check_crop(model, make_cache, prompt=40, draft=6, keep=2):
             assert torch.equal(la, lb), (legacy, t, (la - lb).abs().max())
         out.append(a)
     return out[0]
+
+
+@torch.inference_mode()
+def padded_logits(model, cache, prompts, steps, chunk=1):
+    """A left-padded batch of prompts: prefill, then forced random tokens, ``chunk`` per row per forward (position
+    ids from the mask, as generate makes them).  -> (per row the logits of its real positions [L_b + steps, V], the forced
+    tokens [B, steps])."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    outs = [model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits]
+    nxt = torch.randint(0, 256, (B, steps), generator=torch.Generator().manual_seed(9))
+    for t in range(0, steps, chunk):
+        c = min(chunk, steps - t)
+        mask = torch.cat([mask, torch.ones(B, c, dtype=torch.long)], 1)
+        pos = pos[:, -1:] + 1 + torch.arange(c)
+        outs.append(model(nxt[:, t : t + c], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True).logits)
+    full = torch.cat(outs, 1)
+    return [full[b, T - len(p):] for b, p in enumerate(prompts)], nxt

@@ -14,7 +14,8 @@ from kvengine.integrations.retrieval import (ATTN_NAME, RetrievalCache, Retrieva
                                              train_layer_hashes)
 from kvengine.retrieval import SpotlightHash
 
-from hf_edit import check_crop, check_row_edits
+from conftest import assert_rows_close
+from hf_edit import check_crop, check_row_edits, padded_logits
 
 
 def tiny_llama(seed=0, layers=2):
@@ -154,6 +155,37 @@ def test_crop_drops_rejected_draft_tokens_exactly(packed):
             c.crop(-(l0.qc.n_res + 1))
         assert codes.seq_len == l0.qc.seq_len == 46  # nothing changed
         assert not RetrievalCache(model.config, top_k=24, sinks=4, recent=8, quant=dict(q, residual=0)).is_croppable
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_left_padded_batch_equals_each_sequence_alone(packed, chunk):
+    """A left-padded batch: each row selects and attends over its own real tokens (per-row seq_lens), as that prompt
+    alone does — fp K/V + codes, or packed K/V (alone with the residual window the row has in the batch), decode
+    chunks of 1 or 3 tokens."""
+    model = tiny_llama(layers=1)  # one layer: the hashed keys are the same in both runs (no hash bit can flip)
+    lens = [70, 45, 30]
+    prompts = [_ids(n, 30 + n)[0] for n in lens]
+    q = dict(bits_k=8, bits_v=8, group_size=16, residual=16, sinks=4) if packed else None
+    kw = dict(top_k=24, sinks=4, recent=8)
+    cache = RetrievalCache(model.config, quant=q, **kw)
+    rows, nxt = padded_logits(model, cache, prompts, 30, chunk)
+    l0 = cache.layers[0]
+    codes = l0.codes if packed else l0.ra.codes
+    assert (l0.qc if packed else l0.ra).row_lens == [n + 30 for n in lens] == codes.row_lens
+    if packed:
+        assert l0.qc.n_quant >= 32
+    for b, p in enumerate(prompts):
+        qb = None if q is None else dict(q, residual=16 + lens[b] - min(lens))
+        ref = run_chunks(model, torch.cat([p, nxt[b]])[None], RetrievalCache(model.config, quant=qb, **kw), len(p),
+                         chunk)[0]
+        assert_rows_close(rows[b], ref, 1e-4)
+    full = model(torch.cat([prompts[0], nxt[0]])[None]).logits[0]  # the selection is really applied
+    assert ((rows[0] - full).norm(dim=-1) / full.norm(dim=-1)).max() > 0.1
+    if not packed:
+        with pytest.raises(NotImplementedError, match="oracle"):
+            padded_logits(model, RetrievalCache(model.config, selector="oracle", **kw), prompts, 2)
 
 
 @torch.inference_mode()

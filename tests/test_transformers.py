@@ -15,7 +15,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 from kvengine.integrations.transformers import KVEngineCache, KVEngineLayer  # noqa: E402
 
 from conftest import assert_rows_close  # noqa: E402
-from hf_edit import check_crop, check_row_edits  # noqa: E402
+from hf_edit import check_crop, check_row_edits, padded_logits  # noqa: E402
 
 
 def tiny_llama(seed=0, layers=2, head_dim=32):
@@ -103,26 +103,6 @@ def test_crop_drops_rejected_draft_tokens_exactly():
         KVEngineCache(model.config, bits=3)
 
 
-def _padded_logits(model, cache, prompts, steps):
-    """Left-padded batch: prefill, then one forced token per row per step (position ids from the mask, as generate
-    makes them).  -> [B, T + steps, V] logits of the real positions ... as a list per row [L_b + steps, V]."""
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    outs = [model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits]
-    nxt = torch.randint(0, 256, (B, steps), generator=torch.Generator().manual_seed(9))
-    for t in range(steps):
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
-        pos = pos[:, -1:] + 1
-        outs.append(model(nxt[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                          use_cache=True).logits)
-    full = torch.cat(outs, 1)
-    return [full[b, T - len(p):] for b, p in enumerate(prompts)], nxt
-
-
 @torch.inference_mode()
 @pytest.mark.parametrize("k_mode", ["per_channel", "per_token"])
 def test_left_padded_batch_equals_each_sequence_alone(k_mode):
@@ -134,7 +114,7 @@ def test_left_padded_batch_equals_each_sequence_alone(k_mode):
     prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(20 + n)) for n in lens]
     kw = dict(bits=8, group_size=16, sinks=2, k_mode=k_mode)
     cache = KVEngineCache(model.config, residual=16, **kw)
-    rows, nxt = _padded_logits(model, cache, prompts, 40)
+    rows, nxt = padded_logits(model, cache, prompts, 40)
     q = cache.layers[0].qcache
     assert q.row_lens == [n + 40 for n in lens] and q.n_quant >= 32
     for b, p in enumerate(prompts):

@@ -108,6 +108,23 @@ def row_index(index, B: int, device, who: str = "select_rows") -> Tensor:
     return idx
 
 
+def left_padding(valid: Tensor, B: int, T: int, device, who: str) -> Optional[Tensor]:
+    """Check a left-padding mask (bool [B, T], True = real token; each row False... then True..., at least one
+    real token) and return it on ``device``, or None when every token is real."""
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != (B, T):
+        raise ValueError(f"{who}: valid must be a bool tensor of shape [B={B}, T={T}]")
+    valid = valid.to(device)
+    if bool(valid.all()):
+        return None
+    v = valid.to(torch.int8)
+    if bool((v[:, 1:] < v[:, :-1]).any()):
+        raise ValueError(f"{who}: valid must be left padding (each row: False... then True...); right padding or "
+                         "holes are not supported")
+    if not bool(valid[:, -1].all()):
+        raise ValueError(f"{who}: every row of a padded prompt needs at least one real token")
+    return valid
+
+
 class QuantizedKVCache:
     def __init__(
         self,
@@ -351,22 +368,14 @@ class QuantizedKVCache:
     # ---- rows of unequal length (left-padded prompts) ------------------------------------------------------------
     def _check_valid(self, valid: Tensor, T: int, sink_mask: Optional[Tensor]) -> Optional[Tensor]:
         """A left-padding mask [B, T] -> the mask on the device, or None when every token is real."""
-        if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != (self.B, T):
-            raise ValueError(f"QuantizedKVCache: valid must be a bool tensor of shape [B={self.B}, T={T}]")
-        valid = valid.to(self.device)
-        if bool(valid.all()):
+        valid = left_padding(valid, self.B, T, self.device, "QuantizedKVCache")
+        if valid is None:
             return None
         if self.n_seen:
             raise ValueError("QuantizedKVCache: padding (valid) is only accepted in the first append (a left-padded "
                              "prompt); later tokens must all be real")
         if sink_mask is not None:
             raise ValueError("QuantizedKVCache: sink_mask and padding (valid) together are not supported")
-        v = valid.to(torch.int8)
-        if bool((v[:, 1:] < v[:, :-1]).any()):
-            raise ValueError("QuantizedKVCache: valid must be left padding (each row: False... then True...); right "
-                             "padding or holes are not supported")
-        if not bool(valid[:, -1].all()):
-            raise ValueError("QuantizedKVCache: every row of a padded prompt needs at least one real token")
         return valid
 
     def _append_padded(self, k: Tensor, v: Tensor, valid: Tensor) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .cache import row_index
+from .cache import left_padding, row_index
 
 __all__ = ["SpotlightHash", "HashCodeCache", "RetrievalAttention", "train_hash", "topk_recall", "layer_problem",
            "sample_positions",
@@ -109,51 +109,118 @@ class SpotlightHash:
         return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
+class _Rows:
+    """Token buffers [B, H, capacity, *] of one batch, filled in time order.  Rows are left-aligned: after a
+    left-padded prompt (``append(valid=...)``) row b holds ``seq_len - short[b]`` tokens (its real ones) and later
+    tokens go after its own last one; ``seq_len`` is the longest row's length."""
+
+    def __init__(self, bufs: dict):
+        self.bufs = bufs
+        self.seq_len = 0
+        self.short: Optional[list] = None
+
+    @property
+    def row_lens(self) -> list:
+        B = next(iter(self.bufs.values())).shape[0]
+        return [self.seq_len] * B if self.short is None else [self.seq_len - d for d in self.short]
+
+    def _reserve(self, n: int) -> None:
+        for name, old in self.bufs.items():
+            cap = old.shape[2]
+            if n > cap:
+                new = old.new_empty(*old.shape[:2], max(n, 2 * cap), *old.shape[3:])
+                new[:, :, : self.seq_len] = old[:, :, : self.seq_len]
+                self.bufs[name] = new
+
+    def append(self, xs: dict, valid: Optional[Tensor] = None) -> None:
+        """xs: name -> [B, H, T, *] new tokens; ``valid`` [B, T] (first append only): left padding, dropped."""
+        x0 = next(iter(xs.values()))
+        B, T = x0.shape[0], x0.shape[2]
+        if valid is not None:
+            valid = left_padding(valid, B, T, x0.device, "RetrievalCache")
+        if valid is not None:
+            if self.seq_len:
+                raise ValueError("RetrievalCache: padding is only accepted in the prompt (the first append)")
+            L = [int(x) for x in valid.sum(1).tolist()]
+            n = max(L)
+            self._reserve(n)
+            for name, x in xs.items():
+                for b, l in enumerate(L):
+                    self.bufs[name][b, :, :l] = x[b, :, T - l :]
+            self.seq_len, self.short = n, [n - l for l in L]
+            return
+        n = self.seq_len + T
+        self._reserve(n)
+        if self.short is None:
+            for name, x in xs.items():
+                self.bufs[name][:, :, self.seq_len : n] = x
+        else:  # each row's tokens after its own last one
+            pos = torch.tensor([[self.seq_len - d + t for t in range(T)] for d in self.short], device=x0.device)
+            bi = torch.arange(B, device=x0.device)[:, None]
+            for name, x in xs.items():
+                self.bufs[name][bi, :, pos] = x.transpose(1, 2)
+        self.seq_len = n
+
+    def select_rows(self, index, who: str) -> Tensor:
+        B = next(iter(self.bufs.values())).shape[0]
+        idx = row_index(index, B, next(iter(self.bufs.values())).device, who)
+        self.bufs = {name: t.index_select(0, idx) for name, t in self.bufs.items()}
+        if self.short is not None:
+            short = [self.short[i] for i in idx.tolist()]
+            m = min(short)
+            self.seq_len -= m
+            self.short = [d - m for d in short] if max(short) > m else None
+        return idx
+
+    def truncate(self, n: int, who: str) -> None:
+        if not 0 <= n <= min(self.row_lens):
+            raise ValueError(f"{who}.truncate: n must be in [0, {min(self.row_lens)}], got {n}")
+        self.seq_len -= n
+
+    def view(self, name: str) -> Tensor:
+        return self.bufs[name][:, :, : self.seq_len]
+
+
 class HashCodeCache:
     """Packed key codes [B, Hkv, capacity, W]; ``append`` hashes only the new keys (one hash_encode call)."""
 
     def __init__(self, hasher: SpotlightHash, batch_size: int = 1, device="cpu", capacity: int = 1024):
         self.hasher = hasher
         self.W = hasher.nbits // 32
-        self._buf = torch.empty(batch_size, hasher.num_heads, max(1, capacity), self.W, dtype=torch.int32,
-                                device=device)
-        self.seq_len = 0
+        self._rows = _Rows({"codes": torch.empty(batch_size, hasher.num_heads, max(1, capacity), self.W,
+                                                 dtype=torch.int32, device=device)})
 
-    def _reserve(self, n: int) -> None:
-        cap = self._buf.shape[2]
-        if n <= cap:
-            return
-        new = torch.empty(*self._buf.shape[:2], max(n, 2 * cap), self.W, dtype=torch.int32, device=self._buf.device)
-        new[:, :, : self.seq_len] = self._buf[:, :, : self.seq_len]
-        self._buf = new
+    @property
+    def seq_len(self) -> int:
+        return self._rows.seq_len
 
-    def append(self, k: Tensor) -> Tensor:
-        """k [B, Hkv, T, D] (post-RoPE keys) -> their codes, stored after the existing ones."""
+    @property
+    def row_lens(self) -> list:
+        return self._rows.row_lens
+
+    def append(self, k: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """k [B, Hkv, T, D] (post-RoPE keys) -> their codes, stored after the existing ones (``valid``: a
+        left-padded prompt, see ``_Rows.append``)."""
         c = self.hasher.encode_keys(k)
-        T = c.shape[2]
-        self._reserve(self.seq_len + T)
-        self._buf[:, :, self.seq_len : self.seq_len + T] = c
-        self.seq_len += T
+        self._rows.append({"codes": c}, valid)
         return c
 
     def select_rows(self, index: Tensor) -> None:
         """Row i becomes row ``index[i]`` (beam search, batch selection; index as ``QuantizedKVCache.select_rows``)."""
-        self._buf = self._buf.index_select(0, row_index(index, self._buf.shape[0], self._buf.device, "HashCodeCache.select_rows"))
+        self._rows.select_rows(index, "HashCodeCache.select_rows")
 
     def truncate(self, n: int) -> None:
-        """Drop the codes of the ``n`` newest keys."""
-        if not 0 <= n <= self.seq_len:
-            raise ValueError(f"HashCodeCache.truncate: n must be in [0, {self.seq_len}], got {n}")
-        self.seq_len -= n
+        """Drop the codes of the ``n`` newest keys of every row."""
+        self._rows.truncate(n, "HashCodeCache")
 
     @property
     def codes(self) -> Tensor:
-        """A view [B, Hkv, seq_len, W] (no copy)."""
-        return self._buf[:, :, : self.seq_len]
+        """A view [B, Hkv, seq_len, W] (no copy; rows shorter than seq_len end earlier, see ``row_lens``)."""
+        return self._rows.view("codes")
 
     @property
     def nbytes(self) -> int:
-        return self._buf[:, :, : self.seq_len].numel() * 4
+        return sum(self.row_lens) * self.codes.shape[1] * self.W * 4
 
 
 class RetrievalAttention:
@@ -168,56 +235,57 @@ class RetrievalAttention:
         self.hasher = hasher
         self.top_k, self.sinks, self.recent = top_k, sinks, recent
         self.codes = HashCodeCache(hasher, batch_size, device, capacity)
-        self._k = torch.empty(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self._v = torch.empty_like(self._k)
-        self.seq_len = 0
+        k = torch.empty(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self._rows = _Rows({"k": k, "v": torch.empty_like(k)})
 
-    def append(self, k: Tensor, v: Tensor) -> None:
-        T = k.shape[2]
-        n = self.seq_len + T
-        if n > self._k.shape[2]:
-            cap = max(n, 2 * self._k.shape[2])
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = old.new_empty(*old.shape[:2], cap, old.shape[3])
-                new[:, :, : self.seq_len] = old[:, :, : self.seq_len]
-                setattr(self, name, new)
-        self._k[:, :, self.seq_len : n] = k
-        self._v[:, :, self.seq_len : n] = v
-        self.codes.append(k)
-        self.seq_len = n
+    @property
+    def seq_len(self) -> int:
+        return self._rows.seq_len
+
+    @property
+    def row_lens(self) -> list:
+        return self._rows.row_lens
+
+    def append(self, k: Tensor, v: Tensor, valid: Optional[Tensor] = None) -> None:
+        """k, v [B, Hkv, T, D]; ``valid`` [B, T]: a left-padded prompt (first append), its padding dropped."""
+        self._rows.append({"k": k, "v": v}, valid)
+        self.codes.append(k, valid)
 
     def select_rows(self, index: Tensor) -> None:
         """Row i becomes row ``index[i]`` (beam search, batch selection; index as ``QuantizedKVCache.select_rows``)."""
-        idx = row_index(index, self._k.shape[0], self._k.device, "RetrievalAttention.select_rows")
-        self._k, self._v = self._k.index_select(0, idx), self._v.index_select(0, idx)
+        idx = self._rows.select_rows(index, "RetrievalAttention.select_rows")
         self.codes.select_rows(idx)
 
     def truncate(self, n: int) -> None:
         """Drop the ``n`` newest tokens (keys, values and their codes; exact, everything is full precision)."""
-        if not 0 <= n <= self.seq_len:
-            raise ValueError(f"RetrievalAttention.truncate: n must be in [0, {self.seq_len}], got {n}")
+        self._rows.truncate(n, "RetrievalAttention")
         self.codes.truncate(n)
-        self.seq_len -= n
 
     @property
     def k(self) -> Tensor:
-        return self._k[:, :, : self.seq_len]
+        return self._rows.view("k")
 
     @property
     def v(self) -> Tensor:
-        return self._v[:, :, : self.seq_len]
+        return self._rows.view("v")
+
+    def _seq_lens(self, device) -> Optional[Tensor]:
+        """Per-row lengths for the ops when the rows differ (a left-padded prompt), else None."""
+        if self._rows.short is None:
+            return None
+        return torch.tensor(self.row_lens, dtype=torch.int32, device=device)
 
     def select(self, q: Tensor) -> tuple[Tensor, Tensor]:
         kk = min(self.top_k, self.seq_len)
         sinks = min(self.sinks, kk)
         recent = min(self.recent, kk - sinks)
-        return ops.hamming_topk(self.hasher.encode_queries(q), self.codes.codes, kk, keep=(sinks, recent))
+        return ops.hamming_topk(self.hasher.encode_queries(q), self.codes.codes, kk, self._seq_lens(q.device),
+                                keep=(sinks, recent))
 
     def attend(self, q: Tensor, softmax_scale: Optional[float] = None) -> Tensor:
         """q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
         idx, _ = self.select(q)
-        return ops.sparse_decode_attention(q, self.k, self.v, idx, None, softmax_scale)
+        return ops.sparse_decode_attention(q, self.k, self.v, idx, self._seq_lens(q.device), softmax_scale)
 
 
 # ---- training ---------------------------------------------------------------------------------------------------------

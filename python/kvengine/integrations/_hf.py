@@ -1,7 +1,10 @@
 """Pieces shared by the transformers cache layers of kvengine (``KVEngineLayer``, ``RetrievalLayer``)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 
 def crop_count(tokens_to_remove: int, seq_len: int) -> int:
@@ -52,3 +55,25 @@ class EditableLayerMixin:
             self._check_idle("crop")
             self._truncate(n)
             self.cumulative_length -= n
+
+
+def real_tokens(mask: Optional[Tensor], B: int, n_kv: int) -> Optional[Tensor]:
+    """[B, n_kv] bool: the key positions the last query may attend (the real tokens of a left-padded batch), from
+    a 4-D attention mask (bool, or additive float); None when there is no such mask."""
+    if mask is None or mask.dim() != 4:
+        return None
+    row = mask[:, 0, -1, -n_kv:]
+    real = row if row.dtype == torch.bool else row == 0
+    return real.expand(B, -1)
+
+
+def check_cached_padding(mask: Optional[Tensor], B: int, n_kv: int, T: int, row_lens: list, who: str) -> None:
+    """At decode: the cache holds only real tokens (a left-padded prompt was appended without its padding), so the
+    mask's count of real tokens among the n_kv - T cached positions must equal each row's cached length."""
+    real = real_tokens(mask, B, n_kv)
+    if real is None:
+        return
+    n_real = real[:, : n_kv - T].sum(1).tolist()
+    if n_real != list(row_lens):
+        raise NotImplementedError(f"{who}: the padding mask marks {n_real} cached tokens per row as real, the cache "
+                                  f"holds {list(row_lens)}: only left padding of the prompt is supported")

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import ops
 from ..cache import QuantizedKVCache
-from ._hf import EditableLayerMixin
+from ._hf import EditableLayerMixin, check_cached_padding, real_tokens
 from ..retrieval import HashCodeCache, RetrievalAttention, SpotlightHash, train_hash
 
 try:
@@ -112,14 +112,15 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
                  sinks: int, recent: int, selector: str, quant: Optional[dict] = None):
         super().__init__()
         self.quant = quant  # QuantizedKVCache kwargs: K/V held packed, attended sparsely in packed form
-        self.codes: Optional[HashCodeCache] = None
-        self.qc: Optional[QuantizedKVCache] = None
+        self._codes: Optional[HashCodeCache] = None
+        self._qc: Optional[QuantizedKVCache] = None
+        self._ra: Optional[RetrievalAttention] = None
+        self._prefill: Optional[tuple[Tensor, Tensor]] = None  # the prompt, appended once its padding mask is known
         self._owner = owner
         self.layer_idx = layer_idx
         self.hasher = hasher
         self.top_k, self.sinks, self.recent = top_k, sinks, recent
         self.selector = selector
-        self.ra: Optional[RetrievalAttention] = None
         self.cumulative_length = 0
         self._pending = False
         self.selected_tokens = 0  # Σ over decoded queries of the tokens attended
@@ -128,6 +129,36 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
     def __repr__(self):
         return (f"RetrievalLayer(top_k={self.top_k}, sinks={self.sinks}, recent={self.recent}, "
                 f"selector={self.selector}, len={self.cumulative_length})")
+
+    # the stores (a prompt not yet attended — bulk loading through ``update`` alone — is appended first, unpadded)
+    @property
+    def ra(self) -> Optional[RetrievalAttention]:
+        self._flush_prefill()
+        return self._ra
+
+    @property
+    def qc(self) -> Optional[QuantizedKVCache]:
+        self._flush_prefill()
+        return self._qc
+
+    @property
+    def codes(self) -> Optional[HashCodeCache]:
+        self._flush_prefill()
+        return self._codes
+
+    def _flush_prefill(self) -> None:
+        if self._prefill is not None:
+            self.commit_prefill(None)
+
+    def commit_prefill(self, valid: Optional[Tensor]) -> None:
+        """Append the prompt (keys hashed in one call); ``valid`` [B, T]: the real tokens of a left-padded batch."""
+        k, v = self._prefill
+        self._prefill = None
+        if self._qc is not None:
+            self._codes.append(k, valid)
+            self._qc.append(k, v, valid=valid)
+        else:
+            self._ra.append(k, v, valid)
 
     # -- CacheLayerMixin API
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -138,14 +169,14 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
                              f"of dim {self.hasher.head_dim}, the model has {H} of dim {D}")
         self.hasher = self.hasher.to(key_states.device)
         if self.quant is not None:
-            self.codes = HashCodeCache(self.hasher, B, key_states.device, capacity=max(1024, T))
-            self.qc = QuantizedKVCache(H, D, batch_size=B, dtype=key_states.dtype, device=key_states.device,
-                                       **self.quant)
+            self._codes = HashCodeCache(self.hasher, B, key_states.device, capacity=max(1024, T))
+            self._qc = QuantizedKVCache(H, D, batch_size=B, dtype=key_states.dtype, device=key_states.device,
+                                        **self.quant)
             self.is_initialized = True
             return
-        self.ra = RetrievalAttention(self.hasher, H, D, top_k=self.top_k, sinks=self.sinks, recent=self.recent,
-                                     batch_size=B, dtype=key_states.dtype, device=key_states.device,
-                                     capacity=max(1024, T))
+        self._ra = RetrievalAttention(self.hasher, H, D, top_k=self.top_k, sinks=self.sinks, recent=self.recent,
+                                      batch_size=B, dtype=key_states.dtype, device=key_states.device,
+                                      capacity=max(1024, T))
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -159,15 +190,17 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
                                f"model.set_attn_implementation('{ATTN_NAME}')); another attention would attend "
                                "every cached token and silently skip the top-k selection")
         T = key_states.shape[-2]
-        if self.qc is not None:
+        first = self.cumulative_length == 0
+        if first:
+            self._prefill = (key_states, value_states)  # appended by the attention, which sees the padding mask
+        elif self.qc is not None:
             self.codes.append(key_states)
             self.qc.append(key_states, value_states)
         else:
             self.ra.append(key_states, value_states)
-        first = self.cumulative_length == 0
         self.cumulative_length += T
         if first:
-            mode = "prefill"  # SDPA over the prompt; its keys are already appended (hashed in one call)
+            mode = "prefill"  # SDPA over the prompt, then commit_prefill
         else:
             self._pending = True
             mode = "decode"
@@ -221,6 +254,8 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         else:
             pscore = self._oracle_scores(q, n0, scale)  # [B, Hkv, T, n]
         lens = torch.arange(n0 + 1, n + 1, dtype=torch.int32, device=q.device)  # context of each new query
+        if ra.row_lens != [n] * B:
+            return self._attend_ragged(q, K, V, codes, ra.row_lens, scale, query.dtype)
         if B == 1:
             # the T queries as a batch of T sequences over the same (expanded, not copied) cache, each cut to its
             # own context by seq_lens: selection and attention exactly as T single-token decode steps
@@ -244,8 +279,27 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
                 outs.append(ops.sparse_decode_attention(q[:, :, t : t + 1], K[:, :, :m], V[:, :, :m], it, None,
                                                         scale))
             out = torch.cat(outs, 2)
-        self._count(lens, B)
+        self._count(lens.expand(B, -1))
         return out.to(query.dtype)
+
+    def _attend_ragged(self, q: Tensor, K: Tensor, V: Tensor, codes: Tensor, row_lens: list, scale: float,
+                       dtype) -> Tensor:
+        """attend_pending when the rows hold different lengths (a left-padded prompt): query t of row b sees that
+        row's first row_lens[b] - T + t + 1 tokens (the ops' per-row ``seq_lens``)."""
+        if self.selector != "hash":
+            raise NotImplementedError("RetrievalCache: selector='oracle' does not support padded batches")
+        T = q.shape[2]
+        ctx = torch.tensor(row_lens, dtype=torch.int32, device=q.device)[:, None] - T + 1 + \
+            torch.arange(T, dtype=torch.int32, device=q.device)  # [B, T]
+        qcodes = self.hasher.encode_queries(q)
+        outs = []
+        for t in range(T):
+            m = int(ctx[:, t].max())
+            it = self._hash_select(qcodes[:, :, t], codes, m, ctx[:, t])
+            outs.append(ops.sparse_decode_attention(q[:, :, t : t + 1], K[:, :, :m], V[:, :, :m], it, ctx[:, t],
+                                                    scale))
+        self._count(ctx)
+        return torch.cat(outs, 2).to(dtype)
 
     def _budget(self, m: int) -> tuple[int, int, int]:
         """(top-k, sinks, recent) for a query that sees m tokens."""
@@ -253,29 +307,35 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         st = min(self.sinks, kt)
         return kt, st, min(self.recent, kt - st)
 
-    def _hash_select(self, qcodes: Tensor, codes: Tensor, m: int) -> Tensor:
+    def _hash_select(self, qcodes: Tensor, codes: Tensor, m: int, seq_lens: Optional[Tensor] = None) -> Tensor:
         """Top-k positions (sinks and recent kept) of one query per sequence (qcodes [B, Hq, W]) among the first m
-        cached tokens."""
+        cached tokens (or the first seq_lens[b] of row b; a shorter row keeps its own sinks/recent and, below top_k
+        tokens, all of them — what it gets alone)."""
         kt, st, rt = self._budget(m)
-        return ops.hamming_topk(qcodes, codes[:, :, :m], kt, keep=(st, rt))[0]
+        return ops.hamming_topk(qcodes, codes[:, :, :m], kt, seq_lens, keep=(st, rt))[0]
 
-    def _count(self, lens: Tensor, B: int) -> None:
-        self.selected_tokens += int(lens.clamp(max=self.top_k).sum()) * B
-        self.context_tokens += int(lens.sum()) * B
+    def _count(self, ctx: Tensor) -> None:
+        """ctx [B, T]: the context length of each decoded query."""
+        self.selected_tokens += int(ctx.clamp(max=self.top_k).sum())
+        self.context_tokens += int(ctx.sum())
 
     def _attend_packed(self, query: Tensor, scale: Optional[float]) -> Tensor:
         """attend_pending over the packed cache: per new query its hash top-k over its own causal context, then
         ``quant_decode_attention(indices=...)`` (the selected tokens dequantized on the fly; logical positions are
         time positions because no extra sinks are ever marked)."""
         B, Hq, T, D = query.shape
-        n = self.qc.seq_len
-        n0 = n - T
         q = query.to(self.qc.dtype)
         qcodes = self.hasher.encode_queries(q)  # [B, Hq, T, W]
         codes = self.codes.codes
-        outs = [self.qc.attend(q[:, :, t : t + 1], scale,
-                               indices=self._hash_select(qcodes[:, :, t], codes, n0 + t + 1)) for t in range(T)]
-        self._count(torch.arange(n0 + 1, n + 1), B)
+        rl = self.qc.row_lens
+        ctx = torch.tensor(rl)[:, None] - T + 1 + torch.arange(T)  # [B, T]: the context of each new query
+        lens = None if len(set(rl)) == 1 else ctx.to(torch.int32).to(q.device)
+        outs = []
+        for t in range(T):
+            m = int(ctx[:, t].max())
+            sel = self._hash_select(qcodes[:, :, t], codes, m, None if lens is None else lens[:, t])
+            outs.append(self.qc.attend(q[:, :, t : t + 1], scale, indices=sel))
+        self._count(ctx)
         return torch.cat(outs, 2).to(query.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -288,8 +348,8 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.ra = None
-        self.codes = self.qc = None
+        self._ra = self._codes = self._qc = None
+        self._prefill = None
         self._pending = False
         self.is_initialized = False
         self.cumulative_length = 0
@@ -438,8 +498,11 @@ def retrieval_attention_forward(module: torch.nn.Module, query: Tensor, key: Ten
         except AttributeError:
             pass
     if tag is None or tag[1] == "prefill":
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     is_causal=is_causal, **kwargs)
+        if tag is not None:
+            tag[0].commit_prefill(real_tokens(attention_mask, key.shape[0], key.shape[-2]))
+        return out
     layer = tag[0]
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("kvengine_retrieval attention: logit soft-capping is not supported")
@@ -448,13 +511,9 @@ def retrieval_attention_forward(module: torch.nn.Module, query: Tensor, key: Ten
     if dropout:
         raise NotImplementedError("kvengine_retrieval attention: dropout is not supported in the decode path")
     T = query.shape[-2]
-    if attention_mask is not None and attention_mask.dim() == 4:
-        past = attention_mask.shape[-1] - T
-        m = attention_mask[..., :past]
-        ok = bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
-        if not ok:
-            raise NotImplementedError("kvengine_retrieval attention: padded batches are not supported; run "
-                                      "unpadded sequences / batch size 1")
+    rows = (layer.qc if layer.qc is not None else layer.ra).row_lens  # after this chunk's append
+    check_cached_padding(attention_mask, key.shape[0], layer.cumulative_length, 0, rows,
+                         "kvengine_retrieval attention")
     out = layer.attend_pending(query, scaling)  # [B, Hq, T, D]
     return out.transpose(1, 2).contiguous(), None
 

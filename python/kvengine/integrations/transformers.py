@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..cache import QuantizedKVCache
-from ._hf import EditableLayerMixin
+from ._hf import EditableLayerMixin, check_cached_padding, real_tokens
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
@@ -432,7 +432,7 @@ def kvengine_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     if mode == "prefill":
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      is_causal=is_causal, **kwargs)
-        layer.commit_prefill(_real_tokens(attention_mask, key.shape[0], key.shape[-2]))
+        layer.commit_prefill(real_tokens(attention_mask, key.shape[0], key.shape[-2]))
         return out
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("kvengine attention: logit soft-capping (Gemma-2) is not supported by the packed "
@@ -442,28 +442,10 @@ def kvengine_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     if dropout:
         raise NotImplementedError("kvengine attention: dropout is not supported in the packed decode path")
     T = query.shape[-2]
-    real = _real_tokens(attention_mask, key.shape[0], layer.cumulative_length)
-    if real is not None:
-        # the cache holds only real tokens (a left-padded prompt was appended without its padding): the mask over
-        # the cached positions must say the same
-        past = layer.cumulative_length - T
-        n_real = real[:, :past].sum(1).tolist()
-        if n_real != layer.qcache.row_lens:
-            raise NotImplementedError(f"kvengine attention: the padding mask marks {n_real} cached tokens per row as "
-                                      f"real, the packed cache holds {layer.qcache.row_lens}: only left padding of "
-                                      "the prompt is supported")
+    check_cached_padding(attention_mask, key.shape[0], layer.cumulative_length, T, layer.qcache.row_lens,
+                         "kvengine attention")
     out = layer.attend_pending(query, scaling)  # [B, Hq, T, D]
     return out.transpose(1, 2).contiguous(), None
-
-
-def _real_tokens(mask: Optional[Tensor], B: int, n_kv: int) -> Optional[Tensor]:
-    """[B, n_kv] bool: the key positions the last query may attend (the real tokens of a left-padded batch), from
-    a 4-D attention mask (bool, or additive float); None when there is no such mask."""
-    if mask is None or mask.dim() != 4:
-        return None
-    row = mask[:, 0, -1, -n_kv:]
-    real = row if row.dtype == torch.bool else row == 0
-    return real.expand(B, -1)
 
 
 def register() -> None:
