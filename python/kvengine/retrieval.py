@@ -181,14 +181,8 @@ class _Rows:
         return self.bufs[name][:, :, : self.seq_len]
 
 
-class HashCodeCache:
-    """Packed key codes [B, Hkv, capacity, W]; ``append`` hashes only the new keys (one hash_encode call)."""
-
-    def __init__(self, hasher: SpotlightHash, batch_size: int = 1, device="cpu", capacity: int = 1024):
-        self.hasher = hasher
-        self.W = hasher.nbits // 32
-        self._rows = _Rows({"codes": torch.empty(batch_size, hasher.num_heads, max(1, capacity), self.W,
-                                                 dtype=torch.int32, device=device)})
+class _RowLengths:
+    """``seq_len`` (the longest row) and ``row_lens`` of a class that stores its tokens in ``self._rows``."""
 
     @property
     def seq_len(self) -> int:
@@ -197,6 +191,16 @@ class HashCodeCache:
     @property
     def row_lens(self) -> list:
         return self._rows.row_lens
+
+
+class HashCodeCache(_RowLengths):
+    """Packed key codes [B, Hkv, capacity, W]; ``append`` hashes only the new keys (one hash_encode call)."""
+
+    def __init__(self, hasher: SpotlightHash, batch_size: int = 1, device="cpu", capacity: int = 1024):
+        self.hasher = hasher
+        self.W = hasher.nbits // 32
+        self._rows = _Rows({"codes": torch.empty(batch_size, hasher.num_heads, max(1, capacity), self.W,
+                                                 dtype=torch.int32, device=device)})
 
     def append(self, k: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """k [B, Hkv, T, D] (post-RoPE keys) -> their codes, stored after the existing ones (``valid``: a
@@ -223,7 +227,7 @@ class HashCodeCache:
         return sum(self.row_lens) * self.codes.shape[1] * self.W * 4
 
 
-class RetrievalAttention:
+class RetrievalAttention(_RowLengths):
     """Decode attention over the top-k keys of a hash-code index: full-precision K/V + ``HashCodeCache``.
 
     ``attend(q)``: encode q (one call), ``hamming_topk`` (sinks and the recent window always kept, counting toward
@@ -237,14 +241,6 @@ class RetrievalAttention:
         self.codes = HashCodeCache(hasher, batch_size, device, capacity)
         k = torch.empty(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self._rows = _Rows({"k": k, "v": torch.empty_like(k)})
-
-    @property
-    def seq_len(self) -> int:
-        return self._rows.seq_len
-
-    @property
-    def row_lens(self) -> list:
-        return self._rows.row_lens
 
     def append(self, k: Tensor, v: Tensor, valid: Optional[Tensor] = None) -> None:
         """k, v [B, Hkv, T, D]; ``valid`` [B, T]: a left-padded prompt (first append), its padding dropped."""
