@@ -53,6 +53,30 @@ inline vf unpack16(const uint8_t* row, int64_t d) {
   }
 }
 
+// WN (native width) codes starting at element d (d % WN == 0), as floats
+template <int BITS>
+inline vn unpackn(const uint8_t* row, int64_t d) {
+#if defined(__AVX512F__)
+  return unpack16<BITS>(row, d);
+#else
+  typedef int32_t vni __attribute__((vector_size(32)));
+  typedef uint32_t vnu __attribute__((vector_size(32)));
+  if constexpr (BITS == 8) {
+    typedef uint8_t vnb __attribute__((vector_size(8)));
+    vnb b;
+    std::memcpy(&b, row + d, 8);
+    return __builtin_convertvector(__builtin_convertvector(b, vni), vn);
+  } else {
+    constexpr int PER_WORD = 32 / BITS;  // codes per 32-bit word
+    uint32_t w = 0;
+    std::memcpy(&w, row + d * BITS / 8, 8 * BITS / 8);
+    const vnu sh = vnu{0, 1, 2, 3, 4, 5, 6, 7} * uint32_t(BITS);
+    static_assert(PER_WORD >= 8, "8 codes fit one word");
+    return __builtin_convertvector((vni)(((vnu{} + w) >> sh) & uint32_t((1u << BITS) - 1)), vn);
+  }
+#endif
+}
+
 struct State {  // per work item: query rows, online softmax state, one block of dequantized K / V rows
   int R = 0, D = 0;
   std::vector<float> q, acc, m, l, s, kblk, vblk, meta;
@@ -197,7 +221,7 @@ class Worker {
       return;
     }
     const int64_t j = pos - ns;
-    const int G = a.k_group, VG = a.v_group, nv = D / W, gpr = D / VG;
+    const int G = a.k_group, VG = a.v_group, nn = D / WN, gpr = D / VG;
     const uint8_t* krow = a.k_codes + (bh * a.q_cap + j) * (D * BK / 8);
     const uint8_t* vrow = a.v_codes + (bh * a.q_cap + j) * (D * BV / 8);
     float* ks = st.meta.data();
@@ -209,23 +233,23 @@ class Worker {
       const int64_t m0 = (bh * a.q_cap + j) * gpk;
       detail::load_row(static_cast<const char*>(a.k_scale) + m0 * msz, a.meta_dtype, gpk, nullptr, ks);
       detail::load_row(static_cast<const char*>(a.k_zero) + m0 * msz, a.meta_dtype, gpk, nullptr, kz);
-      for (int i = 0; i < nv; ++i) {
-        const int gk = i * W / G;
-        stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * splat(ks[gk]) + splat(kz[gk]));
+      for (int i = 0; i < nn; ++i) {
+        const int gk = i * WN / G;
+        stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * splatn(ks[gk]) + splatn(kz[gk]));
       }
     } else {
       const int64_t m0 = (bh * (a.q_cap / G) + j / G) * D;
       detail::load_row(static_cast<const char*>(a.k_scale) + m0 * msz, a.meta_dtype, D, nullptr, ks);
       detail::load_row(static_cast<const char*>(a.k_zero) + m0 * msz, a.meta_dtype, D, nullptr, kz);
-      for (int i = 0; i < nv; ++i)
-        stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * ld(ks + i * W) + ld(kz + i * W));
+      for (int i = 0; i < nn; ++i)
+        stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * ldn(ks + i * WN) + ldn(kz + i * WN));
     }
     const int64_t v0 = (bh * a.q_cap + j) * gpr;
     detail::load_row(static_cast<const char*>(a.v_scale) + v0 * msz, a.meta_dtype, gpr, nullptr, vs);
     detail::load_row(static_cast<const char*>(a.v_zero) + v0 * msz, a.meta_dtype, gpr, nullptr, vz);
-    for (int i = 0; i < nv; ++i) {
-      const int gv = i * W / VG;
-      stv(vd + i * W, unpack16<BV>(vrow, int64_t(i) * W) * splat(vs[gv]) + splat(vz[gv]));
+    for (int i = 0; i < nn; ++i) {
+      const int gv = i * WN / VG;
+      stn(vd + i * WN, unpackn<BV>(vrow, int64_t(i) * WN) * splatn(vs[gv]) + splatn(vz[gv]));
     }
   }
 
@@ -258,6 +282,8 @@ class Worker {
   template <int NV>
   void process_block_nv(State& st, int64_t p0, int nt) {
     const int nv = NV ? NV : st.D / W, D = nv * W;
+    constexpr int NN = NV * (W / WN);  // native vectors per row (0: run time)
+    const int nn = D / WN;
     constexpr float NEG = -std::numeric_limits<float>::infinity();
     alignas(64) float p[BT];
     for (int t = nt; t < BT; ++t) std::memset(st.kblk.data() + size_t(t) * D, 0, D * sizeof(float));
@@ -266,15 +292,15 @@ class Worker {
       float* s = st.s.data() + size_t(r) * BT;
       for (int t = 0; t < nt; t += 4) {  // four tokens at a time: one combined horizontal reduction
         const float* k = st.kblk.data() + size_t(t) * D;
-        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        for (int i = 0; i < nv; ++i) {
-          const vf qi = ld(q + i * W);
-          a0 += qi * ld(k + i * W);
-          a1 += qi * ld(k + D + i * W);
-          a2 += qi * ld(k + 2 * D + i * W);
-          a3 += qi * ld(k + 3 * D + i * W);
+        vn a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int i = 0; i < nn; ++i) {
+          const vn qi = ldn(q + i * WN);
+          a0 += qi * ldn(k + i * WN);
+          a1 += qi * ldn(k + D + i * WN);
+          a2 += qi * ldn(k + 2 * D + i * WN);
+          a3 += qi * ldn(k + 3 * D + i * WN);
         }
-        hsum4(a0, a1, a2, a3, s + t);
+        hsum4n(a0, a1, a2, a3, s + t);
       }
       // causal limit of this row (only the newest Tq tokens can be masked)
       const int64_t lim = N_ - a_.Tq + (r % a_.Tq);
@@ -296,24 +322,25 @@ class Worker {
       st.l[r] = st.l[r] * alpha + hsum(sum);
       st.m[r] = mn;
       float* acc = st.acc.data() + size_t(r) * D;
-      // P·V with up to 8 accumulator vectors (128 channels) held in registers across the block's tokens
-      for (int i0 = 0; i0 < nv; i0 += 8) {
-        constexpr int C = NV ? (NV < 8 ? NV : 8) : 8;
-        const int n8 = NV ? C : std::min(8, nv - i0);
-        vf a8[C] = {};
+      // P·V with up to 8 native accumulator vectors (128 channels with AVX-512, 64 with AVX2) held in registers
+      // across the block's tokens
+      for (int i0 = 0; i0 < nn; i0 += 8) {
+        constexpr int C = NN ? (NN < 8 ? NN : 8) : 8;
+        const int n8 = NN ? C : std::min(8, nn - i0);
+        vn a8[C] = {};
 #pragma GCC unroll 8
         for (int i = 0; i < C; ++i)
-          if (i < n8) a8[i] = ld(acc + (i0 + i) * W) * splat(alpha);
+          if (i < n8) a8[i] = ldn(acc + (i0 + i) * WN) * splatn(alpha);
         for (int t = 0; t < nt; ++t) {
-          const vf pv = splat(p[t]);
-          const float* v = st.vblk.data() + size_t(t) * D + i0 * W;
+          const vn pv = splatn(p[t]);
+          const float* v = st.vblk.data() + size_t(t) * D + i0 * WN;
 #pragma GCC unroll 8
           for (int i = 0; i < C; ++i)
-            if (i < n8) a8[i] += pv * ld(v + i * W);
+            if (i < n8) a8[i] += pv * ldn(v + i * WN);
         }
 #pragma GCC unroll 8
         for (int i = 0; i < C; ++i)
-          if (i < n8) stv(acc + (i0 + i) * W, a8[i]);
+          if (i < n8) stn(acc + (i0 + i) * WN, a8[i]);
       }
     }
   }
@@ -343,7 +370,7 @@ class Worker {
     const int64_t lo = std::max(ns, c0), hi = std::min(ns + nq, c1);
     if (lo >= hi) return;
     const bool ktok = a.k_per_token;
-    const int D = int(a.D), G = a.k_group, VG = a.v_group, nv = D / W;
+    const int D = int(a.D), G = a.k_group, VG = a.v_group, nn = D / WN;
     const int64_t bh = b * a.Hkv + h;
     const int64_t krow_bytes = D * BK / 8, vrow_bytes = D * BV / 8;
     const uint8_t* kc = a.k_codes + bh * a.q_cap * krow_bytes;
@@ -385,19 +412,19 @@ class Worker {
         const uint8_t* krow = kc + (j0 + t) * krow_bytes;
         float* kd = st.kblk.data() + size_t(t) * D;
         if (ktok) {
-          for (int i = 0; i < nv; ++i) {
-            const int gk = t * gpk + i * W / G;
-            stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * splat(kts[gk]) + splat(ktz[gk]));
+          for (int i = 0; i < nn; ++i) {
+            const int gk = t * gpk + i * WN / G;
+            stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * splatn(kts[gk]) + splatn(ktz[gk]));
           }
         } else {
-          for (int i = 0; i < nv; ++i)
-            stv(kd + i * W, unpack16<BK>(krow, int64_t(i) * W) * ld(ks + i * W) + ld(kz + i * W));
+          for (int i = 0; i < nn; ++i)
+            stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * ldn(ks + i * WN) + ldn(kz + i * WN));
         }
         const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
         float* vd = st.vblk.data() + size_t(t) * D;
-        for (int i = 0; i < nv; ++i) {
-          const int gv = t * gpr + i * W / VG;
-          stv(vd + i * W, unpack16<BV>(vrow, int64_t(i) * W) * splat(vs[gv]) + splat(vz[gv]));
+        for (int i = 0; i < nn; ++i) {
+          const int gv = t * gpr + i * WN / VG;
+          stn(vd + i * WN, unpackn<BV>(vrow, int64_t(i) * WN) * splatn(vs[gv]) + splatn(vz[gv]));
         }
       }
       process_block(st, p0, nt);

@@ -49,12 +49,22 @@ constexpr float NEG = -std::numeric_limits<float>::infinity();
 constexpr float kSlack = 64.f;  // log2 units a block may exceed the running max by without a rescale
 constexpr int kBiasAhead = 8;   // rows by which the dense bias is requested ahead (simd::prefetch)
 
-inline vu vpopcnt(vu x) {
+// per-lane popcount of native vectors
+inline vnu vpopcntn(vnu x) {
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
-  return (vu)_mm512_popcnt_epi32((__m512i)x);
+  return (vnu)_mm512_popcnt_epi32((__m512i)x);
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+  // nibble table (VPSHUFB), then the four byte counts of each lane summed (VPMADDUBSW + VPMADDWD)
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  const __m256i v = (__m256i)x;
+  const __m256i c = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4)),
+                                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+  return (vnu)_mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
 #else
-  vu r;
-  for (int i = 0; i < W; ++i) r[i] = uint32_t(__builtin_popcount(x[i]));
+  vnu r;
+  for (int i = 0; i < WN; ++i) r[i] = uint32_t(__builtin_popcount(x[i]));
   return r;
 #endif
 }
@@ -63,7 +73,7 @@ inline vu vpopcnt(vu x) {
 // 2^(x − n) by a degree-5 polynomial (relative-error minimax on [−1/2, 1/2], fitted by reweighted least squares:
 // 9.2e-8 in exact arithmetic, < 2e-7 evaluated in fp32), then ·2^n with VSCALEFPS — about half the instructions of
 // simd::vexp2, which it replaces only here.
-inline vf exp2_fast(vf x) {
+inline vn exp2_fast(vn x) {
 #if defined(__AVX512F__)
   const __m512 xv = _mm512_max_ps((__m512)x, _mm512_set1_ps(-127.f));
   const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -75,9 +85,9 @@ inline vf exp2_fast(vf x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469776578078e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  return (vf)_mm512_maskz_scalef_ps(keep, p, n);
+  return (vn)_mm512_maskz_scalef_ps(keep, p, n);
 #else
-  return vexp2(x);
+  return vexp2n(x);
 #endif
 }
 
@@ -96,31 +106,32 @@ inline float pack_row(const float* x, int64_t D, uint32_t* bits) {
   return s;
 }
 
-// acc[r][c0 .. c0 + 16·CV) = acc·alpha[r] + Σ_t p[r][t] · v[t][c0 ..], r < RG, t < nt
+// acc[r][c0 .. c0 + WN·CV) = acc·alpha[r] + Σ_t p[r][t] · v[t][c0 ..], r < RG, t < nt (native vectors: RG·CV
+// accumulators stay in registers, 16 with AVX-512 (CV = 4), 8 of the 16 AVX2 registers (CV = 2))
 template <int CV>
 inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, const float* v, int64_t vst, int nt,
                     int64_t c0) {
-  vf a[RG][CV];
+  vn a[RG][CV];
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) a[r][c] = ld(acc + r * D + c0 + c * W) * splat(alpha[r]);
+    for (int c = 0; c < CV; ++c) a[r][c] = ldn(acc + r * D + c0 + c * WN) * splatn(alpha[r]);
   for (int t = 0; t < nt; ++t) {
-    vf vv[CV];
+    vn vv[CV];
     const float* vr = v + t * vst + c0;
 #pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) vv[c] = ld(vr + c * W);
+    for (int c = 0; c < CV; ++c) vv[c] = ldn(vr + c * WN);
 #pragma GCC unroll 4
     for (int r = 0; r < RG; ++r) {
-      const vf pr = splat(p[r * BT + t]);
+      const vn pr = splatn(p[r * BT + t]);
 #pragma GCC unroll 4
-      for (int c = 0; c < CV; ++c) a[r][c] = fmadd(pr, vv[c], a[r][c]);
+      for (int c = 0; c < CV; ++c) a[r][c] = fmaddn(pr, vv[c], a[r][c]);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RG; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < CV; ++c) stv(acc + r * D + c0 + c * W, a[r][c]);
+    for (int c = 0; c < CV; ++c) stn(acc + r * D + c0 + c * WN, a[r][c]);
 }
 
 struct Prep {
@@ -183,7 +194,7 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
     vst = D;
   }
   const uint32_t* ktb = pr.kt.data() + bhk * pr.nblk * nw * BT;
-  const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vni iota = iotan();
   const int64_t relc = (a.rel_len - 1) / 2;
   const float* relh = a.rel_bias ? pr.rel.data() + h * a.rel_len : nullptr;
   const bool biased = a.bias || a.rel_bias;
@@ -211,65 +222,65 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
         continue;
       }
       const uint32_t* qw = tl.qw.data() + r * nw;
-      const vf ar = splat(tl.a[r]);
-      vu qb[NW ? NW : 1];
+      const vn ar = splatn(tl.a[r]);
+      vnu qb[NW ? NW : 1];
       if constexpr (NW > 0)
-        for (int w = 0; w < NW; ++w) qb[w] = vu{} + qw[w];
+        for (int w = 0; w < NW; ++w) qb[w] = splatnu(qw[w]);
       // t_j = β_j · (D − 2·popcount(q xor k_j)); the score is a_i · t_j (+ biases)
       auto t_of = [&](int c) {
-        vu pc = {};
+        vnu pc = {};
         if constexpr (NW > 0) {
 #pragma GCC unroll 8
-          for (int w = 0; w < NW; ++w) pc += vpopcnt(qb[w] ^ ldu(kt + w * BT + c));
+          for (int w = 0; w < NW; ++w) pc += vpopcntn(qb[w] ^ ldnu(kt + w * BT + c));
         } else {
-          for (int64_t w = 0; w < nw; ++w) pc += vpopcnt((vu{} + qw[w]) ^ ldu(kt + w * BT + c));
+          for (int64_t w = 0; w < nw; ++w) pc += vpopcntn(splatnu(qw[w]) ^ ldnu(kt + w * BT + c));
         }
-        return fmadd(__builtin_convertvector((vi)pc, vf), ld(bm2 + c), ld(bd + c));
+        return fmaddn(__builtin_convertvector((vni)pc, vn), ldn(bm2 + c), ldn(bd + c));
       };
       if (!biased && tl.m[r] != NEG && std::fabs(tl.a[r]) * dbmax <= tl.m[r] + kSlack) {
         // no score of the block can exceed the running max by more than kSlack: one pass, the max left as it is
         // (p <= 2^kSlack, finite and far from overflowing the fp32 sums)
-        const vf nm = splat(-tl.m[r]);
-        vf sum = {};
-        for (int c = 0; c < BT; c += W) {
-          vf e = exp2_fast(fmadd(ar, t_of(c), nm));
+        const vn nm = splatn(-tl.m[r]);
+        vn sum = {};
+        for (int c = 0; c < BT; c += WN) {
+          vn e = exp2_fast(fmaddn(ar, t_of(c), nm));
           const int64_t jc = j0 + c;
-          if (jc + W - 1 > lim) e = (iota + int32_t(jc) > int32_t(lim)) ? vf{} : e;
-          stv(p + c, e);
+          if (jc + WN - 1 > lim) e = (iota + int32_t(jc) > int32_t(lim)) ? vn{} : e;
+          stn(p + c, e);
           sum += e;
         }
-        stv(tl.lv.data() + r * W, ld(tl.lv.data() + r * W) + sum);
+        stn(tl.lv.data() + r * W, ldn(tl.lv.data() + r * W) + sum);
         tl.al[r] = 1.f;
         continue;
       }
       float* s = tl.s.data();
       const float* brow = a.bias ? a.bias + b * a.bias_stride_b + h * a.bias_stride_h + i * a.bias_stride_i : nullptr;
-      vf vmax = splat(NEG);
-      for (int c = 0; c < BT; c += W) {
-        vf sv = t_of(c) * ar;
+      vn vmax = splatn(NEG);
+      for (int c = 0; c < BT; c += WN) {
+        vn sv = t_of(c) * ar;
         const int64_t jc = j0 + c;
         if (jc <= lim) {
           if (brow) {
-            if (jc + W <= a.Lk) {
-              sv = fmadd(ld(brow + jc), splat(kLog2e), sv);
+            if (jc + WN <= a.Lk) {
+              sv = fmaddn(ldn(brow + jc), splatn(kLog2e), sv);
             } else {
-              for (int t = 0; t < W && jc + t < a.Lk; ++t) sv[t] += brow[jc + t] * kLog2e;
+              for (int t = 0; t < WN && jc + t < a.Lk; ++t) sv[t] += brow[jc + t] * kLog2e;
             }
           }
           if (relh) {
             const float* rr = relh + relc - pos + jc;  // reversed table: index increases with j
-            if (jc + W <= a.Lk) {
-              sv += ld(rr);
+            if (jc + WN <= a.Lk) {
+              sv += ldn(rr);
             } else {
-              for (int t = 0; t < W && jc + t < a.Lk; ++t) sv[t] += rr[t];
+              for (int t = 0; t < WN && jc + t < a.Lk; ++t) sv[t] += rr[t];
             }
           }
         }
-        if (jc + W - 1 > lim) sv = (iota + int32_t(jc) > int32_t(lim)) ? splat(NEG) : sv;
-        stv(s + c, sv);
+        if (jc + WN - 1 > lim) sv = (iota + int32_t(jc) > int32_t(lim)) ? splatn(NEG) : sv;
+        stn(s + c, sv);
         vmax = vmax > sv ? vmax : sv;
       }
-      const float bm = hmax(vmax);
+      const float bm = hmaxn(vmax);
       if (bm == NEG) {  // every visible key has a bias of −inf
         std::memset(p, 0, BT * sizeof(float));
         tl.al[r] = 1.f;
@@ -278,30 +289,31 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
       const float mn = std::max(tl.m[r], bm);
       // the running max rarely moves after the first blocks: skip the scalar exp2 (a libm call) when it does not
       const float alpha = tl.m[r] == NEG ? 0.f : (tl.m[r] == mn ? 1.f : std::exp2(tl.m[r] - mn));
-      vf sum = {};
-      for (int c = 0; c < BT; c += W) {
-        const vf e = exp2_fast(ld(s + c) - splat(mn));
-        stv(p + c, e);
+      vn sum = {};
+      for (int c = 0; c < BT; c += WN) {
+        const vn e = exp2_fast(ldn(s + c) - splatn(mn));
+        stn(p + c, e);
         sum += e;
       }
-      stv(tl.lv.data() + r * W, fmadd(ld(tl.lv.data() + r * W), splat(alpha), sum));  // reduced at the end
+      stn(tl.lv.data() + r * W, fmaddn(ldn(tl.lv.data() + r * W), splatn(alpha), sum));  // reduced at the end
       tl.m[r] = mn;
       tl.al[r] = alpha;
     }
     for (int r = R; r < Rp; ++r) tl.al[r] = 1.f;
     // P·V
     const float* vb = vbase + j0 * vst;
+    constexpr int CV = WN == 16 ? 4 : 2;  // native vectors per tile row: 64 channels (AVX-512), 16 (AVX2)
     int64_t c0 = 0;
-    for (; c0 + 4 * W <= D; c0 += 4 * W)
+    for (; c0 + CV * WN <= D; c0 += CV * WN)
       for (int r = 0; r < Rp; r += RG)
-        pv_tile<4>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb, vst, nt, c0);
-    for (; c0 < D; c0 += 2 * W)
+        pv_tile<CV>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb, vst, nt, c0);
+    for (; c0 < D; c0 += 2 * WN)  // AVX-512: D % 64 == 32
       for (int r = 0; r < Rp; r += RG)
         pv_tile<2>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb, vst, nt, c0);
   }
   const int oes = dtype_size(a.v_dtype);
   for (int r = 0; r < R; ++r) {
-    const float l = hsum(ld(tl.lv.data() + r * W));
+    const float l = hsumn(ldn(tl.lv.data() + r * W));
     const float inv = l > 0.f ? 1.f / l : 0.f;
     char* dst = static_cast<char*>(a.out) + (((b * a.Hq + h) * a.Lq + i0 + r) * D) * oes;
     detail::store_row(tl.acc.data() + r * D, inv, a.v_dtype, D, dst);
