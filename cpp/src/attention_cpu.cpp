@@ -77,6 +77,17 @@ inline vn unpackn(const uint8_t* row, int64_t d) {
 #endif
 }
 
+// one row of D codes dequantized in channel groups of G (a multiple of WN; one scale/zero per group):
+// out[d] = code[d] · s[d / G] + z[d / G] (no division in the loop)
+template <int BITS>
+inline void dequant_groups(const uint8_t* row, const float* s, const float* z, int D, int G, float* out) {
+  const int per = G / WN;
+  for (int g = 0, i = 0; g < D / G; ++g) {
+    const vn vs = splatn(s[g]), vz = splatn(z[g]);
+    for (int j = 0; j < per; ++j, ++i) stn(out + i * WN, unpackn<BITS>(row, int64_t(i) * WN) * vs + vz);
+  }
+}
+
 struct State {  // per work item: query rows, online softmax state, one block of dequantized K / V rows
   int R = 0, D = 0;
   std::vector<float> q, acc, m, l, s, kblk, vblk, meta;
@@ -233,10 +244,7 @@ class Worker {
       const int64_t m0 = (bh * a.q_cap + j) * gpk;
       detail::load_row(static_cast<const char*>(a.k_scale) + m0 * msz, a.meta_dtype, gpk, nullptr, ks);
       detail::load_row(static_cast<const char*>(a.k_zero) + m0 * msz, a.meta_dtype, gpk, nullptr, kz);
-      for (int i = 0; i < nn; ++i) {
-        const int gk = i * WN / G;
-        stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * splatn(ks[gk]) + splatn(kz[gk]));
-      }
+      dequant_groups<BK>(krow, ks, kz, D, G, kd);
     } else {
       const int64_t m0 = (bh * (a.q_cap / G) + j / G) * D;
       detail::load_row(static_cast<const char*>(a.k_scale) + m0 * msz, a.meta_dtype, D, nullptr, ks);
@@ -247,10 +255,7 @@ class Worker {
     const int64_t v0 = (bh * a.q_cap + j) * gpr;
     detail::load_row(static_cast<const char*>(a.v_scale) + v0 * msz, a.meta_dtype, gpr, nullptr, vs);
     detail::load_row(static_cast<const char*>(a.v_zero) + v0 * msz, a.meta_dtype, gpr, nullptr, vz);
-    for (int i = 0; i < nn; ++i) {
-      const int gv = i * WN / VG;
-      stn(vd + i * WN, unpackn<BV>(vrow, int64_t(i) * WN) * splatn(vs[gv]) + splatn(vz[gv]));
-    }
+    dequant_groups<BV>(vrow, vs, vz, D, VG, vd);
   }
 
   void load_queries(int64_t b, int64_t h, State& st) {
@@ -313,13 +318,13 @@ class Worker {
       if (bm == NEG) continue;  // every token of the block is masked for this row
       const float mn = std::max(st.m[r], bm);
       const float alpha = std::exp(st.m[r] - mn);  // 0 when m was -inf
-      vf sum = {};
-      for (int t = 0; t < BT; t += W) {
-        const vf e = vexp(ld(s + t) - splat(mn));
-        stv(p + t, e);
+      vn sum = {};
+      for (int t = 0; t < BT; t += WN) {
+        const vn e = vexpn(ldn(s + t) - splatn(mn));
+        stn(p + t, e);
         sum += e;
       }
-      st.l[r] = st.l[r] * alpha + hsum(sum);
+      st.l[r] = st.l[r] * alpha + hsumn(sum);
       st.m[r] = mn;
       float* acc = st.acc.data() + size_t(r) * D;
       // P·V with up to 8 native accumulator vectors (128 channels with AVX-512, 64 with AVX2) held in registers
@@ -412,20 +417,14 @@ class Worker {
         const uint8_t* krow = kc + (j0 + t) * krow_bytes;
         float* kd = st.kblk.data() + size_t(t) * D;
         if (ktok) {
-          for (int i = 0; i < nn; ++i) {
-            const int gk = t * gpk + i * WN / G;
-            stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * splatn(kts[gk]) + splatn(ktz[gk]));
-          }
+          dequant_groups<BK>(krow, kts + t * gpk, ktz + t * gpk, D, G, kd);
         } else {
           for (int i = 0; i < nn; ++i)
             stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * ldn(ks + i * WN) + ldn(kz + i * WN));
         }
         const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
         float* vd = st.vblk.data() + size_t(t) * D;
-        for (int i = 0; i < nn; ++i) {
-          const int gv = t * gpr + i * WN / VG;
-          stn(vd + i * WN, unpackn<BV>(vrow, int64_t(i) * WN) * splatn(vs[gv]) + splatn(vz[gv]));
-        }
+        dequant_groups<BV>(vrow, vs + t * gpr, vz + t * gpr, D, VG, vd);
       }
       process_block(st, p0, nt);
       p0 += nt;

@@ -311,7 +311,7 @@ void sparse_item(const SparseCtx& c, int64_t item, std::vector<float>& buf) {
   const char* kbase = static_cast<const char*>(a.k) + (b * a.k_stride_b + h * a.k_stride_h) * esz;
   const char* vbase = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * esz;
   const int64_t j0 = ck * c.chunk, j1 = std::min(a.n_sel, j0 + c.chunk);
-  const int64_t nv = Dp / VW;
+  const int64_t nv = Dp / simd::WN;  // native vectors per row
   // the rows of the token kLookAhead places ahead are requested before this one is copied (simd::prefetch)
   constexpr int64_t kLookAhead = 4;
   auto request = [&](int64_t jj) {
@@ -337,10 +337,10 @@ void sparse_item(const SparseCtx& c, int64_t item, std::vector<float>& buf) {
       float* sr = s + r * BT;
       float bm = -std::numeric_limits<float>::infinity();
       for (int t = 0; t < nt; ++t) {
-        vf x = {};
-        for (int64_t i = 0; i < nv; ++i) x += ld(qr + i * VW) * ld(kb + t * Dp + i * VW);
+        simd::vn x = {};
+        for (int64_t i = 0; i < nv; ++i) x += simd::ldn(qr + i * simd::WN) * simd::ldn(kb + t * Dp + i * simd::WN);
         float dot = 0.f;
-        for (int e = 0; e < VW; ++e) dot += x[e];
+        for (int e = 0; e < simd::WN; ++e) dot += x[e];
         sr[t] = dot;
         bm = std::max(bm, dot);
       }
@@ -356,9 +356,9 @@ void sparse_item(const SparseCtx& c, int64_t item, std::vector<float>& buf) {
       m[r] = mn;
       float* ar = acc + r * Dp;
       for (int64_t i = 0; i < nv; ++i) {
-        vf x = ld(ar + i * VW) * alpha;
-        for (int t = 0; t < nt; ++t) x += sr[t] * ld(vb + t * Dp + i * VW);
-        stv(ar + i * VW, x);
+        simd::vn x = simd::ldn(ar + i * simd::WN) * simd::splatn(alpha);
+        for (int t = 0; t < nt; ++t) x += simd::splatn(sr[t]) * simd::ldn(vb + t * Dp + i * simd::WN);
+        simd::stn(ar + i * simd::WN, x);
       }
     }
   }
