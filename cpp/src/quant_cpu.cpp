@@ -34,57 +34,43 @@ inline uint8_t quant_code(float x, float s, float z, float qmax) {
   return static_cast<uint8_t>(c);
 }
 
-// ---- 16 lanes at a time (simd.h): the same arithmetic as quant_code, lane by lane (IEEE division, so the codes stay
-// bit-identical to the reference's)
-using simd::vf;
-using simd::vi;
+// ---- native vectors (simd.h: 16 lanes with AVX-512, 8 with AVX2): the same arithmetic as quant_code, lane by lane
+// (IEEE division, so the codes stay bit-identical to the reference's). Buffers are padded to W = 16 floats
+// (the layout is the same in both builds); loops step WN.
+using simd::vn;
+using simd::vni;
+using simd::WN;
 constexpr int W = simd::W;
 
-inline vf vfloor(vf x) {
+inline vn vfloor(vn x) {
 #if defined(__AVX512F__)
   // the masked form (all lanes) takes its pass-through operand explicitly: GCC 12 warns on the plain one's
   // _mm512_undefined_ps()
-  return (vf)_mm512_mask_roundscale_ps((__m512)x, 0xffff, (__m512)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return (vn)_mm512_mask_roundscale_ps((__m512)x, 0xffff, (__m512)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 #elif defined(__AVX__)
-  typedef float v8 __attribute__((vector_size(32)));
-  const v8 lo = (v8)_mm256_floor_ps((__m256)__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7));
-  const v8 hi = (v8)_mm256_floor_ps((__m256)__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return (vn)_mm256_floor_ps((__m256)x);
 #else
-  for (int i = 0; i < W; ++i) x[i] = std::floor(x[i]);
+  for (int i = 0; i < WN; ++i) x[i] = std::floor(x[i]);
   return x;
 #endif
 }
 
-// codes (as floats) of 16 values
-inline vf quant_code16(vf x, vf s, vf z, vf qmax) {
-  vf c = vfloor((x - z) / s + 0.5f);
-  c = c >= 0.0f ? c : vf{};  // also NaN -> 0
+// codes (as floats) of WN values
+inline vn quant_coden(vn x, vn s, vn z, vn qmax) {
+  vn c = vfloor((x - z) / s + 0.5f);
+  c = c >= 0.0f ? c : vn{};  // also NaN -> 0
   c = c > qmax ? qmax : c;
-  return s == 0.0f ? vf{} : c;
+  return s == 0.0f ? vn{} : c;
 }
 
 // lane-wise nan_min / nan_max
-inline vf vnan_min(vf a, vf b) { return (b < a) | (b != b) ? b : a; }
-inline vf vnan_max(vf a, vf b) { return (b > a) | (b != b) ? b : a; }
+inline vn vnan_min(vn a, vn b) { return (b < a) | (b != b) ? b : a; }
+inline vn vnan_max(vn a, vn b) { return (b > a) | (b != b) ? b : a; }
 
-// nan_min / nan_max over the 16 lanes (a shuffle tree; NaN anywhere gives NaN)
-inline float hnan_min(vf v) {
-  v = vnan_min(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = vnan_min(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = vnan_min(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  return nan_min(v[0], v[1]);
-}
-inline float hnan_max(vf v) {
-  v = vnan_max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = vnan_max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = vnan_max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  return nan_max(v[0], v[1]);
-}
-
-// 16 codes (floats in [0, 255]) -> 16 bytes
-inline void store_codes16(vf c, uint8_t* out) {
-  const simd::vb b = __builtin_convertvector(__builtin_convertvector(c, vi), simd::vb);
+// WN codes (floats in [0, 255]) -> WN bytes
+inline void store_codesn(vn c, uint8_t* out) {
+  typedef uint8_t vnb __attribute__((vector_size(WN)));
+  const vnb b = __builtin_convertvector(__builtin_convertvector(c, vni), vnb);
   std::memcpy(out, &b, sizeof b);
 }
 
@@ -201,11 +187,12 @@ inline void unpack_codes(const uint8_t* in, int64_t D, int bits, uint8_t* c) {
   }
 }
 
-// 16 one-byte codes -> floats
-inline vf load_codes16(const uint8_t* c) {
-  simd::vb b;
+// WN one-byte codes -> floats
+inline vn load_codesn(const uint8_t* c) {
+  typedef uint8_t vnb __attribute__((vector_size(WN)));
+  vnb b;
   std::memcpy(&b, c, sizeof b);
-  return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+  return __builtin_convertvector(__builtin_convertvector(b, vni), vn);
 }
 
 // Load `nrows` rows starting at row t0 of batch b into buf [nrows, ld] (fp32; the first D of each row), rotated +
@@ -224,12 +211,12 @@ void load_tile(const char* xb, DType dt, int64_t D, int64_t x_batch_stride, int6
   }
 }
 
-// Σ over the G rows (stride ld) of 16 channels of (code·s + z − x)², rows in order (as group_sse)
-inline vf column_sse16(const float* v, int G, int64_t ld, vf s, vf z, vf qmax) {
-  vf e2{};
+// Σ over the G rows (stride ld) of WN channels of (code·s + z − x)², rows in order (as group_sse)
+inline vn column_ssen(const float* v, int G, int64_t ld, vn s, vn z, vn qmax) {
+  vn e2{};
   for (int r = 0; r < G; ++r) {
-    const vf x = simd::ld(v + r * ld);
-    const vf e = quant_code16(x, s, z, qmax) * s + z - x;
+    const vn x = simd::ldn(v + r * ld);
+    const vn e = quant_coden(x, s, z, qmax) * s + z - x;
     e2 = e2 + e * e;
   }
   return e2;
@@ -248,25 +235,25 @@ struct TileMeta {
 // column's error summed over the rows in order, as group_sse does; a column whose min/max error is not finite
 // keeps min/max: best error -1)
 void tile_meta(const float* buf, int G, int64_t Dp, float qmax, DType md, int clip, TileMeta& m) {
-  const vf vq = simd::splat(qmax);
-  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-    vf l = simd::ld(buf + d0), h = l;
+  const vn vq = simd::splatn(qmax);
+  for (int64_t d0 = 0; d0 < Dp; d0 += WN) {
+    vn l = simd::ldn(buf + d0), h = l;
     for (int r = 1; r < G; ++r) {
-      const vf v = simd::ld(buf + r * Dp + d0);
+      const vn v = simd::ldn(buf + r * Dp + d0);
       l = vnan_min(l, v);
       h = vnan_max(h, v);
     }
-    simd::stv(m.lo.data() + d0, l);
-    simd::stv(m.hi.data() + d0, h);
+    simd::stn(m.lo.data() + d0, l);
+    simd::stn(m.hi.data() + d0, h);
   }
   for (int64_t d = 0; d < Dp; ++d) {
     m.s[d] = round_to((m.hi[d] - m.lo[d]) / qmax, md);
     m.z[d] = round_to(m.lo[d], md);
   }
   if (clip <= 1) return;
-  for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-    const vf e = column_sse16(buf + d0, G, Dp, simd::ld(m.s.data() + d0), simd::ld(m.z.data() + d0), vq);
-    simd::stv(m.be.data() + d0, e <= std::numeric_limits<float>::max() ? e : simd::splat(-1.0f));
+  for (int64_t d0 = 0; d0 < Dp; d0 += WN) {
+    const vn e = column_ssen(buf + d0, G, Dp, simd::ldn(m.s.data() + d0), simd::ldn(m.z.data() + d0), vq);
+    simd::stn(m.be.data() + d0, e <= std::numeric_limits<float>::max() ? e : simd::splatn(-1.0f));
   }
   for (int cand = 1; cand < clip; ++cand) {
     for (int64_t d = 0; d < Dp; ++d) {
@@ -275,14 +262,14 @@ void tile_meta(const float* buf, int G, int64_t Dp, float qmax, DType md, int cl
       m.cs[d] = round_to((h - l) / qmax, md);
       m.cz[d] = round_to(l, md);
     }
-    for (int64_t d0 = 0; d0 < Dp; d0 += W) {
-      const vf vs = simd::ld(m.cs.data() + d0), vz = simd::ld(m.cz.data() + d0);
-      const vf e = column_sse16(buf + d0, G, Dp, vs, vz, vq);
-      const vf bst = simd::ld(m.be.data() + d0);
-      const vi better = e < bst;
-      simd::stv(m.be.data() + d0, better ? e : bst);
-      simd::stv(m.s.data() + d0, better ? vs : simd::ld(m.s.data() + d0));
-      simd::stv(m.z.data() + d0, better ? vz : simd::ld(m.z.data() + d0));
+    for (int64_t d0 = 0; d0 < Dp; d0 += WN) {
+      const vn vs = simd::ldn(m.cs.data() + d0), vz = simd::ldn(m.cz.data() + d0);
+      const vn e = column_ssen(buf + d0, G, Dp, vs, vz, vq);
+      const vn bst = simd::ldn(m.be.data() + d0);
+      const vni better = e < bst;
+      simd::stn(m.be.data() + d0, better ? e : bst);
+      simd::stn(m.s.data() + d0, better ? vs : simd::ldn(m.s.data() + d0));
+      simd::stn(m.z.data() + d0, better ? vz : simd::ldn(m.z.data() + d0));
     }
   }
 }
@@ -308,7 +295,7 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
   const char* xb = static_cast<const char*>(x);
   const int G = qp.group_size, bits = qp.bits;
   const float qmax = qmax_of(bits);
-  const vf vq = simd::splat(qmax);
+  const vn vq = simd::splatn(qmax);
   const int64_t row_bytes = D * bits / 8;
   const DType md = qp.meta_dtype;
 
@@ -334,8 +321,8 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
         }
         for (int r = 0; r < G; ++r) {
           const float* row = buf.data() + r * Dp;
-          for (int64_t d0 = 0; d0 < Dp; d0 += W)
-            store_codes16(quant_code16(simd::ld(row + d0), simd::ld(s + d0), simd::ld(z + d0), vq), c.data() + d0);
+          for (int64_t d0 = 0; d0 < Dp; d0 += WN)
+            store_codesn(quant_coden(simd::ldn(row + d0), simd::ldn(s + d0), simd::ldn(z + d0), vq), c.data() + d0);
           pack_codes(c.data(), D, bits, codes + (b * T + g * G + r) * row_bytes);
         }
       }
@@ -369,8 +356,8 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
             const float* v = buf.data() + q * G;
             uint8_t* cq = c.data() + q * G;
             int i = 0;
-            for (; i + W <= G; i += W)
-              store_codes16(quant_code16(simd::ld(v + i), simd::splat(sc), simd::splat(zz), vq), cq + i);
+            for (; i + WN <= G; i += WN)
+              store_codesn(quant_coden(simd::ldn(v + i), simd::splatn(sc), simd::splatn(zz), vq), cq + i);
             for (; i < G; ++i) cq[i] = quant_code(v[i], sc, zz, qmax);
           }
         }
@@ -403,14 +390,14 @@ void dequantize_cpu(const uint8_t* codes, const void* scale, const void* zero, D
           }
           cached = mrow;
         }
-        for (int64_t d0 = 0; d0 < Dp; d0 += W)
-          simd::stv(out.data() + d0, load_codes16(c.data() + d0) * simd::ld(s.data() + d0) + simd::ld(z.data() + d0));
-      } else if (G % W == 0) {
+        for (int64_t d0 = 0; d0 < Dp; d0 += WN)
+          simd::stn(out.data() + d0, load_codesn(c.data() + d0) * simd::ldn(s.data() + d0) + simd::ldn(z.data() + d0));
+      } else if (G % WN == 0) {
         for (int64_t g = 0; g < gpr; ++g) {
-          const vf vs = simd::splat(load_as_float(scale, rr * gpr + g, md));
-          const vf vz = simd::splat(load_as_float(zero, rr * gpr + g, md));
-          for (int64_t i = g * G; i < (g + 1) * G; i += W)
-            simd::stv(out.data() + i, load_codes16(c.data() + i) * vs + vz);
+          const vn vs = simd::splatn(load_as_float(scale, rr * gpr + g, md));
+          const vn vz = simd::splatn(load_as_float(zero, rr * gpr + g, md));
+          for (int64_t i = g * G; i < (g + 1) * G; i += WN)
+            simd::stn(out.data() + i, load_codesn(c.data() + i) * vs + vz);
         }
       } else {
         for (int64_t g = 0; g < gpr; ++g) {
