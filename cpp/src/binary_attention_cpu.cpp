@@ -18,7 +18,7 @@
 //              m + 64 takes one pass: p = 2^(a_i·t − m) (≤ 2^64, no block max, no rescale, scores never stored);
 //              otherwise (first block, biases, outliers) block max, rescale α (exp2 skipped when the max did not
 //              move), p.
-//     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators) over the block's 64 keys; the V chunk
+//     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators; AVX2: 6 rows × 16 channels) over the block's 64 keys; the V chunk
 //              (64 keys × 64 channels) stays in L1 across the row groups of the tile. 128 rows per tile (was 16)
 //              because each tile streams the head's whole V (2 MiB at L = 4K, D = 128) through L2/L3: at 16 rows
 //              that stream, not the FMAs, set the speed on a 2 MiB-L2 Xeon (docs/performance.md).
@@ -43,7 +43,10 @@ namespace {
 using namespace simd;
 constexpr int BT = 64;  // keys per block
 constexpr int RQ = 128;  // query rows per work item
-constexpr int RG = 4;   // query rows per P·V register tile
+// query rows per P·V register tile: 4 × 64 channels with AVX-512 (16 of 32 registers), 6 × 16 channels with AVX2
+// (12 of 16 registers, the classic AVX2 GEMM tile: enough independent FMAs to hide their latency)
+constexpr int RG = simd::WN == 16 ? 4 : 6;
+constexpr int RQP = (RQ + RG - 1) / RG * RG;  // rows of the per-tile buffers (whole register tiles)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float NEG = -std::numeric_limits<float>::infinity();
 constexpr float kSlack = 64.f;  // log2 units a block may exceed the running max by without a rescale
@@ -86,6 +89,20 @@ inline vn exp2_fast(vn x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
   return (vn)_mm512_maskz_scalef_ps(keep, p, n);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // the same polynomial; 2^n by building the exponent field (n >= −127, so n + 127 >= 0: 2^−127 becomes +0)
+  const __m256 xv = _mm256_max_ps((__m256)x, _mm256_set1_ps(-127.f));
+  const __m256 n = _mm256_round_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(xv, n);
+  __m256 p = _mm256_set1_ps(1.3264701733242236e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671504598373026e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550733731208585e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022242209729897e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469776578078e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return (vn)_mm256_and_ps(r, _mm256_cmp_ps((__m256)x, _mm256_set1_ps(-126.f), _CMP_GE_OQ));
 #else
   return vexp2n(x);
 #endif
@@ -107,30 +124,30 @@ inline float pack_row(const float* x, int64_t D, uint32_t* bits) {
 }
 
 // acc[r][c0 .. c0 + WN·CV) = acc·alpha[r] + Σ_t p[r][t] · v[t][c0 ..], r < RG, t < nt (native vectors: RG·CV
-// accumulators stay in registers, 16 with AVX-512 (CV = 4), 8 of the 16 AVX2 registers (CV = 2))
+// accumulators stay in registers: 4 × 4 with AVX-512, 6 × 2 of the 16 AVX2 registers)
 template <int CV>
 inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, const float* v, int64_t vst, int nt,
                     int64_t c0) {
   vn a[RG][CV];
-#pragma GCC unroll 4
+#pragma GCC unroll 6
   for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int c = 0; c < CV; ++c) a[r][c] = ldn(acc + r * D + c0 + c * WN) * splatn(alpha[r]);
   for (int t = 0; t < nt; ++t) {
     vn vv[CV];
     const float* vr = v + t * vst + c0;
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int c = 0; c < CV; ++c) vv[c] = ldn(vr + c * WN);
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int r = 0; r < RG; ++r) {
       const vn pr = splatn(p[r * BT + t]);
-#pragma GCC unroll 4
+#pragma GCC unroll 6
       for (int c = 0; c < CV; ++c) a[r][c] = fmaddn(pr, vv[c], a[r][c]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 6
   for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int c = 0; c < CV; ++c) stn(acc + r * D + c0 + c * WN, a[r][c]);
 }
 
@@ -151,10 +168,10 @@ struct Tile {  // per-thread scratch of one work item
     a.resize(RQ);
     m.resize(RQ);
     lv.resize(size_t(RQ) * W);
-    al.resize(RQ);
+    al.resize(RQP);
     s.resize(BT);
-    p.resize(size_t(RQ) * BT);
-    acc.resize(size_t(RQ) * D);
+    p.resize(size_t(RQP) * BT);
+    acc.resize(size_t(RQP) * D);
     qw.resize(size_t(RQ) * nw);
   }
 };
