@@ -29,6 +29,12 @@ def _autograd(name: str, backward, setup_context) -> None:
     torch.library.register_autograd(f"kvengine::{name}", backward, setup_context=setup_context)
 
 
+def _no_grad(*tensors) -> bool:
+    """True when no gradient can flow: then the differentiable ops skip their autograd kernel (a Python function
+    that costs ~15-45 µs per call even under ``torch.no_grad()``, e.g. one ``fwht`` per layer and decode step)."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 def register_namespace(ns: str) -> None:
     """Register every op's fake and autograd formula for another library with the same schemas — the CUDA
     emulator's ``torch.ops.kvengine_emu`` (tests/cuda_emu), so opcheck and gradients work there too."""
@@ -49,6 +55,9 @@ def fwht(x: Tensor, scale: Optional[float] = None, perm: Optional[Tensor] = None
     ``H_n`` is the Sylvester-ordered Hadamard matrix, n a power of two in [2, 32768], default scale ``1/sqrt(n)``
     (then ``fwht(fwht(x)) == x``).  fp32/fp16/bf16 with fp32 arithmetic.  Differentiable.
     """
+    if _no_grad(x):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.fwht(x, scale, perm)
     return _ops.fwht(x, scale, perm)
 
 
@@ -242,6 +251,9 @@ def binary_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
     k/v [B, Hkv, Lk, D], D a multiple of 32, Hq a multiple of Hkv.  bias: [Hq, Lq, Lk] or [B, Hq, Lq, Lk] (B, Hq may
     be 1); rel_bias: [Hq, 2R − 1], R ≥ max(Lq, Lk).  Differentiable (straight-through sign, reference-speed backward).
     """
+    if _no_grad(q, k, v, bias, rel_bias):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.binary_attention(q, k, v, bias, rel_bias, causal, center_k, softmax_scale)
     return _ops.binary_attention(q, k, v, bias, rel_bias, causal, center_k, softmax_scale)
 
 
@@ -249,6 +261,9 @@ def binary_attention_packed(q: Tensor, k_bits: Tensor, k_scale: Tensor, v: Tenso
                             rel_bias: Optional[Tensor] = None, causal: bool = False,
                             softmax_scale: Optional[float] = None) -> Tensor:
     """binary_attention over a cache of 1-bit keys (k_bits, k_scale from ``sign_pack``), e.g. decode (Lq small)."""
+    if _no_grad(q, k_scale, v, bias, rel_bias):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.binary_attention_packed(q, k_bits, k_scale, v, bias, rel_bias, causal, softmax_scale)
     return _ops.binary_attention_packed(q, k_bits, k_scale, v, bias, rel_bias, causal, softmax_scale)
 
 
