@@ -122,6 +122,16 @@ def test_per_token_keys_match_reference(device, case, dtype, gen):
         assert_rows_close(o2, e2, fp32_tol(device, args, bk, bv, G, VG, 0.3, True, k_mode="per_token"))
 
 
+@pytest.mark.parametrize("D,bk,bv", [(16, 4, 2), (48, 2, 8), (80, 1, 4), (96, 8, 1)])
+def test_cpu_head_dims_off_the_fast_paths(D, bk, bv, gen):
+    """Head dims the CPU kernel has no compile-time specialization for (D/16 not in {2, 4, 8, 16}), and D=16:
+    every bit width, GQA 3, varlen with a partial last block."""
+    args = make_inputs(2, 2, 3, 2, D, bk, bv, 16, 16, [(3, 48, 5), (0, 16, 1)], 64, 8, torch.float32,
+                       torch.float16, gen, "cpu")
+    assert_rows_close(ops.quant_decode_attention(*args, bk, bv, 16, 16),
+                      ref.quant_decode_attention(*args, bk, bv, 16, 16), fp32_tol("cpu", args, bk, bv, 16, 16))
+
+
 def test_per_token_keys_group16_cpu(gen):
     args = make_inputs(2, 1, 2, 2, 48, 2, 2, 16, 16, [(2, 37, 3), (0, 5, 2)], 40, 8, torch.float32, torch.float16,
                        gen, "cpu", "per_token")

@@ -2,9 +2,10 @@
 //
 // Work item = (sequence b, KV head h, chunk of the logical token range).  Each item keeps the g·Tq query rows of
 // its KV head (GQA: K/V are unpacked once per token and used by every query head of the group), walks its tokens
-// in blocks of ≤ 32, and keeps an online softmax state (m, l, acc).  Packed keys and values are unpacked 16 codes at
-// a time and dequantized (x̂ = code·scale + zero — folding the scale into q would be cheaper but loses precision to
-// cancellation against large zero points) into a 32-token block that stays in L1, then used by every query row
+// in blocks of ≤ 32, and keeps an online softmax state (m, l, acc).  Packed keys and values are unpacked one
+// native vector (16 codes with AVX-512, 8 with AVX2: simd::vn) at a time and dequantized (x̂ = code·scale + zero —
+// folding the scale into q would be cheaper but loses precision to cancellation against large zero points) into a
+// 32-token block that stays in L1, then used by every query row
 // (scores four tokens at a time with one combined horizontal reduction; P·V with the accumulators in registers).
 // Keys are per-channel (KIVI: one scale/zero row per group of k_group tokens) or per token (k_per_token: groups of
 // k_group channels, like the values).  Nothing dequantized is ever written to the cache or to main memory.  Built
@@ -59,8 +60,6 @@ inline vn unpackn(const uint8_t* row, int64_t d) {
 #if defined(__AVX512F__)
   return unpack16<BITS>(row, d);
 #else
-  typedef int32_t vni __attribute__((vector_size(32)));
-  typedef uint32_t vnu __attribute__((vector_size(32)));
   if constexpr (BITS == 8) {
     typedef uint8_t vnb __attribute__((vector_size(8)));
     vnb b;
