@@ -76,17 +76,16 @@ inline vnu vpopcntn(vnu x) {
 // 2^(x − n) by a degree-5 polynomial (relative-error minimax on [−1/2, 1/2], fitted by reweighted least squares:
 // 9.2e-8 in exact arithmetic, < 2e-7 evaluated in fp32), then ·2^n with VSCALEFPS — about half the instructions of
 // simd::vexp2, which it replaces only here.
+// its coefficients, highest degree first
+constexpr float kExp2Poly[6] = {1.3264701733242236e-3f, 9.671504598373026e-3f, 5.550733731208585e-2f,
+                                2.4022242209729897e-1f, 6.931469776578078e-1f, 1.f};
 inline vn exp2_fast(vn x) {
 #if defined(__AVX512F__)
   const __m512 xv = _mm512_max_ps((__m512)x, _mm512_set1_ps(-127.f));
   const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(xv, n);
-  __m512 p = _mm512_set1_ps(1.3264701733242236e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671504598373026e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733731208585e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242209729897e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469776578078e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
   return (vn)_mm512_maskz_scalef_ps(keep, p, n);
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -94,12 +93,8 @@ inline vn exp2_fast(vn x) {
   const __m256 xv = _mm256_max_ps((__m256)x, _mm256_set1_ps(-127.f));
   const __m256 n = _mm256_round_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(xv, n);
-  __m256 p = _mm256_set1_ps(1.3264701733242236e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671504598373026e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550733731208585e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022242209729897e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469776578078e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   return (vn)_mm256_and_ps(r, _mm256_cmp_ps((__m256)x, _mm256_set1_ps(-126.f), _CMP_GE_OQ));

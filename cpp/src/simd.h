@@ -152,25 +152,27 @@ inline vni iotan() {
 #endif
 }
 
-// 2^x for 16 lanes: 2^n · e^(f·ln2), f in [-0.5, 0.5], degree-6 polynomial (rel. err < 2e-7); x < -126 (and -inf)
-// -> 0.
-inline vf vexp2(vf x) {
-  const vf lo = splat(-126.0f);
-  const vi below = x < lo;
+// 2^x: 2^n · e^(f·ln2), f in [-0.5, 0.5], degree-6 polynomial (rel. err < 2e-7); x < -126 (and -inf) -> 0.
+// One body for 16-lane vf and (AVX2) 8-lane vn.
+template <class V, class VI, V (*Splat)(float), V (*Fma)(V, V, V)>
+inline V vexp2_impl(V x) {
+  const V lo = Splat(-126.0f);
+  const VI below = x < lo;
   x = below ? lo : x;
-  const vf n = __builtin_convertvector(__builtin_convertvector(x + (x < 0 ? splat(-0.5f) : splat(0.5f)), vi), vf);
-  const vf f = (x - n) * splat(0.693147180559945309f);
-  vf p = splat(1.0f / 720);
-  p = fmadd(p, f, splat(1.0f / 120));
-  p = fmadd(p, f, splat(1.0f / 24));
-  p = fmadd(p, f, splat(1.0f / 6));
-  p = fmadd(p, f, splat(0.5f));
-  p = fmadd(p, f, splat(1.0f));
-  p = fmadd(p, f, splat(1.0f));
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  const vf r = p * (vf)e;
-  return below ? splat(0.0f) : r;
+  const V n = __builtin_convertvector(__builtin_convertvector(x + (x < 0 ? Splat(-0.5f) : Splat(0.5f)), VI), V);
+  const V f = (x - n) * Splat(0.693147180559945309f);
+  V p = Splat(1.0f / 720);
+  p = Fma(p, f, Splat(1.0f / 120));
+  p = Fma(p, f, Splat(1.0f / 24));
+  p = Fma(p, f, Splat(1.0f / 6));
+  p = Fma(p, f, Splat(0.5f));
+  p = Fma(p, f, Splat(1.0f));
+  p = Fma(p, f, Splat(1.0f));
+  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  const V r = p * (V)e;
+  return below ? Splat(0.0f) : r;
 }
+inline vf vexp2(vf x) { return vexp2_impl<vf, vi, splat, fmadd>(x); }
 
 inline vf vexp(vf x) { return vexp2(x * splat(1.44269504088896341f)); }
 
@@ -198,24 +200,7 @@ inline float hmaxn(vn v) {
   const v4 e = c > d ? c : d;
   return std::max(std::max(e[0], e[1]), std::max(e[2], e[3]));
 }
-// vexp2 in 8 lanes (the same operations per lane)
-inline vn vexp2n(vn x) {
-  const vn lo = splatn(-126.0f);
-  const vni below = x < lo;
-  x = below ? lo : x;
-  const vn n = __builtin_convertvector(__builtin_convertvector(x + (x < 0 ? splatn(-0.5f) : splatn(0.5f)), vni), vn);
-  const vn f = (x - n) * splatn(0.693147180559945309f);
-  vn p = splatn(1.0f / 720);
-  p = fmaddn(p, f, splatn(1.0f / 120));
-  p = fmaddn(p, f, splatn(1.0f / 24));
-  p = fmaddn(p, f, splatn(1.0f / 6));
-  p = fmaddn(p, f, splatn(0.5f));
-  p = fmaddn(p, f, splatn(1.0f));
-  p = fmaddn(p, f, splatn(1.0f));
-  const vni e = (__builtin_convertvector(n, vni) + 127) << 23;
-  const vn r = p * (vn)e;
-  return below ? splatn(0.0f) : r;
-}
+inline vn vexp2n(vn x) { return vexp2_impl<vn, vni, splatn, fmaddn>(x); }
 #endif
 inline vn vexpn(vn x) { return vexp2n(x * splatn(1.44269504088896341f)); }
 
