@@ -6,12 +6,14 @@
 // binary_attention_cpu: flash-attention style, never materializing Lq × Lk.
 //   pre-pass   the packed keys of every (b, KV head) are re-laid out block-transposed, [Lk/64][D/32][64] words
 //              (zero padded), so that one 16-lane vector holds word w of 16 consecutive keys; D·β_j, −2·β_j and each
-//              block's D · max β are tabulated; non-fp32 V is converted to fp32 once; the relative-position table is
+//              block's D · max β are tabulated; V is copied once into fp32 panels (per block of 64 keys, per chunk of
+//              64 channels, 16 with AVX2, the chunk's keys contiguous); the relative-position table is
 //              reversed (index increasing with the key) and ×log2 e.
 //   work item  (b, query head, tile of 128 query rows); the tile's query rows are packed into sign words and
 //              a_i = α_i · softmax_scale · log2 e.  Keys in blocks of 64:
-//     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available; the word loop
-//              unrolled for D = 32/64/128/256), t = pc·(−2β) + Dβ, s = a_i · t + log2 e · bias (dense and/or
+//     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available; AVX2: byte
+//              counts by a nibble table summed over the words, then per lane; the word loop unrolled for
+//              D = 32/64/128/256), t = pc·(−2β) + Dβ, s = a_i · t + log2 e · bias (dense and/or
 //              relative), causal / range mask (only in chunks that cross the last visible key)
 //     softmax  online, in base 2 (exp2 by a degree-5 polynomial and VSCALEFPS), the denominator kept as 16 partial
 //              sums. Without a bias, once a row has a running max m, a block whose bound |a_i|·D·max β is at most
@@ -19,13 +21,15 @@
 //              otherwise (first block, biases, outliers) block max, rescale α (exp2 skipped when the max did not
 //              move), p.
 //     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators; AVX2: 6 rows × 16 channels) over the block's 64 keys; the V chunk
-//              (64 keys × 64 channels) stays in L1 across the row groups of the tile. 128 rows per tile (was 16)
+//              (one panel, 64 keys × 64 channels) stays in L1 across the row groups of the tile. 128 rows per tile (was 16)
 //              because each tile streams the head's whole V (2 MiB at L = 4K, D = 128) through L2/L3: at 16 rows
 //              that stream, not the FMAs, set the speed on a 2 MiB-L2 Xeon (docs/performance.md).
 //   A row with no visible key (causal with Lq > Lk, or a bias of −inf everywhere) outputs 0.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -52,19 +56,28 @@ constexpr float NEG = -std::numeric_limits<float>::infinity();
 constexpr float kSlack = 64.f;  // log2 units a block may exceed the running max by without a rescale
 constexpr int kBiasAhead = 8;   // rows by which the dense bias is requested ahead (simd::prefetch)
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2 popcount in two halves: the bit count of every byte (nibble table, VPSHUFB), and the four byte counts of each
+// 32-bit lane summed (VPMADDUBSW + VPMADDWD). Byte counts of up to 31 words can be added before the second half.
+inline __m256i popcnt_bytes(vnu x) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  const __m256i v = (__m256i)x;
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4)),
+                         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+}
+inline vnu bytes_to_lanes(__m256i c) {
+  return (vnu)_mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
+}
+#endif
+
 // per-lane popcount of native vectors
 inline vnu vpopcntn(vnu x) {
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
   return (vnu)_mm512_popcnt_epi32((__m512i)x);
 #elif defined(__AVX2__) && !defined(__AVX512F__)
-  // nibble table (VPSHUFB), then the four byte counts of each lane summed (VPMADDUBSW + VPMADDWD)
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
-                                       2, 3, 2, 3, 3, 4);
-  const __m256i m4 = _mm256_set1_epi8(0x0f);
-  const __m256i v = (__m256i)x;
-  const __m256i c = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4)),
-                                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
-  return (vnu)_mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
+  return bytes_to_lanes(popcnt_bytes(x));
 #else
   vnu r;
   for (int i = 0; i < WN; ++i) r[i] = uint32_t(__builtin_popcount(x[i]));
@@ -118,11 +131,17 @@ inline float pack_row(const float* x, int64_t D, uint32_t* bits) {
   return s;
 }
 
-// acc[r][c0 .. c0 + WN·CV) = acc·alpha[r] + Σ_t p[r][t] · v[t][c0 ..], r < RG, t < nt (native vectors: RG·CV
-// accumulators stay in registers: 4 × 4 with AVX-512, 6 × 2 of the 16 AVX2 registers)
+// channels per P·V chunk: 64 with AVX-512 (4 native vectors), 16 with AVX2 (2); a last, narrower chunk of 32
+// channels when D % 64 == 32 (AVX-512)
+constexpr int CVN = WN == 16 ? 4 : 2;
+constexpr int64_t kChunk = int64_t(CVN) * WN;
+inline int64_t chunk_width(int64_t D, int64_t c0) { return std::min<int64_t>(kChunk, D - c0); }
+
+// acc[r][c0 .. c0 + WN·CV) = acc·alpha[r] + Σ_t p[r][t] · v[t][0 .. WN·CV), r < RG, t < nt, v the chunk's panel
+// (nt rows of WN·CV contiguous floats). Native vectors: RG·CV accumulators stay in registers: 4 × 4 with AVX-512,
+// 6 × 2 of the 16 AVX2 registers
 template <int CV>
-inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, const float* v, int64_t vst, int nt,
-                    int64_t c0) {
+inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, const float* v, int nt, int64_t c0) {
   vn a[RG][CV];
 #pragma GCC unroll 6
   for (int r = 0; r < RG; ++r)
@@ -130,7 +149,7 @@ inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, c
     for (int c = 0; c < CV; ++c) a[r][c] = ldn(acc + r * D + c0 + c * WN) * splatn(alpha[r]);
   for (int t = 0; t < nt; ++t) {
     vn vv[CV];
-    const float* vr = v + t * vst + c0;
+    const float* vr = v + t * (CV * WN);
 #pragma GCC unroll 6
     for (int c = 0; c < CV; ++c) vv[c] = ldn(vr + c * WN);
 #pragma GCC unroll 6
@@ -151,7 +170,11 @@ struct Prep {
   std::vector<uint32_t> kt;  // [B·Hkv][nblk][nw][BT]
   std::vector<float> bd, bm2;  // [B·Hkv][nblk·BT]: D·β, −2·β (0 past Lk)
   std::vector<float> bmax;     // [B·Hkv][nblk]: D · max β of the block
-  std::vector<float> vconv;  // [B·Hkv][Lk][D] when V is not fp32
+  // V in fp32 panels: [B·Hkv][nblk][BT·D], within a block the channel chunk starting at c0 at offset c0·BT, its
+  // keys' chunk_width(D, c0) channels contiguous. A chunk of a block is one stream of ≤ 16 KiB: with V's own rows
+  // (stride 4·D bytes) the 64 lines of a 16-channel chunk fell into 8 of the 64 sets of a 32 KiB L1 and were
+  // evicted by P (docs/performance.md)
+  std::unique_ptr<float[]> vp;
   std::vector<float> rel;    // [Hq][rel_len] reversed, × log2 e
 };
 
@@ -195,16 +218,7 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
   std::fill(tl.p.begin(), tl.p.end(), 0.f);  // rows >= R stay 0
   const int64_t shift = a.Lk - a.Lq;  // query i sits at key position i + shift
   const int64_t kend = a.causal ? std::min<int64_t>(a.Lk, i0 + R + shift) : a.Lk;
-  // V of this KV head, fp32
-  const float* vbase;
-  int64_t vst;
-  if (a.v_dtype == DType::F32) {
-    vbase = static_cast<const float*>(a.v) + b * a.v_stride_b + hk * a.v_stride_h;
-    vst = a.v_stride_t;
-  } else {
-    vbase = pr.vconv.data() + bhk * a.Lk * D;
-    vst = D;
-  }
+  const float* vbase = pr.vp.get() + bhk * pr.nblk * BT * D;  // V panels of this KV head
   const uint32_t* ktb = pr.kt.data() + bhk * pr.nblk * nw * BT;
   const vni iota = iotan();
   const int64_t relc = (a.rel_len - 1) / 2;
@@ -242,8 +256,15 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
       auto t_of = [&](int c) {
         vnu pc = {};
         if constexpr (NW > 0) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+          __m256i cb = _mm256_setzero_si256();  // byte counts summed over the words (≤ 64 per byte)
+#pragma GCC unroll 8
+          for (int w = 0; w < NW; ++w) cb = _mm256_add_epi8(cb, popcnt_bytes(qb[w] ^ ldnu(kt + w * BT + c)));
+          pc = bytes_to_lanes(cb);
+#else
 #pragma GCC unroll 8
           for (int w = 0; w < NW; ++w) pc += vpopcntn(qb[w] ^ ldnu(kt + w * BT + c));
+#endif
         } else {
           for (int64_t w = 0; w < nw; ++w) pc += vpopcntn(splatnu(qw[w]) ^ ldnu(kt + w * BT + c));
         }
@@ -313,15 +334,14 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
     }
     for (int r = R; r < Rp; ++r) tl.al[r] = 1.f;
     // P·V
-    const float* vb = vbase + j0 * vst;
-    constexpr int CV = WN == 16 ? 4 : 2;  // native vectors per tile row: 64 channels (AVX-512), 16 (AVX2)
+    const float* vb = vbase + (j0 / BT) * BT * D;
     int64_t c0 = 0;
-    for (; c0 + CV * WN <= D; c0 += CV * WN)
+    for (; c0 + kChunk <= D; c0 += kChunk)
       for (int r = 0; r < Rp; r += RG)
-        pv_tile<CV>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb, vst, nt, c0);
+        pv_tile<CVN>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb + c0 * BT, nt, c0);
     for (; c0 < D; c0 += 2 * WN)  // AVX-512: D % 64 == 32
       for (int r = 0; r < Rp; r += RG)
-        pv_tile<2>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb, vst, nt, c0);
+        pv_tile<2>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb + c0 * BT, nt, c0);
   }
   const int oes = dtype_size(a.v_dtype);
   for (int r = 0; r < R; ++r) {
@@ -378,7 +398,7 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
   pr.bd.assign(size_t(BHk) * pr.nblk * BT, 0.f);
   pr.bm2.assign(size_t(BHk) * pr.nblk * BT, 0.f);
   pr.bmax.assign(size_t(BHk) * pr.nblk, 0.f);
-  if (a.v_dtype != DType::F32) pr.vconv.resize(size_t(BHk) * a.Lk * D);
+  pr.vp.reset(new float[size_t(BHk) * pr.nblk * BT * D]);  // keys past Lk are never read
   parallel_for(BHk, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t bh = h0; bh < h1; ++bh) {
       const uint32_t* kb = a.k_bits + bh * a.Lk * nw;
@@ -393,12 +413,17 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
         const float v = float(D) * beta[j];
         mx = (std::isnan(mx) || std::isnan(v)) ? v + mx : std::max(mx, v);  // NaN stays (the two-pass path)
       }
-      if (a.v_dtype != DType::F32) {
-        const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
-        const char* vb = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * dtype_size(a.v_dtype);
-        for (int64_t j = 0; j < a.Lk; ++j)
-          detail::load_row(vb + j * a.v_stride_t * dtype_size(a.v_dtype), a.v_dtype, D, nullptr,
-                           pr.vconv.data() + (bh * a.Lk + j) * D);
+      const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
+      const int ves = dtype_size(a.v_dtype);
+      const char* vb = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * ves;
+      std::vector<float> row(D);
+      for (int64_t j = 0; j < a.Lk; ++j) {
+        detail::load_row(vb + j * a.v_stride_t * ves, a.v_dtype, D, nullptr, row.data());
+        float* blk = pr.vp.get() + (bh * pr.nblk + j / BT) * BT * D;
+        for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
+          const int64_t cw = chunk_width(D, c0);
+          std::memcpy(blk + c0 * BT + (j % BT) * cw, row.data() + c0, size_t(cw) * sizeof(float));
+        }
       }
     }
   });
