@@ -61,6 +61,7 @@ CASES = [
     (1, 1, 4, 33, 129, 128),   # MQA, Lq < Lk
     (2, 3, 1, 1, 200, 64),     # decode-like
     (1, 2, 2, 100, 37, 32),    # Lq > Lk (causal: the first rows see nothing)
+    (1, 1, 2, 140, 600, 64),   # two query tiles, 3+ key blocks at every block size (64 / AVX2 256), a partial last
 ]
 
 

@@ -4,13 +4,13 @@
 // bits of 32 channels into one uint32 word, mean |x| into the scale.
 //
 // binary_attention_cpu: flash-attention style, never materializing Lq × Lk.
-//   pre-pass   the packed keys of every (b, KV head) are re-laid out block-transposed, [Lk/64][D/32][64] words
+//   pre-pass   the packed keys of every (b, KV head) are re-laid out block-transposed, [Lk/BT][D/32][BT] words
 //              (zero padded), so that one 16-lane vector holds word w of 16 consecutive keys; D·β_j, −2·β_j and each
-//              block's D · max β are tabulated; V is copied once into fp32 panels (per block of 64 keys, per chunk of
+//              block's D · max β are tabulated; V is copied once into fp32 panels (per block of BT keys, per chunk of
 //              64 channels, 16 with AVX2, the chunk's keys contiguous); the relative-position table is
 //              reversed (index increasing with the key) and ×log2 e.
 //   work item  (b, query head, tile of 128 query rows); the tile's query rows are packed into sign words and
-//              a_i = α_i · softmax_scale · log2 e.  Keys in blocks of 64:
+//              a_i = α_i · softmax_scale · log2 e.  Keys in blocks of BT (64; AVX2: 256):
 //     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available; AVX2: byte
 //              counts by a nibble table summed over the words, then per lane; the word loop unrolled for
 //              D = 32/64/128/256), t = pc·(−2β) + Dβ, s = a_i · t + log2 e · bias (dense and/or
@@ -20,8 +20,9 @@
 //              m + 64 takes one pass: p = 2^(a_i·t − m) (≤ 2^64, no block max, no rescale, scores never stored);
 //              otherwise (first block, biases, outliers) block max, rescale α (exp2 skipped when the max did not
 //              move), p.
-//     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators; AVX2: 6 rows × 16 channels) over the block's 64 keys; the V chunk
-//              (one panel, 64 keys × 64 channels) stays in L1 across the row groups of the tile. 128 rows per tile (was 16)
+//     P·V      fp32, a 4-row × 64-channel register tile (16 accumulators; AVX2: 6 rows × 16 channels) over the
+//              block's keys; the V chunk (one panel, BT keys × 64 channels) stays in L1 across the row groups of
+//              the tile. 128 rows per tile (was 16)
 //              because each tile streams the head's whole V (2 MiB at L = 4K, D = 128) through L2/L3: at 16 rows
 //              that stream, not the FMAs, set the speed on a 2 MiB-L2 Xeon (docs/performance.md).
 //   A row with no visible key (causal with Lq > Lk, or a bias of −inf everywhere) outputs 0.
@@ -45,7 +46,9 @@ namespace kvengine {
 namespace {
 
 using namespace simd;
-constexpr int BT = 64;  // keys per block
+// keys per block: 64 with AVX-512; 256 with AVX2, where the per-block costs (P·V accumulator tiles loaded, scaled
+// and stored, per-row setup of the score loop) measured 8–10 % of the time at 64 keys (docs/performance.md)
+constexpr int BT = simd::WN == 16 ? 64 : 256;
 constexpr int RQ = 128;  // query rows per work item
 // query rows per P·V register tile: 4 × 64 channels with AVX-512 (16 of 32 registers), 6 × 16 channels with AVX2
 // (12 of 16 registers, the classic AVX2 GEMM tile: enough independent FMAs to hide their latency)
