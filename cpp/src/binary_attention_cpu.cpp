@@ -119,8 +119,32 @@ inline vn exp2_fast(vn x) {
 #endif
 }
 
-// one row of D channels (fp32) -> D/32 sign words + sum |x|
+// one row of D channels (fp32) -> D/32 sign words (bit j of word w: x[32w + j] < 0, so −0 and NaN give 0) + sum |x|
 inline float pack_row(const float* x, int64_t D, uint32_t* bits) {
+#if defined(__AVX512F__)
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t w = 0; w < D / 32; ++w) {
+    const __m512 a = _mm512_loadu_ps(x + w * 32), b = _mm512_loadu_ps(x + w * 32 + 16);
+    const uint32_t lo = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const uint32_t hi = _mm512_cmp_ps_mask(b, _mm512_setzero_ps(), _CMP_LT_OQ);
+    bits[w] = lo | hi << 16;
+    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  }
+  return _mm512_reduce_add_ps(s);
+#elif defined(__AVX2__)
+  const __m256 z = _mm256_setzero_ps(), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 s = z;
+  for (int64_t w = 0; w < D / 32; ++w) {
+    uint32_t word = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m256 v = _mm256_loadu_ps(x + w * 32 + q * 8);
+      word |= uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, z, _CMP_LT_OQ))) << (8 * q);
+      s = _mm256_add_ps(s, _mm256_and_ps(v, absm));
+    }
+    bits[w] = word;
+  }
+  return hsumn((vn)s);
+#else
   float s = 0.f;
   for (int64_t w = 0; w < D / 32; ++w) {
     uint32_t word = 0;
@@ -132,6 +156,7 @@ inline float pack_row(const float* x, int64_t D, uint32_t* bits) {
     bits[w] = word;
   }
   return s;
+#endif
 }
 
 // channels per P·V chunk: 64 with AVX-512 (4 native vectors), 16 with AVX2 (2); a last, narrower chunk of 32
