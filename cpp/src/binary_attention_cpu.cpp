@@ -163,7 +163,6 @@ inline float pack_row(const float* x, int64_t D, uint32_t* bits) {
 // channels when D % 64 == 32 (AVX-512)
 constexpr int CVN = WN == 16 ? 4 : 2;
 constexpr int64_t kChunk = int64_t(CVN) * WN;
-inline int64_t chunk_width(int64_t D, int64_t c0) { return std::min<int64_t>(kChunk, D - c0); }
 
 // acc[r][c0 .. c0 + WN·CV) = acc·alpha[r] + Σ_t p[r][t] · v[t][0 .. WN·CV), r < RG, t < nt, v the chunk's panel
 // (nt rows of WN·CV contiguous floats). Native vectors: RG·CV accumulators stay in registers: 4 × 4 with AVX-512,
@@ -199,9 +198,9 @@ struct Prep {
   std::vector<float> bd, bm2;  // [B·Hkv][nblk·BT]: D·β, −2·β (0 past Lk)
   std::vector<float> bmax;     // [B·Hkv][nblk]: D · max β of the block
   // V in fp32 panels: [B·Hkv][nblk][BT·D], within a block the channel chunk starting at c0 at offset c0·BT, its
-  // keys' chunk_width(D, c0) channels contiguous. A chunk of a block is one stream of ≤ 16 KiB: with V's own rows
-  // (stride 4·D bytes) the 64 lines of a 16-channel chunk fell into 8 of the 64 sets of a 32 KiB L1 and were
-  // evicted by P (docs/performance.md)
+  // keys' min(64, D − c0) channels (AVX2: 16) contiguous, one stream. With V's own rows (stride 4·D bytes) the 64
+  // lines of a 16-channel chunk fell into 8 of the 64 sets of a 32 KiB L1 and were evicted by P
+  // (docs/performance.md)
   std::unique_ptr<float[]> vp;
   std::vector<float> rel;    // [Hq][rel_len] reversed, × log2 e
 };
@@ -446,12 +445,18 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
       const char* vb = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * ves;
       std::vector<float> row(D);
       for (int64_t j = 0; j < a.Lk; ++j) {
-        detail::load_row(vb + j * a.v_stride_t * ves, a.v_dtype, D, nullptr, row.data());
+        const float* src = row.data();
+        if (a.v_dtype == DType::F32)
+          src = reinterpret_cast<const float*>(vb + j * a.v_stride_t * ves);
+        else
+          detail::load_row(vb + j * a.v_stride_t * ves, a.v_dtype, D, nullptr, row.data());
         float* blk = pr.vp.get() + (bh * pr.nblk + j / BT) * BT * D;
-        for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
-          const int64_t cw = chunk_width(D, c0);
-          std::memcpy(blk + c0 * BT + (j % BT) * cw, row.data() + c0, size_t(cw) * sizeof(float));
-        }
+        const int64_t t = j % BT;
+        int64_t c0 = 0;
+        for (; c0 + kChunk <= D; c0 += kChunk)  // a fixed-size copy (inlined), not a memmove call per chunk
+          std::memcpy(blk + c0 * BT + t * kChunk, src + c0, size_t(kChunk) * sizeof(float));
+        if (c0 < D)  // the narrower last chunk (AVX-512, D % 64 == 32)
+          std::memcpy(blk + c0 * BT + t * (D - c0), src + c0, size_t(D - c0) * sizeof(float));
       }
     }
   });
