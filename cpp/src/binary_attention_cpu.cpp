@@ -30,7 +30,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -194,20 +193,20 @@ inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, c
 
 struct Prep {
   int64_t nblk = 0, nw = 0;
-  std::vector<uint32_t> kt;  // [B·Hkv][nblk][nw][BT]
-  std::vector<float> bd, bm2;  // [B·Hkv][nblk·BT]: D·β, −2·β (0 past Lk)
+  lvector<uint32_t> kt;  // [B·Hkv][nblk][nw][BT]
+  lvector<float> bd, bm2;  // [B·Hkv][nblk·BT]: D·β, −2·β (0 past Lk)
   std::vector<float> bmax;     // [B·Hkv][nblk]: D · max β of the block
   // V in fp32 panels: [B·Hkv][nblk][BT·D], within a block the channel chunk starting at c0 at offset c0·BT, its
   // keys' min(64, D − c0) channels (AVX2: 16) contiguous, one stream. With V's own rows (stride 4·D bytes) the 64
   // lines of a 16-channel chunk fell into 8 of the 64 sets of a 32 KiB L1 and were evicted by P
   // (docs/performance.md)
-  std::unique_ptr<float[]> vp;
+  lvector<float> vp;
   std::vector<float> rel;    // [Hq][rel_len] reversed, × log2 e
 };
 
 struct Tile {  // per-thread scratch of one work item
-  std::vector<float> qrow, a, m, lv, al, s, p, acc;  // lv: per-row softmax denominators, W partial sums each
-  std::vector<uint32_t> qw;
+  lvector<float> qrow, a, m, lv, al, s, p, acc;  // lv: per-row softmax denominators, W partial sums each
+  lvector<uint32_t> qw;
   void init(int64_t D, int64_t nw) {
     qrow.resize(D);
     a.resize(RQ);
@@ -245,7 +244,7 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
   std::fill(tl.p.begin(), tl.p.end(), 0.f);  // rows >= R stay 0
   const int64_t shift = a.Lk - a.Lq;  // query i sits at key position i + shift
   const int64_t kend = a.causal ? std::min<int64_t>(a.Lk, i0 + R + shift) : a.Lk;
-  const float* vbase = pr.vp.get() + bhk * pr.nblk * BT * D;  // V panels of this KV head
+  const float* vbase = pr.vp.data() + bhk * pr.nblk * BT * D;  // V panels of this KV head
   const uint32_t* ktb = pr.kt.data() + bhk * pr.nblk * nw * BT;
   const vni iota = iotan();
   const int64_t relc = (a.rel_len - 1) / 2;
@@ -425,7 +424,7 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
   pr.bd.assign(size_t(BHk) * pr.nblk * BT, 0.f);
   pr.bm2.assign(size_t(BHk) * pr.nblk * BT, 0.f);
   pr.bmax.assign(size_t(BHk) * pr.nblk, 0.f);
-  pr.vp.reset(new float[size_t(BHk) * pr.nblk * BT * D]);  // keys past Lk are never read
+  pr.vp.resize(size_t(BHk) * pr.nblk * BT * D);  // not zeroed: keys past Lk are never read
   parallel_for(BHk, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t bh = h0; bh < h1; ++bh) {
       const uint32_t* kb = a.k_bits + bh * a.Lk * nw;
@@ -450,7 +449,7 @@ void binary_attention_cpu(const BinaryAttentionArgs& a) {
           src = reinterpret_cast<const float*>(vb + j * a.v_stride_t * ves);
         else
           detail::load_row(vb + j * a.v_stride_t * ves, a.v_dtype, D, nullptr, row.data());
-        float* blk = pr.vp.get() + (bh * pr.nblk + j / BT) * BT * D;
+        float* blk = pr.vp.data() + (bh * pr.nblk + j / BT) * BT * D;
         const int64_t t = j % BT;
         int64_t c0 = 0;
         for (; c0 + kChunk <= D; c0 += kChunk)  // a fixed-size copy (inlined), not a memmove call per chunk

@@ -4,12 +4,41 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <utility>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 namespace kvengine::simd {
+
+// Storage aligned to a cache line, so that a 64-byte vector load never straddles two lines. glibc's malloc aligns to
+// 16 bytes only, and a large block is mmapped at page + 16: every AVX-512 load of such a buffer splits two lines
+// (docs/performance.md, binary_attention on Ice Lake). Elements are default-initialized (resize leaves floats
+// unset; assign / value-initialization still zero them).
+template <class T>
+struct LineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  LineAllocator() = default;
+  template <class U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
+  template <class U, class... A>
+  void construct(U* p, A&&... a) {
+    if constexpr (sizeof...(A) == 0)
+      ::new (static_cast<void*>(p)) U;
+    else
+      ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+  template <class U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+};
+template <class T>
+using lvector = std::vector<T, LineAllocator<T>>;
 
 constexpr int W = 16;  // lanes
 typedef float vf __attribute__((vector_size(64)));
