@@ -89,7 +89,7 @@ inline void dequant_groups(const uint8_t* row, const float* s, const float* z, i
 
 struct State {  // per work item: query rows, online softmax state, one block of dequantized K / V rows
   int R = 0, D = 0;
-  std::vector<float> q, acc, m, l, s, kblk, vblk, meta;
+  simd::lvector<float> q, acc, m, l, s, kblk, vblk, meta;
   void init(int rows, int d) {
     R = rows;
     D = d;

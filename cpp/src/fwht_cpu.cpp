@@ -6,6 +6,7 @@
 #include "kvengine/fwht.h"
 #include "kvengine/parallel.h"
 #include "rowio.h"
+#include "simd.h"
 
 namespace kvengine {
 
@@ -155,7 +156,7 @@ void fwht_cpu(const void* x, void* y, DType dtype, int64_t rows, int64_t n, int6
       if (done) return;
     }
 #endif
-    std::vector<float> buf(static_cast<size_t>(n));
+    simd::lvector<float> buf(static_cast<size_t>(n));
     for (int64_t r = r0; r < r1; ++r) {
       detail::load_row(xb + r * x_row_stride * esz, dtype, n, perm, buf.data());
       fwht_row_f32(buf.data(), n);

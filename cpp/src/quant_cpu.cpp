@@ -224,7 +224,7 @@ inline vn column_ssen(const float* v, int G, int64_t ld, vn s, vn z, vn qmax) {
 
 // Scratch of tile_meta: per column of a [G, Dp] tile
 struct TileMeta {
-  std::vector<float> lo, hi, s, z, cs, cz, be;
+  simd::lvector<float> lo, hi, s, z, cs, cz, be;
   explicit TileMeta(int64_t Dp) {
     for (auto* v : {&lo, &hi, &s, &z, &cs, &cz, &be}) v->resize(Dp);
   }
@@ -305,7 +305,7 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
     const int64_t groups = T / G, tiles = batch * groups;
     const int64_t Dp = (D + W - 1) / W * W;
     parallel_for(tiles, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> buf(static_cast<size_t>(G) * Dp, 0.0f);
+      simd::lvector<float> buf(static_cast<size_t>(G) * Dp, 0.0f);
       TileMeta m(Dp);
       const float* s = m.s.data();
       const float* z = m.z.data();
@@ -336,7 +336,7 @@ void quantize_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t T, int
     const int64_t RB = W / std::gcd<int64_t>(W, gpr), nblk = (rows + RB - 1) / RB;
     parallel_for(nblk, std::max<int64_t>(1, 4096 / (RB * D)), [&](int64_t k0, int64_t k1) {
       // buf: RB rows plus room for a last tile's unused columns (their values are never stored)
-      std::vector<float> buf(static_cast<size_t>(RB * D + W * G), 0.0f), tile(static_cast<size_t>(G) * W);
+      simd::lvector<float> buf(static_cast<size_t>(RB * D + W * G), 0.0f), tile(static_cast<size_t>(G) * W);
       std::vector<uint8_t> c(static_cast<size_t>(RB * D) + W);
       TileMeta m(W);
       for (int64_t k = k0; k < k1; ++k) {
@@ -376,7 +376,7 @@ void dequantize_cpu(const uint8_t* codes, const void* scale, const void* zero, D
   const int64_t Dp = (D + W - 1) / W * W;  // buffers padded to whole 16-lane vectors
   parallel_for(rows, std::max<int64_t>(1, 4096 / D), [&](int64_t r0, int64_t r1) {
     std::vector<uint8_t> c(Dp, 0);
-    std::vector<float> out(Dp), s(Dp, 0.0f), z(Dp, 0.0f);
+    simd::lvector<float> out(Dp), s(Dp, 0.0f), z(Dp, 0.0f);
     int64_t cached = -1;  // per-channel: the meta row (group) held in s / z
     const int64_t gpr = D / G;
     for (int64_t rr = r0; rr < r1; ++rr) {

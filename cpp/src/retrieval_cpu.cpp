@@ -290,7 +290,7 @@ inline int64_t index_at(const SparseDecodeArgs& a, int64_t b, int64_t h, int64_t
   return a.indices_int64 ? static_cast<const int64_t*>(a.indices)[o] : static_cast<const int32_t*>(a.indices)[o];
 }
 
-void sparse_item(const SparseCtx& c, int64_t item, std::vector<float>& buf) {
+void sparse_item(const SparseCtx& c, int64_t item, simd::lvector<float>& buf) {
   const SparseDecodeArgs& a = *c.a;
   const int64_t ck = item % c.nchunks, bh = item / c.nchunks, b = bh / a.Hkv, h = bh % a.Hkv;
   const int64_t D = a.D, g = c.g, Dp = (D + VW - 1) / VW * VW;
@@ -385,7 +385,7 @@ void sparse_decode_attention_cpu(const SparseDecodeArgs& a) {
   std::vector<float> part(size_t(bh) * c.nchunks * c.g * (D + 2));
   c.part = part.data();
   parallel_for(bh * c.nchunks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> buf;
+    simd::lvector<float> buf;
     for (int64_t i = i0; i < i1; ++i) sparse_item(c, i, buf);
   });
   detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, 1, D, c.nchunks, a.dtype, a.out);
