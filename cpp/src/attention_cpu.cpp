@@ -306,14 +306,18 @@ class Worker {
         }
         hsum4n(a0, a1, a2, a3, s + t);
       }
-      // causal limit of this row (only the newest Tq tokens can be masked)
+      // causal limit of this row (only the newest Tq tokens can be masked): the scores past it, and past nt, are
+      // −inf; the block max by vectors
       const int64_t lim = N_ - a_.Tq + (r % a_.Tq);
-      float bm = NEG;
-      for (int t = 0; t < nt; ++t) {
-        if (p0 + t > lim) s[t] = NEG;
-        bm = std::max(bm, s[t]);
+      const int vis = int(std::clamp<int64_t>(lim - p0 + 1, 0, nt));
+      for (int t = vis; t < BT; ++t) s[t] = NEG;
+      vn bmv = splatn(NEG);
+#pragma GCC unroll 4
+      for (int t = 0; t < BT; t += WN) {
+        const vn x = ldn(s + t);
+        bmv = x > bmv ? x : bmv;  // a NaN score never becomes the max (as std::max(bm, s) before)
       }
-      for (int t = nt; t < BT; ++t) s[t] = NEG;
+      const float bm = hmaxn(bmv);
       if (bm == NEG) continue;  // every token of the block is masked for this row
       const float mn = std::max(st.m[r], bm);
       const float alpha = std::exp(st.m[r] - mn);  // 0 when m was -inf
@@ -370,11 +374,32 @@ class Worker {
   // packed tokens: with per-channel keys blocks never straddle a K group, so one per-channel scale/zero serves the
   // whole block; per-token keys (and values) take their scale/zero per token and channel group
   void quant_range(State& st, int64_t b, int64_t h, int64_t ns, int64_t nq, int64_t c0, int64_t c1) {
+    switch (a_.D / WN) {  // the dequantization loops unrolled for the common head sizes
+#if defined(__AVX512F__)
+      case 4: return quant_range_nn<4>(st, b, h, ns, nq, c0, c1);   // D = 64
+      case 8: return quant_range_nn<8>(st, b, h, ns, nq, c0, c1);   // D = 128
+#else
+      case 8: return quant_range_nn<8>(st, b, h, ns, nq, c0, c1);   // D = 64
+      case 16: return quant_range_nn<16>(st, b, h, ns, nq, c0, c1); // D = 128
+#endif
+      default: return quant_range_nn<0>(st, b, h, ns, nq, c0, c1);
+    }
+  }
+
+  // NN = D / WN native vectors per row (0: known at run time only)
+  template <int NN>
+  void quant_range_nn(State& st, int64_t b, int64_t h, int64_t ns, int64_t nq, int64_t c0, int64_t c1) {
     const DecodeAttentionArgs& a = a_;
     const int64_t lo = std::max(ns, c0), hi = std::min(ns + nq, c1);
     if (lo >= hi) return;
     const bool ktok = a.k_per_token;
-    const int D = int(a.D), G = a.k_group, VG = a.v_group, nn = D / WN;
+    const int D = int(a.D), G = a.k_group, VG = a.v_group, nn = NN ? NN : D / WN;
+    // the channel group of each native vector (groups are whole vectors), for the unrolled per-token dequantization
+    int vgi[NN ? NN : 1], kgi[NN ? NN : 1];
+    for (int i = 0; i < (NN ? NN : 0); ++i) {
+      vgi[i] = i * WN / VG;
+      kgi[i] = i * WN / G;
+    }
     const int64_t bh = b * a.Hkv + h;
     const int64_t krow_bytes = D * BK / 8, vrow_bytes = D * BV / 8;
     const uint8_t* kc = a.k_codes + bh * a.q_cap * krow_bytes;
@@ -416,14 +441,31 @@ class Worker {
         const uint8_t* krow = kc + (j0 + t) * krow_bytes;
         float* kd = st.kblk.data() + size_t(t) * D;
         if (ktok) {
-          dequant_groups<BK>(krow, kts + t * gpk, ktz + t * gpk, D, G, kd);
+          if constexpr (NN > 0) {
+            const float* s = kts + t * gpk;
+            const float* z = ktz + t * gpk;
+#pragma GCC unroll 16
+            for (int i = 0; i < NN; ++i)
+              stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * splatn(s[kgi[i]]) + splatn(z[kgi[i]]));
+          } else {
+            dequant_groups<BK>(krow, kts + t * gpk, ktz + t * gpk, D, G, kd);
+          }
         } else {
+#pragma GCC unroll 16
           for (int i = 0; i < nn; ++i)
             stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * ldn(ks + i * WN) + ldn(kz + i * WN));
         }
         const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
         float* vd = st.vblk.data() + size_t(t) * D;
-        dequant_groups<BV>(vrow, vs + t * gpr, vz + t * gpr, D, VG, vd);
+        if constexpr (NN > 0) {
+          const float* s = vs + t * gpr;
+          const float* z = vz + t * gpr;
+#pragma GCC unroll 16
+          for (int i = 0; i < NN; ++i)
+            stn(vd + i * WN, unpackn<BV>(vrow, int64_t(i) * WN) * splatn(s[vgi[i]]) + splatn(z[vgi[i]]));
+        } else {
+          dequant_groups<BV>(vrow, vs + t * gpr, vz + t * gpr, D, VG, vd);
+        }
       }
       process_block(st, p0, nt);
       p0 += nt;
