@@ -87,6 +87,19 @@ inline void dequant_groups(const uint8_t* row, const float* s, const float* z, i
   }
 }
 
+// the same with the head size known at compile time (NN = D / WN native vectors, gi[i] = channel group of vector i):
+// the loop unrolls fully; NN = 0 falls back to dequant_groups
+template <int BITS, int NN>
+inline void dequant_row(const uint8_t* row, const float* s, const float* z, int D, int G, const int* gi, float* out) {
+  if constexpr (NN > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NN; ++i)
+      stn(out + i * WN, unpackn<BITS>(row, int64_t(i) * WN) * splatn(s[gi[i]]) + splatn(z[gi[i]]));
+  } else {
+    dequant_groups<BITS>(row, s, z, D, G, out);
+  }
+}
+
 struct State {  // per work item: query rows, online softmax state, one block of dequantized K / V rows
   int R = 0, D = 0;
   simd::lvector<float> q, acc, m, l, s, kblk, vblk, meta;
@@ -441,15 +454,7 @@ class Worker {
         const uint8_t* krow = kc + (j0 + t) * krow_bytes;
         float* kd = st.kblk.data() + size_t(t) * D;
         if (ktok) {
-          if constexpr (NN > 0) {
-            const float* s = kts + t * gpk;
-            const float* z = ktz + t * gpk;
-#pragma GCC unroll 16
-            for (int i = 0; i < NN; ++i)
-              stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * splatn(s[kgi[i]]) + splatn(z[kgi[i]]));
-          } else {
-            dequant_groups<BK>(krow, kts + t * gpk, ktz + t * gpk, D, G, kd);
-          }
+          dequant_row<BK, NN>(krow, kts + t * gpk, ktz + t * gpk, D, G, kgi, kd);
         } else {
 #pragma GCC unroll 16
           for (int i = 0; i < nn; ++i)
@@ -457,15 +462,7 @@ class Worker {
         }
         const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
         float* vd = st.vblk.data() + size_t(t) * D;
-        if constexpr (NN > 0) {
-          const float* s = vs + t * gpr;
-          const float* z = vz + t * gpr;
-#pragma GCC unroll 16
-          for (int i = 0; i < NN; ++i)
-            stn(vd + i * WN, unpackn<BV>(vrow, int64_t(i) * WN) * splatn(s[vgi[i]]) + splatn(z[vgi[i]]));
-        } else {
-          dequant_groups<BV>(vrow, vs + t * gpr, vz + t * gpr, D, VG, vd);
-        }
+        dequant_row<BV, NN>(vrow, vs + t * gpr, vz + t * gpr, D, VG, vgi, vd);
       }
       process_block(st, p0, nt);
       p0 += nt;
