@@ -6,7 +6,8 @@
 // workspace and counts the middle positions' scores in a per-chunk histogram.  Pass 2 (per (b, h)) sums the
 // histograms, finds the threshold T and the number of ties to take, and gives every chunk its output offset and
 // tie budget (from its own histogram: the chunk's count above T and at T).  Pass 3 (parallel over items) rescans
-// the uint16 scores of each chunk and writes its selected positions in ascending order.  Exact and deterministic.
+// the uint16 scores of each chunk, 16 at a time against the threshold (a compare mask; only its set bits are visited),
+// and writes its selected positions in ascending order.  Exact and deterministic.
 //
 // sparse_decode_attention: work items are (b, h, split of the index list); each gathers its K/V rows in blocks of
 // 32 tokens into L1 (fp32), computes the scores of all g query rows of the group (K/V read once per group), keeps
@@ -16,8 +17,10 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 #define KVENGINE_VPOPCNT 1
 #endif
 
@@ -73,6 +76,19 @@ struct TopkCtx {
     nr = std::min<int64_t>(a->recent, L - ns);
   }
 };
+
+// bit 2j set where s[j] >= lo, j < 16 (the even bits of a byte mask); scores and lo are <= 8193 (the binding's score
+// range), so a signed 16-bit compare is exact
+inline uint32_t ge_mask16(const uint16_t* s, int32_t lo) {
+#if defined(__AVX2__)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+  return uint32_t(_mm256_movemask_epi8(_mm256_cmpgt_epi16(v, _mm256_set1_epi16(int16_t(lo - 1))))) & 0x55555555u;
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= uint32_t(s[j] >= lo) << (2 * j);
+  return m;
+#endif
+}
 
 // scores of positions [p0, p1) of (b, h): g·nbits − Σ popcount(q_i ^ k_p)
 template <int W>
@@ -155,7 +171,7 @@ void hamming_topk_cpu(const HammingTopkArgs& a) {
   c.chunk = hamming_topk_chunk(a.N);
   c.nch = std::max<int64_t>(1, (a.N + c.chunk - 1) / c.chunk);
   const int64_t BH = a.B * a.Hkv;
-  std::vector<uint16_t> sc(size_t(BH) * a.N);
+  simd::lvector<uint16_t> sc(size_t(BH) * a.N);  // not zeroed: pass 1 writes every position it reads later
   std::vector<int32_t> hist(size_t(BH) * c.nch * c.nbins);
   std::vector<int64_t> off(size_t(BH) * c.nch), take(size_t(BH) * c.nch);
   std::vector<int32_t> thr(BH);
@@ -259,10 +275,25 @@ void hamming_topk_cpu(const HammingTopkArgs& a) {
       const uint16_t* s = c.sc + bh * a.N;
       int32_t* idx = a.indices + bh * a.k;
       int32_t* scr = a.scores + bh * a.k;
-      for (int64_t p = p0; p < p1; ++p) {
+      // about k of N positions pass: 16 scores at a time are compared with lo, and only the positions whose bits are
+      // set are visited. Once the chunk's ties are used up, lo = T + 1
+      int32_t lo = tk > 0 ? T : T + 1;
+      int64_t p = p0;
+      for (; p + 16 <= p1; p += 16) {
+        for (uint32_t m = ge_mask16(s + p, lo); m; m &= m - 1) {
+          const int64_t q = p + __builtin_ctz(m) / 2;
+          const int32_t v = s[q];
+          if (v < lo) continue;  // a tie at T after the budget ran out within this group
+          if (v == T && --tk == 0) lo = T + 1;
+          idx[slot] = int32_t(q);
+          scr[slot] = v;
+          ++slot;
+        }
+      }
+      for (; p < p1; ++p) {
         const int32_t v = s[p];
-        if (v > T || (v == T && tk > 0)) {
-          if (v == T) --tk;
+        if (v >= lo) {
+          if (v == T && --tk == 0) lo = T + 1;
           idx[slot] = int32_t(p);
           scr[slot] = v;
           ++slot;
