@@ -26,7 +26,7 @@ namespace kvengine {
 namespace {
 
 using namespace simd;
-constexpr int BT = 32;  // tokens per block
+constexpr int BT = detail::kBlockTokens;  // tokens per block
 
 // 16 codes starting at element d (d % 16 == 0) of a row packed as quantize_pack does, as floats
 template <int BITS>
@@ -100,20 +100,11 @@ inline void dequant_row(const uint8_t* row, const float* s, const float* z, int 
   }
 }
 
-struct State {  // per work item: query rows, online softmax state, one block of dequantized K / V rows
-  int R = 0, D = 0;
-  simd::lvector<float> q, acc, m, l, s, kblk, vblk, meta;
+struct State : detail::BlockState {  // + the dequantization metadata of one block
+  simd::lvector<float> meta;
   void init(int rows, int d) {
-    R = rows;
-    D = d;
-    q.assign(size_t(R) * D, 0.f);
-    acc.assign(size_t(R) * D, 0.f);
-    m.assign(R, -std::numeric_limits<float>::infinity());
-    l.assign(R, 0.f);
-    s.assign(size_t(R) * BT, 0.f);
-    kblk.resize(size_t(BT) * D);
-    vblk.resize(size_t(BT) * D);
-    meta.resize(2 * size_t(D) + 4 * size_t(BT) * (D / 16));  // K rows | V per token | K per token
+    BlockState::init(rows, d);
+    meta.resize(2 * size_t(d) + 4 * size_t(BT) * (d / 16));  // K rows | V per token | K per token
   }
 };
 
@@ -284,87 +275,8 @@ class Worker {
   }
 
   // One block of nt (<= BT) tokens at logical positions p0.. whose K and V rows are in st.kblk / st.vblk (fp32):
-  // scores, causal mask, online-softmax update and P·V for every query row.
-  void process_block(State& st, int64_t p0, int nt) {
-    switch (st.D / W) {
-      case 2: return process_block_nv<2>(st, p0, nt);
-      case 4: return process_block_nv<4>(st, p0, nt);
-      case 8: return process_block_nv<8>(st, p0, nt);
-      case 16: return process_block_nv<16>(st, p0, nt);
-      default: return process_block_nv<0>(st, p0, nt);
-    }
-  }
-
-  // NV = D / 16 known at compile time (0: run time) so that query rows and accumulators live in registers
-  template <int NV>
-  void process_block_nv(State& st, int64_t p0, int nt) {
-    const int nv = NV ? NV : st.D / W, D = nv * W;
-    constexpr int NN = NV * (W / WN);  // native vectors per row (0: run time)
-    const int nn = D / WN;
-    constexpr float NEG = -std::numeric_limits<float>::infinity();
-    alignas(64) float p[BT];
-    for (int t = nt; t < BT; ++t) std::memset(st.kblk.data() + size_t(t) * D, 0, D * sizeof(float));
-    for (int r = 0; r < st.R; ++r) {
-      const float* q = st.q.data() + size_t(r) * D;
-      float* s = st.s.data() + size_t(r) * BT;
-      for (int t = 0; t < nt; t += 4) {  // four tokens at a time: one combined horizontal reduction
-        const float* k = st.kblk.data() + size_t(t) * D;
-        vn a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        for (int i = 0; i < nn; ++i) {
-          const vn qi = ldn(q + i * WN);
-          a0 += qi * ldn(k + i * WN);
-          a1 += qi * ldn(k + D + i * WN);
-          a2 += qi * ldn(k + 2 * D + i * WN);
-          a3 += qi * ldn(k + 3 * D + i * WN);
-        }
-        hsum4n(a0, a1, a2, a3, s + t);
-      }
-      // causal limit of this row (only the newest Tq tokens can be masked): the scores past it, and past nt, are
-      // −inf; the block max by vectors
-      const int64_t lim = N_ - a_.Tq + (r % a_.Tq);
-      const int vis = int(std::clamp<int64_t>(lim - p0 + 1, 0, nt));
-      for (int t = vis; t < BT; ++t) s[t] = NEG;
-      vn bmv = splatn(NEG);
-#pragma GCC unroll 4
-      for (int t = 0; t < BT; t += WN) {
-        const vn x = ldn(s + t);
-        bmv = x > bmv ? x : bmv;  // a NaN score never becomes the max (as std::max(bm, s) before)
-      }
-      const float bm = hmaxn(bmv);
-      if (bm == NEG) continue;  // every token of the block is masked for this row
-      const float mn = std::max(st.m[r], bm);
-      const float alpha = std::exp(st.m[r] - mn);  // 0 when m was -inf
-      vn sum = {};
-      for (int t = 0; t < BT; t += WN) {
-        const vn e = vexpn(ldn(s + t) - splatn(mn));
-        stn(p + t, e);
-        sum += e;
-      }
-      st.l[r] = st.l[r] * alpha + hsumn(sum);
-      st.m[r] = mn;
-      float* acc = st.acc.data() + size_t(r) * D;
-      // P·V with up to 8 native accumulator vectors (128 channels with AVX-512, 64 with AVX2) held in registers
-      // across the block's tokens
-      for (int i0 = 0; i0 < nn; i0 += 8) {
-        constexpr int C = NN ? (NN < 8 ? NN : 8) : 8;
-        const int n8 = NN ? C : std::min(8, nn - i0);
-        vn a8[C] = {};
-#pragma GCC unroll 8
-        for (int i = 0; i < C; ++i)
-          if (i < n8) a8[i] = ldn(acc + (i0 + i) * WN) * splatn(alpha);
-        for (int t = 0; t < nt; ++t) {
-          const vn pv = splatn(p[t]);
-          const float* v = st.vblk.data() + size_t(t) * D + i0 * WN;
-#pragma GCC unroll 8
-          for (int i = 0; i < C; ++i)
-            if (i < n8) a8[i] += pv * ldn(v + i * WN);
-        }
-#pragma GCC unroll 8
-        for (int i = 0; i < C; ++i)
-          if (i < n8) stn(acc + (i0 + i) * WN, a8[i]);
-      }
-    }
-  }
+  // scores, causal mask, online-softmax update and P·V for every query row (splitk.h)
+  void process_block(State& st, int64_t p0, int nt) { detail::attend_block(st, p0, nt, N_, a_.Tq); }
 
   // full-precision tokens at slots [s0, s0 + n) with logical positions starting at lp0, clipped to [c0, c1)
   void fp_range(State& st, const char* kf, const char* vfp, int64_t s0, int64_t n, int64_t lp0, int64_t c0,

@@ -10,8 +10,9 @@
 // and writes its selected positions in ascending order.  Exact and deterministic.
 //
 // sparse_decode_attention: work items are (b, h, split of the index list); each gathers its K/V rows in blocks of
-// 32 tokens into L1 (fp32), computes the scores of all g query rows of the group (K/V read once per group), keeps
-// an online softmax (m, l, acc) and writes a partial state; partials are merged by log-sum-exp.
+// 32 tokens into L1 (fp32, padded to whole 16-float vectors), and splitk.h's attend_block (the decode attention's
+// block step) scores all g query rows of the group (K/V read once per group), keeps an online softmax (m, l, acc);
+// the work item writes its partial state and partials are merged by log-sum-exp.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -306,7 +307,7 @@ void hamming_topk_cpu(const HammingTopkArgs& a) {
 // ---- sparse decode attention -----------------------------------------------------------------------------------------
 namespace {
 
-constexpr int BT = 32;
+constexpr int BT = detail::kBlockTokens;
 using namespace simd;
 constexpr int VW = simd::W;
 
@@ -321,28 +322,26 @@ inline int64_t index_at(const SparseDecodeArgs& a, int64_t b, int64_t h, int64_t
   return a.indices_int64 ? static_cast<const int64_t*>(a.indices)[o] : static_cast<const int32_t*>(a.indices)[o];
 }
 
-void sparse_item(const SparseCtx& c, int64_t item, simd::lvector<float>& buf) {
+void sparse_item(const SparseCtx& c, int64_t item, detail::BlockState& st) {
   const SparseDecodeArgs& a = *c.a;
   const int64_t ck = item % c.nchunks, bh = item / c.nchunks, b = bh / a.Hkv, h = bh % a.Hkv;
-  const int64_t D = a.D, g = c.g, Dp = (D + VW - 1) / VW * VW;
+  const int64_t D = a.D, g = c.g, Dp = (D + VW - 1) / VW * VW;  // rows padded with zeros to whole 16-float vectors
   const int64_t L = a.seq_lens ? std::clamp<int64_t>(a.seq_lens[b], 0, a.N) : a.N;
-  buf.assign(size_t(g) * Dp * 2 + 2 * size_t(BT) * Dp + size_t(BT) * g, 0.f);
-  float* q = buf.data();
-  float* acc = q + g * Dp;
-  float* kb = acc + g * Dp;
-  float* vb = kb + BT * Dp;
-  float* s = vb + BT * Dp;
-  std::vector<float> m(g, -std::numeric_limits<float>::infinity()), l(g, 0.f);
+  st.init(int(g), int(Dp));
+  if (Dp != D) {  // the padding lanes of the K / V rows stay 0 (load_row writes D floats)
+    std::fill(st.kblk.begin(), st.kblk.end(), 0.f);
+    std::fill(st.vblk.begin(), st.vblk.end(), 0.f);
+  }
   const int esz = dtype_size(a.dtype);
   for (int64_t r = 0; r < g; ++r) {
+    float* q = st.q.data() + r * Dp;
     detail::load_row(static_cast<const char*>(a.q) + (b * a.q_stride_b + (h * g + r) * a.q_stride_h) * esz, a.dtype,
-                     D, nullptr, q + r * Dp);
-    for (int64_t d = 0; d < D; ++d) q[r * Dp + d] *= a.softmax_scale;
+                     D, nullptr, q);
+    for (int64_t d = 0; d < D; ++d) q[d] *= a.softmax_scale;
   }
   const char* kbase = static_cast<const char*>(a.k) + (b * a.k_stride_b + h * a.k_stride_h) * esz;
   const char* vbase = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * esz;
   const int64_t j0 = ck * c.chunk, j1 = std::min(a.n_sel, j0 + c.chunk);
-  const int64_t nv = Dp / simd::WN;  // native vectors per row
   // the rows of the token kLookAhead places ahead are requested before this one is copied (simd::prefetch)
   constexpr int64_t kLookAhead = 4;
   auto request = [&](int64_t jj) {
@@ -352,52 +351,26 @@ void sparse_item(const SparseCtx& c, int64_t item, simd::lvector<float>& buf) {
     prefetch(vbase + p * a.v_stride_t * esz, D * esz);
   };
   for (int64_t jj = j0; jj < std::min(j1, j0 + kLookAhead); ++jj) request(jj);
-  for (int64_t j = j0; j < j1;) {
-    int nt = 0;
-    for (; j < j1 && nt < BT; ++j) {  // gather up to BT valid tokens
-      if (j + kLookAhead < j1) request(j + kLookAhead);
-      const int64_t p = index_at(a, b, h, j);
-      if (p < 0 || p >= L) continue;
-      detail::load_row(kbase + p * a.k_stride_t * esz, a.dtype, D, nullptr, kb + nt * Dp);
-      detail::load_row(vbase + p * a.v_stride_t * esz, a.dtype, D, nullptr, vb + nt * Dp);
-      ++nt;
-    }
-    if (nt == 0) break;
-    for (int64_t r = 0; r < g; ++r) {
-      const float* qr = q + r * Dp;
-      float* sr = s + r * BT;
-      float bm = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < nt; ++t) {
-        simd::vn x = {};
-        for (int64_t i = 0; i < nv; ++i) x += simd::ldn(qr + i * simd::WN) * simd::ldn(kb + t * Dp + i * simd::WN);
-        float dot = 0.f;
-        for (int e = 0; e < simd::WN; ++e) dot += x[e];
-        sr[t] = dot;
-        bm = std::max(bm, dot);
-      }
-      const float mn = std::max(m[r], bm);
-      if (mn == -std::numeric_limits<float>::infinity()) continue;  // only reachable with -inf scores
-      const float alpha = std::exp(m[r] - mn);
-      float sum = 0.f;
-      for (int t = 0; t < nt; ++t) {
-        sr[t] = std::exp(sr[t] - mn);
-        sum += sr[t];
-      }
-      l[r] = l[r] * alpha + sum;
-      m[r] = mn;
-      float* ar = acc + r * Dp;
-      for (int64_t i = 0; i < nv; ++i) {
-        simd::vn x = simd::ldn(ar + i * simd::WN) * simd::splatn(alpha);
-        for (int t = 0; t < nt; ++t) x += simd::splatn(sr[t]) * simd::ldn(vb + t * Dp + i * simd::WN);
-        simd::stn(ar + i * simd::WN, x);
-      }
+  // every gathered token is visible: no causal limit (n_ctx past any position, one row per query head)
+  constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max() / 4;
+  int nt = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j + kLookAhead < j1) request(j + kLookAhead);
+    const int64_t p = index_at(a, b, h, j);
+    if (p < 0 || p >= L) continue;
+    detail::load_row(kbase + p * a.k_stride_t * esz, a.dtype, D, nullptr, st.kblk.data() + nt * Dp);
+    detail::load_row(vbase + p * a.v_stride_t * esz, a.dtype, D, nullptr, st.vblk.data() + nt * Dp);
+    if (++nt == BT) {
+      detail::attend_block(st, 0, nt, kNoLimit, 1);
+      nt = 0;
     }
   }
-  float* out = c.part + item * g * (D + 2);
+  if (nt) detail::attend_block(st, 0, nt, kNoLimit, 1);
+  float* out = c.part + item * g * (D + 2);  // an empty chunk keeps m = -inf, l = 0: weight 0 in the merge
   for (int64_t r = 0; r < g; ++r) {
-    out[r * (D + 2)] = m[r];
-    out[r * (D + 2) + 1] = l[r];
-    std::memcpy(out + r * (D + 2) + 2, acc + r * Dp, D * sizeof(float));
+    out[r * (D + 2)] = st.m[r];
+    out[r * (D + 2) + 1] = st.l[r];
+    std::memcpy(out + r * (D + 2) + 2, st.acc.data() + r * Dp, D * sizeof(float));
   }
 }
 
@@ -416,8 +389,8 @@ void sparse_decode_attention_cpu(const SparseDecodeArgs& a) {
   std::vector<float> part(size_t(bh) * c.nchunks * c.g * (D + 2));
   c.part = part.data();
   parallel_for(bh * c.nchunks, 1, [&](int64_t i0, int64_t i1) {
-    simd::lvector<float> buf;
-    for (int64_t i = i0; i < i1; ++i) sparse_item(c, i, buf);
+    detail::BlockState st;
+    for (int64_t i = i0; i < i1; ++i) sparse_item(c, i, st);
   });
   detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, 1, D, c.nchunks, a.dtype, a.out);
 }
