@@ -99,6 +99,8 @@ struct StaticSmem {
   size_t bytes;
 };
 std::unordered_map<const void*, StaticSmem> g_static;
+std::mutex g_attr_mutex;
+std::unordered_map<const void*, int> g_max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 
 std::string where() {
   char buf[256];
@@ -412,7 +414,12 @@ int sm_count() {
 
 size_t launches() { return g_launches; }
 
-void run_grid(const Cfg& cfg, const char* name, const std::function<void()>& body) {
+void set_max_dynamic_smem(const void* fn, int bytes) {
+  std::lock_guard<std::mutex> lock(g_attr_mutex);
+  g_max_dyn_smem[fn] = bytes;
+}
+
+void run_grid(const Cfg& cfg, const char* name, const void* fn, const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_cta) throw std::runtime_error("kvengine CUDA emulator: a kernel launched from inside a kernel");
   const int n = static_cast<int>(cfg.block.x * cfg.block.y * cfg.block.z);
@@ -425,6 +432,19 @@ void run_grid(const Cfg& cfg, const char* name, const std::function<void()>& bod
   if (cfg.smem > 227 * 1024)
     throw std::runtime_error(std::string("kvengine CUDA emulator: ") + name + " asks for " +
                              std::to_string(cfg.smem) + " bytes of dynamic shared memory (> 227 KB)");
+  if (cfg.smem > 48 * 1024) {  // a GPU refuses this launch unless the kernel's limit was raised first
+    size_t limit = 48 * 1024;
+    {
+      std::lock_guard<std::mutex> lock(g_attr_mutex);
+      const auto it = g_max_dyn_smem.find(fn);
+      if (it != g_max_dyn_smem.end() && static_cast<size_t>(it->second) > limit) limit = it->second;
+    }
+    if (cfg.smem > limit)
+      throw std::runtime_error(std::string("kvengine CUDA emulator: ") + name + " asks for " +
+                               std::to_string(cfg.smem) + " bytes of dynamic shared memory but its limit is " +
+                               std::to_string(limit) + " (cudaFuncSetAttribute(kernel, "
+                               "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) raises it above 48 KB)");
+  }
   if (g_stacks.size() < static_cast<size_t>(n)) g_stacks.resize(n);
   // exactly the bytes asked for (an overflow hits AddressSanitizer's redzone in the sanitizer build)
   struct Free {

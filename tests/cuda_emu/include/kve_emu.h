@@ -147,7 +147,11 @@ struct Cfg {
   Cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
 };
 
-void run_grid(const Cfg& cfg, const char* name, const std::function<void()>& body);
+// fn: the kernel's address, to which cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, n) applies
+void run_grid(const Cfg& cfg, const char* name, const void* fn, const std::function<void()>& body);
+// what cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) set; a launch asking for more
+// than max(48 KB, that) dynamic shared memory is refused, as a GPU refuses it
+void set_max_dynamic_smem(const void* fn, int bytes);
 
 template <typename F>
 struct Launcher {
@@ -159,7 +163,8 @@ struct Launcher {
     // parameters are copied once, as the kernel parameter space is; every thread sees the same copies
     auto params = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...);
     F f = fn;
-    run_grid(cfg, name, [&params, f] { std::apply([f](auto&... p) { f(p...); }, params); });
+    run_grid(cfg, name, reinterpret_cast<const void*>(fn),
+             [&params, f] { std::apply([f](auto&... p) { f(p...); }, params); });
   }
 };
 
