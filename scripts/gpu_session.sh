@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# kvengine — everything a GPU session needs in ONE device call that ends inside its time limit: build for the card,
-# a per-op smoke check, the CUDA tests, the benchmarks of the open issues' targets, compute-sanitizer.  Stages run in
-# priority order, each under `timeout` capped by what is left of KVENGINE_GPU_BUDGET (seconds for the whole script,
+# kvengine — everything a GPU session needs in ONE device call that ends inside its time limit: build for the card
+# (or the wheel of `gpu_prepare.sh --prebuild`), a per-op smoke check, the benchmarks of the open issues' targets, the
+# CUDA tests, the other benchmarks, compute-sanitizer.  Stages run in that (priority) order, each under `timeout` capped by what is left of KVENGINE_GPU_BUDGET (seconds for the whole script,
 # default 500), so the script always reaches its end and writes its files.  $OUT gets at most 8 files (what the
 # device tool brings back): summary.txt (printed last as well), logs.tar.gz, bench_{binary,retrieval,attention,
 # fwht,quant}.json.
 #
-#   bash scripts/gpu_prepare.sh                                  # here: CUTLASS wheel + commit id into .whl/
+#   bash scripts/gpu_prepare.sh [--prebuild]                     # here: CUTLASS wheel + commit id (+ kvengine wheel)
 #   run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=560)
 #   .venv/bin/python scripts/gpu_collect.py <files_at>           # here: results into bench/results/gpu/
 #
@@ -56,6 +56,22 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 ARCH=$(python3 -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}' + ('a' if p[0] == 9 else ''))" \
   2> /dev/null || echo 90a)
 
+# the wheel of `gpu_prepare.sh --prebuild`, where it was built from these very sources, imports under this torch and
+# holds this card's architecture: no build here (its own folder, on PYTHONPATH only when it passed)
+PRE=$(ls .whl/prebuilt/kvengine-*.whl 2> /dev/null | head -1)
+if has build && [ -n "$PRE" ]; then
+  if [ "$(cat .whl/prebuilt/SOURCES 2> /dev/null)" != "$(bash scripts/source_hash.sh)" ]; then
+    say "[build] prebuilt $(basename "$PRE") not used: built from other sources than this tree's"
+  elif python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kvpre "$PRE" > "$LOG/prebuilt.log" 2>&1 \
+      && (cd /tmp && PYTHONPATH=/tmp/kvpre${PYTHONPATH:+:$PYTHONPATH} python3 -c "import kvengine; i = kvengine.build_info()
+assert i['cuda'] and i['cuda_archs'] == '$ARCH', i") >> "$LOG/prebuilt.log" 2>&1; then
+    export PYTHONPATH=/tmp/kvpre${PYTHONPATH:+:$PYTHONPATH}
+    STAGES=${STAGES/ build / }
+    say "[build] prebuilt $(basename "$PRE"): same sources, loads under this torch, sm_$ARCH: not built here"
+  else
+    say "[build] prebuilt $(basename "$PRE") not used: $(tail -1 "$LOG/prebuilt.log" | cut -c1-200)"
+  fi
+fi
 if has build; then
   # build/gpu survives between calls while the machine stays warm: a rerun only recompiles what changed
   run_stage build 300 "$LOG/build.log" env KVENGINE_CUDA=ON KVENGINE_CUDA_ARCHS="$ARCH" SKBUILD_BUILD_DIR=build/gpu \
@@ -70,6 +86,20 @@ if has smoke; then  # one line per op: runs? agrees with the CPU kernel?
     || tail -5 "$LOG/smoke.log" | tee -a "$SUMMARY"
 fi
 
+# bench_one NAME CAP [ARGS]: one benchmark, its JSON into $OUT, its table (the last lines of its output) into the summary
+bench_one() {
+  run_stage "bench $1" "$2" "$LOG/bench_$1.log" python3 "bench/bench_$1.py" ${3:-} --json "$OUT/bench_$1.json"
+  grep -vE '^(wrote |Traceback|  File )' "$LOG/bench_$1.log" | tail -12 | cut -c1-240 >> "$SUMMARY"
+}
+
+# the open issues' targets right after the smoke check (which shows every kernel agreeing with the CPU), at their
+# sizes: binary (issue 4), retrieval (issue 5); they are what a session's few device minutes are for.
+# KVENGINE_GPU_BENCH_ARGS=--quick shrinks them (dry runs)
+if has bench; then
+  bench_one binary 90 "${KVENGINE_GPU_BENCH_ARGS:-}"
+  bench_one retrieval 150 "${KVENGINE_GPU_BENCH_ARGS:-}"
+fi
+
 if has tests; then  # every CUDA-marked test + the fuzz properties (which draw the device), parallel when xdist is there
   XDIST=""
   python3 -c "import xdist" 2> /dev/null && XDIST="-n 8"
@@ -82,17 +112,8 @@ if has tests; then  # every CUDA-marked test + the fuzz properties (which draw t
   tail -1 "$LOG/tests.log" | tee -a "$SUMMARY"
 fi
 
-if has bench; then  # the open issues' targets first, at their sizes: binary (issue 4), retrieval (issue 5); the rest
-  # at --quick sizes (on a GPU still several times the L2); KVENGINE_GPU_BENCH_ARGS=--quick shrinks all (dry runs)
-  for b in binary retrieval attention fwht quant; do
-    cap=90
-    args=${KVENGINE_GPU_BENCH_ARGS:-}
-    [ "$b" = retrieval ] && cap=150
-    case $b in attention|fwht|quant) args=--quick ;; esac
-    run_stage "bench $b" $cap "$LOG/bench_$b.log" python3 "bench/bench_$b.py" $args --json "$OUT/bench_$b.json"
-    # the table (the last lines of the benchmark's output) into the summary
-    grep -vE '^(wrote |Traceback|  File )' "$LOG/bench_$b.log" | tail -12 | cut -c1-240 >> "$SUMMARY"
-  done
+if has bench; then  # the rest at --quick sizes (on a GPU still several times the L2)
+  for b in attention fwht quant; do bench_one $b 90 --quick; done
 fi
 
 if has sanitize; then  # every kernel once (the smoke cases, one process) under memcheck, then racecheck

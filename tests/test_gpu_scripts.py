@@ -100,3 +100,31 @@ def test_benchmark_commit_falls_back_to_the_session_variable(monkeypatch):
         assert benchmarks.environment("cpu")["commit"] == "feedface"
     finally:
         monkeypatch.setattr(benchmarks.subprocess, "run", real)
+
+
+def test_source_hash_follows_the_sources_not_the_build_litter(tmp_path):
+    """scripts/source_hash.sh decides whether the device may use a prebuilt wheel: it must change with any source file
+    and ignore what never reaches the device's copy of the tree (__pycache__, *.so, the generated _build_config.py)."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    for d in ("cpp", "cuda", "python", "scripts"):
+        shutil.copytree(ROOT / d, tree / d, ignore=shutil.ignore_patterns("__pycache__", "*.so", "_build_config.py"))
+    for f in ("CMakeLists.txt", "pyproject.toml"):
+        shutil.copy(ROOT / f, tree / f)
+
+    def h():
+        p = subprocess.run(["bash", str(tree / "scripts" / "source_hash.sh")], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0 and len(p.stdout.strip()) == 16, p.stdout + p.stderr
+        return p.stdout.strip()
+
+    base = h()
+    (tree / "python" / "kvengine" / "__pycache__").mkdir(exist_ok=True)
+    (tree / "python" / "kvengine" / "__pycache__" / "ops.cpython-312.pyc").write_bytes(b"x")
+    (tree / "python" / "kvengine" / "_C.so").write_bytes(b"x")
+    (tree / "python" / "kvengine" / "_build_config.py").write_text("TORCH_VERSION = 'x'\n")
+    assert h() == base
+    cu = next((tree / "cuda" / "src").glob("*.cu"))
+    cu.write_text(cu.read_text() + "\n")
+    assert h() != base
