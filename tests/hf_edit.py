@@ -2,9 +2,11 @@
 leave exactly the cache that the edited history would have built (tiny models, exact logits)."""
 import torch
 
+from kvengine.integrations._hf import cache_kwargs
+
 
 def _step(model, ids, cache):
-    return model(ids, past_key_values=cache, use_cache=True).logits
+    return model(ids, **cache_kwargs(model, cache), use_cache=True).logits
 
 
 def _ids(B, n, seed):
@@ -90,13 +92,13 @@ def padded_logits(model, cache, prompts, steps, chunk=1):
     for b, p in enumerate(prompts):
         ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    outs = [model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits]
+    outs = [model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True).logits]
     nxt = torch.randint(0, 256, (B, steps), generator=torch.Generator().manual_seed(9))
     for t in range(0, steps, chunk):
         c = min(chunk, steps - t)
         mask = torch.cat([mask, torch.ones(B, c, dtype=torch.long)], 1)
         pos = pos[:, -1:] + 1 + torch.arange(c)
-        outs.append(model(nxt[:, t : t + c], attention_mask=mask, position_ids=pos, past_key_values=cache,
+        outs.append(model(nxt[:, t : t + c], attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache),
                           use_cache=True).logits)
     full = torch.cat(outs, 1)
     return [full[b, T - len(p):] for b, p in enumerate(prompts)], nxt

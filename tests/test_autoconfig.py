@@ -6,6 +6,7 @@ import torch
 
 from kvengine.autoconfig import (AutoPlan, Scheme, choose, default_candidates, outlier_perm,
                                  plan_from_captures, scheme_error)
+from kvengine.integrations._hf import cache_kwargs
 
 B, H, G_, T, D = 1, 2, 3, 256, 64
 
@@ -167,7 +168,7 @@ def test_capture_qkv_sees_what_the_model_attends(gen):
     caps = capture_qkv(model, ids)
     assert len(caps) == 3 and model.config._attn_implementation == "sdpa"  # restored
     cache = DynamicCache()
-    ref_logits = model(ids, past_key_values=cache, use_cache=True).logits
+    ref_logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits
     for i, (q, k, v) in enumerate(caps):
         assert q.shape == (1, 4, 70, 32) and k.shape == v.shape == (1, 2, 70, 32)
         torch.testing.assert_close(k, cache.layers[i].keys.float())
@@ -216,9 +217,9 @@ def test_auto_plan_configures_each_layer_of_kvengine_cache(tmp_path, gen):
     logits = []
     for p in (plan, path, json.loads(open(path).read())):
         cache = KVEngineCache(model.config, plan=p)
-        out = [model(ids[:, :40], past_key_values=cache, use_cache=True).logits]
+        out = [model(ids[:, :40], **cache_kwargs(model, cache), use_cache=True).logits]
         for s in range(40, 150, 7):
-            out.append(model(ids[:, s:s + 7], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, s:s + 7], **cache_kwargs(model, cache), use_cache=True).logits)
         logits.append(torch.cat(out, 1))
         for i, layer in enumerate(cache.layers):
             assert isinstance(layer, KVEngineLayer)

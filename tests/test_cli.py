@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -16,10 +17,14 @@ ROW_KEYS = {"config", "kind", "ppl", "ppl_ratio", "effective_bits", "kv_bytes_pe
 def test_eval_json_schema(smollm2, tmp_path, capsys):
     out = tmp_path / "eval.json"
     png = tmp_path / "eval.png"
-    rc = cli.main(["eval", "--windows", "1", "--window-len", "200", "--prefill", "64", "--bits", "2",
-                   "--residual", "32", "--no-quanto", "--quiet", "--threads", "2", "--json", str(out),
-                   "--plot", str(png)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = cli.main(["eval", "--windows", "1", "--window-len", "200", "--prefill", "64", "--bits", "2",
+                       "--residual", "32", "--no-quanto", "--quiet", "--threads", "2", "--json", str(out),
+                       "--plot", str(png)])
     assert rc == 0
+    # the cache goes in under the keyword this transformers' forward takes (no past_key_values deprecation, >= 5.24)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
     text = capsys.readouterr().out
     assert "kvengine INT2 G32 R32 S4 rot" in text and "KIVI-style INT2 G32 R32" in text
     d = json.loads(out.read_text())
@@ -117,3 +122,21 @@ def test_paired_ratio():
     r, se = cli.paired_ratio(b + noise, b)
     assert abs(se - 0.1 / math.sqrt(4000)) < 0.2 * 0.1 / math.sqrt(4000)
     assert abs(math.log(r)) < 4 * se
+
+
+def test_cache_kwargs_follows_the_forward_signature():
+    """cache= where forward takes it (transformers >= 5.24), past_key_values= where it does not (4.56 - 5.23)."""
+    from kvengine.integrations._hf import cache_kwargs
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            return cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return past_key_values
+
+    c = object()
+    for m, key in ((New(), "cache"), (Old(), "past_key_values")):
+        kw = cache_kwargs(m, c)
+        assert kw == {key: c} and m(**kw) is c

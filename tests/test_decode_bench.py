@@ -4,6 +4,7 @@ import torch
 
 from kvengine import models
 from kvengine.benchmarks import decode
+from kvengine.integrations._hf import cache_kwargs
 
 
 @pytest.mark.model
@@ -21,11 +22,11 @@ def test_bulk_loaded_caches_decode_like_their_own_prefill(smollm2):
         for name in decode.CONFIGS:
             cache, attn = bulk[name]
             net.set_attn_implementation(attn)
-            a = net(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+            a = net(input_ids=nxt, **cache_kwargs(net, cache), use_cache=True).logits[0, -1]
             own, attn2 = (DynamicCache(), "sdpa") if name == "fp" else decode._make(name, net.config)
             assert attn2 == attn
-            net(input_ids=prompt, past_key_values=own, use_cache=True)
-            b = net(input_ids=nxt, past_key_values=own, use_cache=True).logits[0, -1]
+            net(input_ids=prompt, **cache_kwargs(net, own), use_cache=True)
+            b = net(input_ids=nxt, **cache_kwargs(net, own), use_cache=True).logits[0, -1]
             assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (name, (a - b).abs().max().item())
             assert cache.get_seq_length() == own.get_seq_length() == 301, name
             logits[name] = a

@@ -16,6 +16,7 @@ from kvengine.retrieval import SpotlightHash
 
 from conftest import assert_rows_close
 from hf_edit import check_crop, check_row_edits, padded_logits
+from kvengine.integrations._hf import cache_kwargs
 
 
 def tiny_llama(seed=0, layers=2):
@@ -28,9 +29,9 @@ def tiny_llama(seed=0, layers=2):
 
 
 def run_chunks(model, ids, cache, prefill, chunk):
-    outs = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    outs = [model(ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True).logits]
     for s in range(prefill, ids.shape[1], chunk):
-        outs.append(model(ids[:, s:s + chunk], past_key_values=cache, use_cache=True).logits)
+        outs.append(model(ids[:, s:s + chunk], **cache_kwargs(model, cache), use_cache=True).logits)
     return torch.cat(outs, 1)
 
 
@@ -236,7 +237,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     # the cache with another attention implementation: a clear error, not a silent full attention
     model.set_attn_implementation("sdpa")
     with torch.inference_mode(), pytest.raises(RuntimeError, match=ATTN_NAME):
-        model(_ids(8, 0), past_key_values=RetrievalCache(model.config, top_k=8, sinks=2, recent=2))
+        model(_ids(8, 0), **cache_kwargs(model, RetrievalCache(model.config, top_k=8, sinks=2, recent=2)))
 
 
 @torch.inference_mode()

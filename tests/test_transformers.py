@@ -16,6 +16,7 @@ from kvengine.integrations.transformers import KVEngineCache, KVEngineLayer  # n
 
 from conftest import assert_rows_close  # noqa: E402
 from hf_edit import check_crop, check_row_edits, padded_logits  # noqa: E402
+from kvengine.integrations._hf import cache_kwargs
 
 
 def tiny_llama(seed=0, layers=2, head_dim=32):
@@ -28,9 +29,9 @@ def tiny_llama(seed=0, layers=2, head_dim=32):
 
 
 def run_chunks(model, ids, cache, prefill, chunk):
-    outs = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    outs = [model(ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True).logits]
     for s in range(prefill, ids.shape[1], chunk):
-        outs.append(model(ids[:, s:s + chunk], past_key_values=cache, use_cache=True).logits)
+        outs.append(model(ids[:, s:s + chunk], **cache_kwargs(model, cache), use_cache=True).logits)
     return torch.cat(outs, 1)
 
 
@@ -69,9 +70,9 @@ def test_generate_with_kvengine_cache_tiny():
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))
     kw = dict(max_new_tokens=40, do_sample=False, min_new_tokens=40, pad_token_id=0,
               attention_mask=torch.ones_like(ids))
-    ref = model.generate(ids, past_key_values=DynamicCache(), **kw)
+    ref = model.generate(ids, **cache_kwargs(model, DynamicCache()), **kw)
     cache = KVEngineCache(model.config, bits=8, group_size=16, residual=16, sinks=2)
-    out = model.generate(ids, past_key_values=cache, **kw)
+    out = model.generate(ids, **cache_kwargs(model, cache), **kw)
     assert out.shape == ref.shape
     assert cache.get_seq_length() == out.shape[1] - 1  # the last token is never fed back
     assert (out[0, :36] == ref[0, :36]).float().mean() > 0.9
@@ -127,7 +128,7 @@ def test_left_padded_batch_equals_each_sequence_alone(k_mode):
     # a mask that does not match what the cache holds is refused
     with pytest.raises(NotImplementedError, match="only left padding of the prompt"):
         bad = torch.cat([torch.zeros(3, 10, dtype=torch.long), torch.ones(3, 83, dtype=torch.long)], 1)
-        model(torch.zeros(3, 1, dtype=torch.long), attention_mask=bad, past_key_values=cache, use_cache=True)
+        model(torch.zeros(3, 1, dtype=torch.long), attention_mask=bad, **cache_kwargs(model, cache), use_cache=True)
 
 
 @torch.inference_mode()
@@ -181,10 +182,10 @@ def test_generate_int4_matches_fp_greedy(smollm2):
     ids = tok("The history of the Roman Empire begins", return_tensors="pt")["input_ids"]
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids),
               pad_token_id=tok.eos_token_id)
-    ref = model.generate(ids, past_key_values=DynamicCache(), **kw)[0, ids.shape[1]:]
+    ref = model.generate(ids, **cache_kwargs(model, DynamicCache()), **kw)[0, ids.shape[1]:]
     # small residual/sinks so that the packed part is really used within the first tokens
     cache = KVEngineCache(model.config, bits=4, group_size=16, residual=8, sinks=2)
-    out = model.generate(ids, past_key_values=cache, **kw)[0, ids.shape[1]:]
+    out = model.generate(ids, **cache_kwargs(model, cache), **kw)[0, ids.shape[1]:]
     assert cache.layers[0].qcache.n_quant > 0
     n_same = int((out == ref).long().cumprod(0).sum())
     assert n_same >= 16, f"first {n_same} tokens agree:\n{tok.decode(ref)!r}\n{tok.decode(out)!r}"
@@ -225,9 +226,9 @@ def test_beam_search_and_prompt_lookup_on_smollm2(smollm2, monkeypatch):
         return int((a == b).long().cumprod(0).sum())
 
     for extra in (dict(num_beams=3), dict(prompt_lookup_num_tokens=6)):
-        ref = model.generate(ids, past_key_values=DynamicCache(), **kw, **extra)[0, ids.shape[1]:]
+        ref = model.generate(ids, **cache_kwargs(model, DynamicCache()), **kw, **extra)[0, ids.shape[1]:]
         cache = KVEngineCache(model.config, bits=8, group_size=32, residual=64, sinks=4)
-        out = model.generate(ids, past_key_values=cache, **kw, **extra)[0, ids.shape[1]:]
+        out = model.generate(ids, **cache_kwargs(model, cache), **kw, **extra)[0, ids.shape[1]:]
         assert cache.layers[0].qcache.n_quant >= 192
         assert agree(out, ref) >= 14, (extra, tok.decode(ref), tok.decode(out))
     assert sum(1 for n in crops if n) >= 2 * model.config.num_hidden_layers  # drafts were rejected and cropped
@@ -255,12 +256,12 @@ def test_left_padded_batch_generate_on_smollm2(smollm2):
     assert len(set(L)) == 3
     kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
     cache = KVEngineCache(model.config, bits=4, group_size=32, residual=32)
-    out = model.generate(**enc, past_key_values=cache, **kw)[:, enc["input_ids"].shape[1]:]
+    out = model.generate(**enc, **cache_kwargs(model, cache), **kw)[:, enc["input_ids"].shape[1]:]
     q = cache.layers[0].qcache
     assert q.row_lens == [n + 15 for n in L] and q.n_quant >= 32
     for b, p in enumerate(prompts):
         one = tok(p, return_tensors="pt")
         alone = KVEngineCache(model.config, bits=4, group_size=32, residual=32 + L[b] - min(L))
-        ref = model.generate(**one, past_key_values=alone, **kw)[0, one["input_ids"].shape[1]:]
+        ref = model.generate(**one, **cache_kwargs(model, alone), **kw)[0, one["input_ids"].shape[1]:]
         n_same = int((out[b] == ref).long().cumprod(0).sum())
         assert n_same >= 12, (b, tok.decode(ref), tok.decode(out[b]))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .integrations._hf import cache_kwargs
 
 PLAN_VERSION = 1
 
@@ -166,7 +167,7 @@ def calibrate(model, text_ids: Tensor, bits: int = 2, group_size: int = 32, defa
         raise ValueError(f"calibrate: need at least group_size={group_size} tokens, got {ids.shape[1]}")
     ids = ids[:, :T].to(model.device)
     cache = DynamicCache()
-    out = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    out = model(ids, **cache_kwargs(model, cache), use_cache=True, output_hidden_states=True)
     hs = [h.float().cpu() for h in out.hidden_states]
     massive = massive_activation_tokens(hs, sink_ratio)
     # leading sinks: the first massive tokens that are contiguous from position 0 (count them), others are "extra"

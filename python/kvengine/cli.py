@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+from .integrations._hf import cache_kwargs
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EVAL_SCHEMA_VERSION = 1
@@ -102,12 +104,12 @@ def teacher_forced_nll(model, windows, make_cache: Callable, prefill: int = 256,
         for w in windows:
             ids = w.view(1, -1).to(model.device)
             cache = make_cache()
-            out = model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+            out = model(ids[:, :prefill], **cache_kwargs(model, cache), use_cache=True)
             logits = [out.logits[0].float()]
             if bar is not None:
                 bar.update(1)
             for s in range(prefill, L, chunk):
-                out = model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+                out = model(ids[:, s : s + chunk], **cache_kwargs(model, cache), use_cache=True)
                 logits.append(out.logits[0].float())
                 if bar is not None:
                     bar.update(1)
@@ -542,8 +544,8 @@ def cmd_generate(args) -> int:
     def run(cache, label):
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=args.max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, **search)
+            out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache),
+                                 max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad, **search)
         dt = time.perf_counter() - t0
         n_new = 0
         for b in range(len(seqs)):

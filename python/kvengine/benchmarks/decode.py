@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..integrations._hf import cache_kwargs
 from . import bench_main, print_table, rows_list
 
 CONFIGS = ("fp", "kvengine INT4", "kvengine INT2", "retrieval k=128", "retrieval k=128 INT4")
@@ -54,7 +55,7 @@ def prefilled(net, ids: torch.Tensor, names=CONFIGS) -> dict:
     net.set_attn_implementation("sdpa")
     dyn = DynamicCache()
     with torch.no_grad():
-        net(input_ids=ids, past_key_values=dyn, use_cache=True, logits_to_keep=1)
+        net(input_ids=ids, **cache_kwargs(net, dyn), use_cache=True, logits_to_keep=1)
     caches = {}
     for name in names:
         if name == "fp":
@@ -100,7 +101,7 @@ def run(device: str = "cpu", contexts=(1024, 4096, 8000), rounds: int = 10, step
                 with torch.no_grad():
                     for _ in range(steps):
                         t = time.perf_counter()
-                        net(input_ids=tok_id, past_key_values=cache, use_cache=True)
+                        net(input_ids=tok_id, **cache_kwargs(net, cache), use_cache=True)
                         ts.append(time.perf_counter() - t)
                 per[name] = statistics.median(ts)
                 if r:

@@ -1,10 +1,23 @@
 """Pieces shared by the transformers cache layers of kvengine (``KVEngineLayer``, ``RetrievalLayer``)."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that hands ``cache`` to ``model(...)`` / ``model.generate(...)``: ``cache`` where the model's forward
+    takes it (transformers ≥ 5.24, which deprecates ``past_key_values`` and drops it from forward in 5.40), else
+    ``past_key_values`` (4.56 – 5.23)."""
+    fwd = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 def crop_count(tokens_to_remove: int, seq_len: int) -> int:

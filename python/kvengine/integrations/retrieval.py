@@ -6,7 +6,7 @@ Usage::
     from kvengine.integrations.retrieval import RetrievalCache   # registers "kvengine_retrieval" on import
     model.set_attn_implementation("kvengine_retrieval")
     cache = RetrievalCache(model.config, top_k=128, sinks=4, recent=64)          # random-hyperplane LSH, 128 bits
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=64)   # past_key_values=cache before transformers 5.24
 
 How a layer runs with ``attn_implementation="kvengine_retrieval"`` and a ``RetrievalCache``:
 
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import ops
 from ..cache import QuantizedKVCache
-from ._hf import EditableLayerMixin, check_cached_padding, real_tokens
+from ._hf import EditableLayerMixin, cache_kwargs, check_cached_padding, real_tokens
 from ..retrieval import HashCodeCache, RetrievalAttention, SpotlightHash, train_hash
 
 try:
@@ -631,7 +631,7 @@ def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512
     model = lm.model if hasattr(lm, "model") else lm
     model.set_attn_implementation(ATTN_NAME)
     with torch.inference_mode():  # warm-up (first-call kernel setup), so that the first row's time is comparable
-        model(windows[:1, : min(prefill, 64)].to(model.device), past_key_values=DynamicCache(), use_cache=True)
+        model(windows[:1, : min(prefill, 64)].to(model.device), **cache_kwargs(model, DynamicCache()), use_cache=True)
     out, full_ppl = [], None
     for row in rows:
         r = dict(row)

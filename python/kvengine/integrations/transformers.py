@@ -5,7 +5,7 @@ Usage::
     from kvengine.integrations.transformers import KVEngineCache   # registers "kvengine" on import
     model.set_attn_implementation("kvengine")
     cache = KVEngineCache(model.config, bits=2, group_size=32, residual=128, sinks=4, rotate=True)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=64)   # past_key_values=cache before transformers 5.24
 
     # or: a per-layer plan measured on calibration text under a bit budget (kvengine.calibrate)
     plan = kvengine.calibrate(model, calibration_text, budget_bits=2.5, tokenizer=tok)
