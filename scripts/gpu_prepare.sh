@@ -8,7 +8,7 @@
 #
 # --prebuild: the device's build stage (~2 min of a session's 15 device minutes: attention.cu alone compiles for
 # ~100 s) moves here. Python 3.12 + torch 2.11.0 from PyPI (its CUDA 13.0 build, which names itself 2.11.0+cu130 as
-# the device's does; ~3.5 GB with its CUDA libraries, once, in .venv-gpu312), CUDA for sm_90a, CPU kernels for
+# the device's does; a 4.7 GB venv with its CUDA libraries, once: .venv-gpu312), CUDA for sm_90a, CPU kernels for
 # AVX2+FMA+F16C (the device's CPU is not this one): the wheel into .whl/prebuilt/ with the hash of the sources it
 # was built from (scripts/source_hash.sh). gpu_session.sh installs it only where the hash of its copy of the tree is
 # the same, it imports under the device's torch and its architectures are the card's; else it builds there as before.
