@@ -183,18 +183,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() and kvengine.build_info()["cuda"] else "cpu"
 
 
-def bench_main(name: str, doc: str, body: Callable, argv=None) -> list[dict]:
-    """The command line every benchmark shares: --device, --json, --quick; body(device, quick) -> rows."""
+def bench_main(name: str, doc: str, body: Callable, argv=None, options: Callable | None = None) -> list[dict]:
+    """The command line every benchmark shares: --device, --json, --quick; body(device, quick) -> rows.  With
+    ``options(parser)`` adding a benchmark's own arguments, body(device, quick, args) gets them too."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--device", default=default_device())
     p.add_argument("--json", default=None, help="write the rows and the environment (device, torch, commit) here")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    if options is not None:
+        options(p)
     a = p.parse_args(argv)
     old = signal.signal(signal.SIGTERM, _stop)
     try:
-        rows = body(a.device, a.quick)
+        rows = body(a.device, a.quick, a) if options is not None else body(a.device, a.quick)
     except (_Stopped, KeyboardInterrupt) as e:
         print(f"{name}: stopped ({e or 'interrupt'}); writing the {len(_ROWS)} rows finished")
         write_json(a.json, name, a.device, list(_ROWS), partial=True)
