@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,18 +40,22 @@ def _generator():
     return ["-G", "Ninja"] if shutil.which("ninja") else []
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cpp_package")
+def _engine_package(base: Path, *defines: str) -> dict:
+    """Builds and installs an engine-only package (cmake -D`defines`), then examples/cpp against it."""
     build, prefix, example = base / "engine", base / "prefix", base / "example"
     cmake = _cmake()
-    _run([cmake, "-S", ROOT, "-B", build, *_generator(), "-DKVENGINE_ENGINE_ONLY=ON", "-DKVENGINE_CUDA=OFF",
-          "-DCMAKE_BUILD_TYPE=Release"])
+    _run([cmake, "-S", ROOT, "-B", build, *_generator(), "-DKVENGINE_ENGINE_ONLY=ON", "-DCMAKE_BUILD_TYPE=Release",
+          *defines])
     _run([cmake, "--build", build, "-j", os.cpu_count() or 2])
     _run([cmake, "--install", build, "--prefix", prefix])
     _run([cmake, "-S", ROOT / "examples" / "cpp", "-B", example, *_generator(), f"-DCMAKE_PREFIX_PATH={prefix}"])
     _run([cmake, "--build", example])
     return {"build": build, "prefix": prefix, "exe": example / "kv_decode"}
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    return _engine_package(tmp_path_factory.mktemp("cpp_package"), "-DKVENGINE_CUDA=OFF")
 
 
 def test_install_layout_and_no_torch(package):
@@ -259,6 +264,30 @@ def test_example_links_against_the_cuda_build(tmp_path):
     """CI's CUDA stage (no GPU there): a C++ host links the CUDA build's launchers and cudart, runs its CPU part and
     reports the missing device instead of failing; on a GPU machine it runs the GPU path and checks it."""
     exe, env = _build_cuda_example("cuda", tmp_path)
-    line = _run_cuda_example(exe, env, 4)
-    assert line == "CUDA: no device here, the GPU path did not run" if not torch.cuda.is_available() \
-        else line.endswith("-> OK"), line
+    _check_gpu_or_none(_run_cuda_example(exe, env, 4))
+
+
+def _check_gpu_or_none(line: str) -> None:
+    """Without a GPU the program must say so (and exit 0); with one, its GPU path must agree with the CPU engine."""
+    if torch.cuda.is_available():
+        assert line.endswith("-> OK"), line
+    else:
+        assert line == "CUDA: no device here, the GPU path did not run", line
+
+
+@pytest.mark.skipif(not kvengine.build_info()["cuda"], reason="a CPU build (CI's CUDA stage runs this one)")
+def test_engine_package_with_cuda_kernels(tmp_path):
+    """CI's CUDA stage: the engine-only package with its CUDA kernels (sm_90a): kvengine::cuda exported with its
+    cudart dependency, cuda_ops.h installed, and the example built through find_package with its GPU path (no GPU
+    there: it runs its CPU part and says so; on a GPU it runs and checks the GPU path)."""
+    include, _ = _cuda_toolkit()
+    nvcc = include.parent / "bin" / "nvcc"
+    assert nvcc.is_file(), nvcc
+    pkg = _engine_package(tmp_path, "-DKVENGINE_CUDA=ON", "-DKVENGINE_CUDA_ARCHS=90a", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                          f"-DPython_EXECUTABLE={sys.executable}")  # the interpreter that has nvidia-cutlass
+    prefix = pkg["prefix"]
+    assert (prefix / "include" / "kvengine" / "cuda_ops.h").is_file()
+    assert len(list(prefix.glob("lib*/libkvengine_cuda.a"))) == 1
+    config = next(prefix.glob("lib*/cmake/kvengine/kvengineConfig.cmake")).read_text()
+    assert "set(kvengine_WITH_CUDA ON)" in config and "find_dependency(CUDAToolkit)" in config
+    _check_gpu_or_none(_run_cuda_example(pkg["exe"], dict(os.environ), 4))
