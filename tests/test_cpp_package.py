@@ -221,7 +221,7 @@ def _build_cuda_example(device, out: Path):
     torch_lib = Path(torch.__file__).parent / "lib"
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     exe = out / f"kv_decode_{device}"
-    cmd = [cxx, "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-DKVENGINE_EXAMPLE_CUDA=1",
+    cmd = [cxx, "-std=c++20", "-O1", "-Wall", "-Wextra", "-DKVENGINE_EXAMPLE_CUDA=1",  # (no -Werror: any compiler)
            "-I", ROOT / "cpp" / "include", "-I", ROOT / "cuda" / "include", "-isystem", include,
            ROOT / "examples" / "cpp" / "kv_decode.cpp", "-o", exe]
     if device == "emu":
