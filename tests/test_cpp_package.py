@@ -231,7 +231,8 @@ def _build_cuda_example(device, out: Path):
         assert cudart is not None, f"libcudart.so not found beside {include}"
         lib = pkg / "libkvengine_ops.so"
         cmd += [lib, cudart]
-    _run(cmd + [f"-Wl,-rpath-link,{torch_lib}"])
+    # the libraries' own dependencies (torch's CUDA libraries, ...) are the loader's business, not the linker's
+    _run(cmd + [f"-Wl,-rpath-link,{torch_lib}", "-Wl,--allow-shlib-undefined"])
     # the libraries' own RUNPATHs assume a venv layout (torch beside kvengine); a --target install has none
     dirs = [lib.parent, torch_lib] + ([cudart.parent] if cudart else [])
     path = os.pathsep.join([str(d) for d in dirs] + [os.environ.get("LD_LIBRARY_PATH", "")])
