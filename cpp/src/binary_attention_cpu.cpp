@@ -3,14 +3,19 @@
 // sign_pack_cpu: per-channel means over the token axis in fp64 (when centering), then one pass per row: the sign
 // bits of 32 channels into one uint32 word, mean |x| into the scale.
 //
-// binary_attention_cpu: flash-attention style, never materializing Lq × Lk.
-//   pre-pass   the packed keys of every (b, KV head) are re-laid out block-transposed, [Lk/BT][D/32][BT] words
-//              (zero padded), so that one 16-lane vector holds word w of 16 consecutive keys; D·β_j, −2·β_j and each
-//              block's D · max β are tabulated; V is copied once into fp32 panels (per block of BT keys, per chunk of
-//              64 channels, 16 with AVX2, the chunk's keys contiguous); the relative-position table is
-//              reversed (index increasing with the key) and ×log2 e.
-//   work item  (b, query head, tile of 128 query rows); the tile's query rows are packed into sign words and
-//              a_i = α_i · softmax_scale · log2 e.  Keys in blocks of BT (64; AVX2: 256):
+// binary_attention_cpu: flash-attention style, never materializing Lq × Lk. Keys are processed in blocks of BT (64;
+// AVX2: 256) in one layout (KeyBlock): the sign words block-transposed, [D/32][BT] (zero padded), so that one
+// 16-lane vector holds word w of 16 consecutive keys; D·β_j, −2·β_j and the block's D · max β; V as an fp32 panel
+// (per chunk of 64 channels, 16 with AVX2, the chunk's keys contiguous). The relative-position table is reversed
+// (index increasing with the key) and ×log2 e. Two ways to cut the work (use_split):
+//   tile path   work item (b, query head, tile of 128 query rows); a pre-pass lays out every key block of every
+//               KV head once, since each of the head's tiles reads them all.
+//   split path  when the g·Lq query rows of a GQA group fit one item (decode, short queries): work item (b, KV
+//               head, chunk of keys) with the rows of every query head of the group, each block laid out where it
+//               is used (L1/L2) — no pre-pass, K and V read once per group — and the chunks merged by
+//               log-sum-exp (splitk.h). Decode went from the pre-pass's three passes over V per call plus one per
+//               query head to one (docs/performance.md).
+//   per block, for each of the item's query rows (packed into sign words, a_i = α_i · softmax_scale · log2 e):
 //     score    16 keys at a time: pc = Σ_w popcount(q_w XOR k_w) (AVX-512 VPOPCNTD where available; AVX2: byte
 //              counts by a nibble table summed over the words, then per lane; the word loop unrolled for
 //              D = 32/64/128/256), t = pc·(−2β) + Dβ, s = a_i · t + log2 e · bias (dense and/or
@@ -28,6 +33,7 @@
 //   A row with no visible key (causal with Lq > Lk, or a bias of −inf everywhere) outputs 0.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -40,6 +46,7 @@
 #include "kvengine/parallel.h"
 #include "rowio.h"
 #include "simd.h"
+#include "splitk.h"
 
 namespace kvengine {
 namespace {
@@ -191,7 +198,57 @@ inline void pv_tile(float* acc, int64_t D, const float* p, const float* alpha, c
     for (int c = 0; c < CV; ++c) stn(acc + r * D + c0 + c * WN, a[r][c]);
 }
 
-struct Prep {
+// One block of BT keys in the layout the score loop reads: sign words block-transposed ([nw][BT], word w of key t
+// at kt[w·BT + t], zero past the block's nt keys), D·β and −2·β (0 past nt), D · max β (NaN if a β is NaN: that
+// block takes the two-pass softmax), V as an fp32 panel (see Prep::vp), keys j0 .. j0 + nt.
+struct KeyBlock {
+  const uint32_t* kt = nullptr;
+  const float *bd = nullptr, *bm2 = nullptr, *vp = nullptr;
+  float dbmax = 0.f;
+  int64_t j0 = 0;
+  int nt = 0;
+};
+
+// keys [j, j + nt) of one (b, KV head): row-major sign words kb (nw per key) -> kt [nw][BT]; β -> bd, bm2; returns
+// D · max β (NaN propagated)
+inline float block_keys(const uint32_t* kb, const float* beta, int nt, int64_t nw, int64_t D, uint32_t* kt, float* bd,
+                        float* bm2) {
+  for (int t = 0; t < nt; ++t)
+    for (int64_t w = 0; w < nw; ++w) kt[w * BT + t] = kb[t * nw + w];
+  for (int t = nt; t < BT; ++t)
+    for (int64_t w = 0; w < nw; ++w) kt[w * BT + t] = 0u;
+  float mx = 0.f;
+  for (int t = 0; t < BT; ++t) {
+    const float bt = t < nt ? beta[t] : 0.f;
+    bd[t] = float(D) * bt;
+    bm2[t] = -2.f * bt;
+    const float v = float(D) * bt;
+    if (t < nt) mx = (std::isnan(mx) || std::isnan(v)) ? v + mx : std::max(mx, v);  // NaN stays
+  }
+  return mx;
+}
+
+// value rows [j, j + nt) of one (b, KV head) -> the block's fp32 panel (rows past nt are left as they are: never read)
+inline void block_values(const BinaryAttentionArgs& a, int64_t b, int64_t hk, int64_t j, int nt, float* row, float* blk) {
+  const int64_t D = a.D;
+  const int ves = dtype_size(a.v_dtype);
+  const char* vb = static_cast<const char*>(a.v) + (b * a.v_stride_b + hk * a.v_stride_h) * ves;
+  for (int t = 0; t < nt; ++t) {
+    const char* vr = vb + (j + t) * a.v_stride_t * ves;
+    const float* src = row;
+    if (a.v_dtype == DType::F32)
+      src = reinterpret_cast<const float*>(vr);
+    else
+      detail::load_row(vr, a.v_dtype, D, nullptr, row);
+    int64_t c0 = 0;
+    for (; c0 + kChunk <= D; c0 += kChunk)  // a fixed-size copy (inlined), not a memmove call per chunk
+      std::memcpy(blk + c0 * BT + t * kChunk, src + c0, size_t(kChunk) * sizeof(float));
+    if (c0 < D)  // the narrower last chunk (AVX-512, D % 64 == 32)
+      std::memcpy(blk + c0 * BT + t * (D - c0), src + c0, size_t(D - c0) * sizeof(float));
+  }
+}
+
+struct Prep {  // the tile path's pre-pass: every key block of every (b, KV head), laid out once
   int64_t nblk = 0, nw = 0;
   lvector<uint32_t> kt;  // [B·Hkv][nblk][nw][BT]
   lvector<float> bd, bm2;  // [B·Hkv][nblk·BT]: D·β, −2·β (0 past Lk)
@@ -201,13 +258,28 @@ struct Prep {
   // lines of a 16-channel chunk fell into 8 of the 64 sets of a 32 KiB L1 and were evicted by P
   // (docs/performance.md)
   lvector<float> vp;
-  std::vector<float> rel;    // [Hq][rel_len] reversed, × log2 e
+  KeyBlock block(int64_t bhk, int64_t j0, int64_t Lk) const {
+    const int64_t blk = j0 / BT;
+    KeyBlock k;
+    k.kt = kt.data() + (bhk * nblk + blk) * nw * BT;
+    k.bd = bd.data() + bhk * nblk * BT + j0;
+    k.bm2 = bm2.data() + bhk * nblk * BT + j0;
+    k.vp = vp.data() + (bhk * nblk + blk) * BT * (nw * 32);
+    k.dbmax = bmax[bhk * nblk + blk];
+    k.j0 = j0;
+    k.nt = int(std::min<int64_t>(BT, Lk - j0));
+    return k;
+  }
 };
 
-struct Tile {  // per-thread scratch of one work item
+struct Tile {  // per-thread scratch of one work item: up to RQ query rows (of one head, or of a whole GQA group)
   lvector<float> qrow, a, m, lv, al, s, p, acc;  // lv: per-row softmax denominators, W partial sums each
   lvector<uint32_t> qw;
-  void init(int64_t D, int64_t nw) {
+  std::vector<int64_t> rh, ri;  // row r: query head, query index
+  // the split path's key block, laid out per block instead of by a pre-pass
+  lvector<uint32_t> kt;
+  lvector<float> bd, bm2, vp;
+  void init(int64_t D, int64_t nw, bool split) {
     qrow.resize(D);
     a.resize(RQ);
     m.resize(RQ);
@@ -217,24 +289,26 @@ struct Tile {  // per-thread scratch of one work item
     p.resize(size_t(RQP) * BT);
     acc.resize(size_t(RQP) * D);
     qw.resize(size_t(RQ) * nw);
+    rh.resize(RQ);
+    ri.resize(RQ);
+    if (split) {
+      kt.resize(size_t(nw) * BT);
+      bd.resize(BT);
+      bm2.resize(BT);
+      vp.resize(size_t(BT) * D);
+    }
   }
 };
 
-// NW: D/32 when it is 1, 2, 4 or 8 (the popcount loop unrolled, the query words broadcast once per row), else 0
-template <int NW>
-void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& tl) {
-  const int64_t nqt = (a.Lq + RQ - 1) / RQ;
-  const int64_t qt = item % nqt, bh = item / nqt, b = bh / a.Hq, h = bh % a.Hq;
-  const int64_t hk = h / (a.Hq / a.Hkv), bhk = b * a.Hkv + hk;
-  const int64_t D = a.D, nw = NW ? NW : pr.nw;
-  const int64_t i0 = qt * RQ;
-  const int R = int(std::min<int64_t>(RQ, a.Lq - i0));
+// pack the item's R query rows (tl.rh, tl.ri) into sign words and a_i = α_i · softmax_scale · log2 e; reset the
+// online-softmax state
+void begin_rows(const BinaryAttentionArgs& a, int64_t b, int R, Tile& tl) {
+  const int64_t D = a.D, nw = D / 32;
   const int Rp = (R + RG - 1) / RG * RG;
   const int qes = dtype_size(a.q_dtype);
   const float qmul = a.softmax_scale * kLog2e / float(D);
-  // pack the query rows
   for (int r = 0; r < R; ++r) {
-    const char* src = static_cast<const char*>(a.q) + (b * a.q_stride_b + h * a.q_stride_h + (i0 + r) * a.q_stride_t) * qes;
+    const char* src = static_cast<const char*>(a.q) + (b * a.q_stride_b + tl.rh[r] * a.q_stride_h + tl.ri[r] * a.q_stride_t) * qes;
     detail::load_row(src, a.q_dtype, D, nullptr, tl.qrow.data());
     tl.a[r] = pack_row(tl.qrow.data(), D, tl.qw.data() + r * nw) * qmul;
   }
@@ -242,139 +316,204 @@ void run_item(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
   std::fill(tl.lv.begin(), tl.lv.end(), 0.f);
   std::fill(tl.acc.begin(), tl.acc.begin() + size_t(Rp) * D, 0.f);
   std::fill(tl.p.begin(), tl.p.end(), 0.f);  // rows >= R stay 0
+}
+
+// one key block for the item's R rows: scores, online softmax, P·V. Keys at or past kend (the end of the item's
+// key range) are invisible.
+// NW: D/32 when it is 1, 2, 4 or 8 (the popcount loop unrolled, the query words broadcast once per row), else 0
+template <int NW>
+void attend_block(const BinaryAttentionArgs& a, int64_t b, const KeyBlock& kb, int64_t kend, int R, Tile& tl) {
+  const int64_t D = a.D, nw = NW ? NW : D / 32;
+  const int Rp = (R + RG - 1) / RG * RG;
   const int64_t shift = a.Lk - a.Lq;  // query i sits at key position i + shift
-  const int64_t kend = a.causal ? std::min<int64_t>(a.Lk, i0 + R + shift) : a.Lk;
-  const float* vbase = pr.vp.data() + bhk * pr.nblk * BT * D;  // V panels of this KV head
-  const uint32_t* ktb = pr.kt.data() + bhk * pr.nblk * nw * BT;
   const vni iota = iotan();
   const int64_t relc = (a.rel_len - 1) / 2;
-  const float* relh = a.rel_bias ? pr.rel.data() + h * a.rel_len : nullptr;
   const bool biased = a.bias || a.rel_bias;
-  for (int64_t j0 = 0; j0 < kend; j0 += BT) {
-    const int nt = int(std::min<int64_t>(BT, kend - j0));
-    const uint32_t* kt = ktb + (j0 / BT) * nw * BT;
-    const float dbmax = pr.bmax[bhk * pr.nblk + j0 / BT];  // D · max β over the block
-    const float* bd = pr.bd.data() + bhk * pr.nblk * BT + j0;  // D · β
-    const float* bm2 = pr.bm2.data() + bhk * pr.nblk * BT + j0;  // −2 · β
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = i0 + r, pos = i + shift;
-      const int64_t lim = std::min<int64_t>(kend - 1, a.causal ? pos : a.Lk - 1);  // last visible key
-      float* p = tl.p.data() + r * BT;
-      if (a.bias) {  // dense bias: 64 floats per row and block, rows far apart; requested kBiasAhead rows early
-        const int rr = r + kBiasAhead;
-        const int64_t jb = rr < R ? j0 : j0 + BT;
-        if (jb < kend) {
-          const float* nb = a.bias + b * a.bias_stride_b + h * a.bias_stride_h + (i0 + rr % R) * a.bias_stride_i;
-          prefetch(nb + jb, std::min<int64_t>(BT, a.Lk - jb) * int64_t(sizeof(float)));
-        }
+  const int64_t j0 = kb.j0;
+  const uint32_t* kt = kb.kt;
+  const float dbmax = kb.dbmax;  // D · max β over the block
+  const float* bd = kb.bd;       // D · β
+  const float* bm2 = kb.bm2;     // −2 · β
+  for (int r = 0; r < R; ++r) {
+    const int64_t h = tl.rh[r], i = tl.ri[r], pos = i + shift;
+    const int64_t lim = std::min<int64_t>(kend - 1, a.causal ? pos : a.Lk - 1);  // last visible key
+    float* p = tl.p.data() + r * BT;
+    if (a.bias) {  // dense bias: 64 floats per row and block, rows far apart; requested kBiasAhead rows early
+      const int rr = r + kBiasAhead;
+      const int64_t jb = rr < R ? j0 : j0 + BT;
+      if (jb < kend) {
+        const int ru = rr % R;
+        const float* nb = a.bias + b * a.bias_stride_b + tl.rh[ru] * a.bias_stride_h + tl.ri[ru] * a.bias_stride_i;
+        prefetch(nb + jb, std::min<int64_t>(BT, a.Lk - jb) * int64_t(sizeof(float)));
       }
-      if (j0 > lim) {  // nothing visible in this block for this row
-        std::memset(p, 0, BT * sizeof(float));
-        tl.al[r] = 1.f;
-        continue;
-      }
-      const uint32_t* qw = tl.qw.data() + r * nw;
-      const vn ar = splatn(tl.a[r]);
-      vnu qb[NW ? NW : 1];
-      if constexpr (NW > 0)
-        for (int w = 0; w < NW; ++w) qb[w] = splatnu(qw[w]);
-      // t_j = β_j · (D − 2·popcount(q xor k_j)); the score is a_i · t_j (+ biases)
-      auto t_of = [&](int c) {
-        vnu pc = {};
-        if constexpr (NW > 0) {
+    }
+    if (j0 > lim) {  // nothing visible in this block for this row
+      std::memset(p, 0, BT * sizeof(float));
+      tl.al[r] = 1.f;
+      continue;
+    }
+    const uint32_t* qw = tl.qw.data() + r * nw;
+    const vn ar = splatn(tl.a[r]);
+    vnu qb[NW ? NW : 1];
+    if constexpr (NW > 0)
+      for (int w = 0; w < NW; ++w) qb[w] = splatnu(qw[w]);
+    // t_j = β_j · (D − 2·popcount(q xor k_j)); the score is a_i · t_j (+ biases)
+    auto t_of = [&](int c) {
+      vnu pc = {};
+      if constexpr (NW > 0) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-          __m256i cb = _mm256_setzero_si256();  // byte counts summed over the words (≤ 64 per byte)
+        __m256i cb = _mm256_setzero_si256();  // byte counts summed over the words (≤ 64 per byte)
 #pragma GCC unroll 8
-          for (int w = 0; w < NW; ++w) cb = _mm256_add_epi8(cb, popcnt_bytes(qb[w] ^ ldnu(kt + w * BT + c)));
-          pc = bytes_to_lanes(cb);
+        for (int w = 0; w < NW; ++w) cb = _mm256_add_epi8(cb, popcnt_bytes(qb[w] ^ ldnu(kt + w * BT + c)));
+        pc = bytes_to_lanes(cb);
 #else
 #pragma GCC unroll 8
-          for (int w = 0; w < NW; ++w) pc += vpopcntn(qb[w] ^ ldnu(kt + w * BT + c));
+        for (int w = 0; w < NW; ++w) pc += vpopcntn(qb[w] ^ ldnu(kt + w * BT + c));
 #endif
-        } else {
-          for (int64_t w = 0; w < nw; ++w) pc += vpopcntn(splatnu(qw[w]) ^ ldnu(kt + w * BT + c));
-        }
-        return fmaddn(__builtin_convertvector((vni)pc, vn), ldn(bm2 + c), ldn(bd + c));
-      };
-      if (!biased && tl.m[r] != NEG && std::fabs(tl.a[r]) * dbmax <= tl.m[r] + kSlack) {
-        // no score of the block can exceed the running max by more than kSlack: one pass, the max left as it is
-        // (p <= 2^kSlack, finite and far from overflowing the fp32 sums)
-        const vn nm = splatn(-tl.m[r]);
-        vn sum = {};
-        for (int c = 0; c < BT; c += WN) {
-          vn e = exp2_fast(fmaddn(ar, t_of(c), nm));
-          const int64_t jc = j0 + c;
-          if (jc + WN - 1 > lim) e = (iota + int32_t(jc) > int32_t(lim)) ? vn{} : e;
-          stn(p + c, e);
-          sum += e;
-        }
-        stn(tl.lv.data() + r * W, ldn(tl.lv.data() + r * W) + sum);
-        tl.al[r] = 1.f;
-        continue;
+      } else {
+        for (int64_t w = 0; w < nw; ++w) pc += vpopcntn(splatnu(qw[w]) ^ ldnu(kt + w * BT + c));
       }
-      float* s = tl.s.data();
-      const float* brow = a.bias ? a.bias + b * a.bias_stride_b + h * a.bias_stride_h + i * a.bias_stride_i : nullptr;
-      vn vmax = splatn(NEG);
-      for (int c = 0; c < BT; c += WN) {
-        vn sv = t_of(c) * ar;
-        const int64_t jc = j0 + c;
-        if (jc <= lim) {
-          if (brow) {
-            if (jc + WN <= a.Lk) {
-              sv = fmaddn(ldn(brow + jc), splatn(kLog2e), sv);
-            } else {
-              for (int t = 0; t < WN && jc + t < a.Lk; ++t) sv[t] += brow[jc + t] * kLog2e;
-            }
-          }
-          if (relh) {
-            const float* rr = relh + relc - pos + jc;  // reversed table: index increases with j
-            if (jc + WN <= a.Lk) {
-              sv += ldn(rr);
-            } else {
-              for (int t = 0; t < WN && jc + t < a.Lk; ++t) sv[t] += rr[t];
-            }
-          }
-        }
-        if (jc + WN - 1 > lim) sv = (iota + int32_t(jc) > int32_t(lim)) ? splatn(NEG) : sv;
-        stn(s + c, sv);
-        vmax = vmax > sv ? vmax : sv;
-      }
-      const float bm = hmaxn(vmax);
-      if (bm == NEG) {  // every visible key has a bias of −inf
-        std::memset(p, 0, BT * sizeof(float));
-        tl.al[r] = 1.f;
-        continue;
-      }
-      const float mn = std::max(tl.m[r], bm);
-      // the running max rarely moves after the first blocks: skip the scalar exp2 (a libm call) when it does not
-      const float alpha = tl.m[r] == NEG ? 0.f : (tl.m[r] == mn ? 1.f : std::exp2(tl.m[r] - mn));
+      return fmaddn(__builtin_convertvector((vni)pc, vn), ldn(bm2 + c), ldn(bd + c));
+    };
+    if (!biased && tl.m[r] != NEG && std::fabs(tl.a[r]) * dbmax <= tl.m[r] + kSlack) {
+      // no score of the block can exceed the running max by more than kSlack: one pass, the max left as it is
+      // (p <= 2^kSlack, finite and far from overflowing the fp32 sums)
+      const vn nm = splatn(-tl.m[r]);
       vn sum = {};
       for (int c = 0; c < BT; c += WN) {
-        const vn e = exp2_fast(ldn(s + c) - splatn(mn));
+        vn e = exp2_fast(fmaddn(ar, t_of(c), nm));
+        const int64_t jc = j0 + c;
+        if (jc + WN - 1 > lim) e = (iota + int32_t(jc) > int32_t(lim)) ? vn{} : e;
         stn(p + c, e);
         sum += e;
       }
-      stn(tl.lv.data() + r * W, fmaddn(ldn(tl.lv.data() + r * W), splatn(alpha), sum));  // reduced at the end
-      tl.m[r] = mn;
-      tl.al[r] = alpha;
+      stn(tl.lv.data() + r * W, ldn(tl.lv.data() + r * W) + sum);
+      tl.al[r] = 1.f;
+      continue;
     }
-    for (int r = R; r < Rp; ++r) tl.al[r] = 1.f;
-    // P·V
-    const float* vb = vbase + (j0 / BT) * BT * D;
-    int64_t c0 = 0;
-    for (; c0 + kChunk <= D; c0 += kChunk)
-      for (int r = 0; r < Rp; r += RG)
-        pv_tile<CVN>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb + c0 * BT, nt, c0);
-    for (; c0 < D; c0 += 2 * WN)  // AVX-512: D % 64 == 32
-      for (int r = 0; r < Rp; r += RG)
-        pv_tile<2>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb + c0 * BT, nt, c0);
+    float* s = tl.s.data();
+    const float* brow = a.bias ? a.bias + b * a.bias_stride_b + h * a.bias_stride_h + i * a.bias_stride_i : nullptr;
+    const float* relh = a.rel_bias ? a.rel_bias + h * a.rel_len : nullptr;  // reversed, × log2 e (see binary_attention_cpu)
+    vn vmax = splatn(NEG);
+    for (int c = 0; c < BT; c += WN) {
+      vn sv = t_of(c) * ar;
+      const int64_t jc = j0 + c;
+      if (jc <= lim) {
+        if (brow) {
+          if (jc + WN <= a.Lk) {
+            sv = fmaddn(ldn(brow + jc), splatn(kLog2e), sv);
+          } else {
+            for (int t = 0; t < WN && jc + t < a.Lk; ++t) sv[t] += brow[jc + t] * kLog2e;
+          }
+        }
+        if (relh) {
+          const float* rr = relh + relc - pos + jc;  // reversed table: index increases with j
+          if (jc + WN <= a.Lk) {
+            sv += ldn(rr);
+          } else {
+            for (int t = 0; t < WN && jc + t < a.Lk; ++t) sv[t] += rr[t];
+          }
+        }
+      }
+      if (jc + WN - 1 > lim) sv = (iota + int32_t(jc) > int32_t(lim)) ? splatn(NEG) : sv;
+      stn(s + c, sv);
+      vmax = vmax > sv ? vmax : sv;
+    }
+    const float bm = hmaxn(vmax);
+    if (bm == NEG) {  // every visible key has a bias of −inf
+      std::memset(p, 0, BT * sizeof(float));
+      tl.al[r] = 1.f;
+      continue;
+    }
+    const float mn = std::max(tl.m[r], bm);
+    // the running max rarely moves after the first blocks: skip the scalar exp2 (a libm call) when it does not
+    const float alpha = tl.m[r] == NEG ? 0.f : (tl.m[r] == mn ? 1.f : std::exp2(tl.m[r] - mn));
+    vn sum = {};
+    for (int c = 0; c < BT; c += WN) {
+      const vn e = exp2_fast(ldn(s + c) - splatn(mn));
+      stn(p + c, e);
+      sum += e;
+    }
+    stn(tl.lv.data() + r * W, fmaddn(ldn(tl.lv.data() + r * W), splatn(alpha), sum));  // reduced at the end
+    tl.m[r] = mn;
+    tl.al[r] = alpha;
   }
+  for (int r = R; r < Rp; ++r) tl.al[r] = 1.f;
+  // P·V
+  const float* vb = kb.vp;
+  const int nt = kb.nt;
+  int64_t c0 = 0;
+  for (; c0 + kChunk <= D; c0 += kChunk)
+    for (int r = 0; r < Rp; r += RG)
+      pv_tile<CVN>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb + c0 * BT, nt, c0);
+  for (; c0 < D; c0 += 2 * WN)  // AVX-512: D % 64 == 32
+    for (int r = 0; r < Rp; r += RG)
+      pv_tile<2>(tl.acc.data() + r * D, D, tl.p.data() + r * BT, tl.al.data() + r, vb + c0 * BT, nt, c0);
+}
+
+// tile path: work item (b, query head, tile of RQ query rows) over the pre-pass's key blocks; writes out
+template <int NW>
+void run_tile(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& tl) {
+  const int64_t nqt = (a.Lq + RQ - 1) / RQ;
+  const int64_t qt = item % nqt, bh = item / nqt, b = bh / a.Hq, h = bh % a.Hq;
+  const int64_t bhk = b * a.Hkv + h / (a.Hq / a.Hkv), D = a.D;
+  const int64_t i0 = qt * RQ;
+  const int R = int(std::min<int64_t>(RQ, a.Lq - i0));
+  for (int r = 0; r < R; ++r) {
+    tl.rh[r] = h;
+    tl.ri[r] = i0 + r;
+  }
+  begin_rows(a, b, R, tl);
+  const int64_t kend = a.causal ? std::min<int64_t>(a.Lk, i0 + R + a.Lk - a.Lq) : a.Lk;
+  for (int64_t j0 = 0; j0 < kend; j0 += BT) attend_block<NW>(a, b, pr.block(bhk, j0, a.Lk), kend, R, tl);
   const int oes = dtype_size(a.v_dtype);
   for (int r = 0; r < R; ++r) {
     const float l = hsumn(ldn(tl.lv.data() + r * W));
     const float inv = l > 0.f ? 1.f / l : 0.f;
     char* dst = static_cast<char*>(a.out) + (((b * a.Hq + h) * a.Lq + i0 + r) * D) * oes;
     detail::store_row(tl.acc.data() + r * D, inv, a.v_dtype, D, dst);
+  }
+}
+
+// split path (decode-shaped calls, g·Lq <= RQ): work item (b, KV head, chunk of keys) with the query rows of every
+// head of the GQA group, so each key block is read from K / V once for the whole group; no pre-pass (each block is
+// laid out in L1/L2 where it is used). Leaves the online-softmax state of each row in part (natural-log max, sum,
+// unnormalized acc) for detail::merge_splits.
+struct Split {
+  int64_t chunk = 0, nchunks = 0;
+  float* part = nullptr;  // [B·Hkv][nchunks][g·Lq][D + 2]
+};
+
+template <int NW>
+void run_split(const BinaryAttentionArgs& a, const Split& sp, int64_t item, Tile& tl) {
+  const int64_t ck = item % sp.nchunks, bhk = item / sp.nchunks, b = bhk / a.Hkv, hk = bhk % a.Hkv;
+  const int64_t g = a.Hq / a.Hkv, D = a.D, nw = D / 32;
+  const int R = int(g * a.Lq);
+  for (int r = 0; r < R; ++r) {
+    tl.rh[r] = hk * g + r / a.Lq;
+    tl.ri[r] = r % a.Lq;
+  }
+  begin_rows(a, b, R, tl);
+  const int64_t c0 = ck * sp.chunk, c1 = std::min<int64_t>(a.Lk, c0 + sp.chunk);
+  for (int64_t j0 = c0; j0 < c1; j0 += BT) {
+    KeyBlock kb;
+    kb.j0 = j0;
+    kb.nt = int(std::min<int64_t>(BT, c1 - j0));
+    kb.dbmax = block_keys(a.k_bits + (bhk * a.Lk + j0) * nw, a.k_scale + bhk * a.Lk + j0, kb.nt, nw, D, tl.kt.data(),
+                          tl.bd.data(), tl.bm2.data());
+    block_values(a, b, hk, j0, kb.nt, tl.qrow.data(), tl.vp.data());
+    kb.kt = tl.kt.data();
+    kb.bd = tl.bd.data();
+    kb.bm2 = tl.bm2.data();
+    kb.vp = tl.vp.data();
+    attend_block<NW>(a, b, kb, c1, R, tl);
+  }
+  constexpr float kLn2 = 0.6931471805599453f;
+  for (int r = 0; r < R; ++r) {
+    float* o = sp.part + ((bhk * sp.nchunks + ck) * R + r) * (D + 2);
+    o[0] = tl.m[r] * kLn2;  // base 2 -> natural log units
+    o[1] = hsumn(ldn(tl.lv.data() + r * W));
+    std::memcpy(o + 2, tl.acc.data() + r * D, size_t(D) * sizeof(float));
   }
 }
 
@@ -414,68 +553,91 @@ void sign_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t L, int64_t
   });
 }
 
-void binary_attention_cpu(const BinaryAttentionArgs& a) {
-  if (a.B <= 0 || a.Hq <= 0 || a.Lq <= 0 || a.D <= 0) return;
+// Which path a call takes: the split path when the rows of a GQA group fit one work item (g·Lq <= RQ: decode and
+// short queries), else the tile path. KVENGINE_BINARY_CPU_SPLIT=0 / 1 forces the tile / split path (1 only where
+// g·Lq <= RQ) — for tests and benchmarks.
+static bool use_split(const BinaryAttentionArgs& a) {
+  const bool fits = (a.Hq / a.Hkv) * a.Lq <= RQ;
+  const char* e = std::getenv("KVENGINE_BINARY_CPU_SPLIT");
+  if (e && *e) return fits && std::strcmp(e, "0") != 0;
+  return fits;
+}
+
+void binary_attention_cpu(const BinaryAttentionArgs& args) {
+  if (args.B <= 0 || args.Hq <= 0 || args.Lq <= 0 || args.D <= 0) return;
+  BinaryAttentionArgs a = args;
   const int64_t D = a.D, nw = D / 32, BHk = a.B * a.Hkv;
+  // the kernels read the relative-position table reversed (index increasing with the key) and × log2 e
+  std::vector<float> rel;
+  if (a.rel_bias) {
+    rel.resize(size_t(a.Hq) * a.rel_len);
+    for (int64_t h = 0; h < a.Hq; ++h)
+      for (int64_t u = 0; u < a.rel_len; ++u)
+        rel[h * a.rel_len + u] = a.rel_bias[h * a.rel_len + (a.rel_len - 1 - u)] * kLog2e;
+    a.rel_bias = rel.data();
+  }
+  if (a.Lk <= 0) {  // no key at all: every row is 0
+    std::memset(a.out, 0, size_t(a.B * a.Hq * a.Lq * D) * dtype_size(a.v_dtype));
+    return;
+  }
+  if (use_split(a)) {
+    // split the keys so that there are >= 64 work items when the context is long enough (>= 4 blocks each)
+    Split sp;
+    sp.nchunks = std::max<int64_t>(1, std::min<int64_t>((a.Lk + 4 * BT - 1) / (4 * BT), (64 + BHk - 1) / BHk));
+    sp.chunk = ((a.Lk + sp.nchunks - 1) / sp.nchunks + BT - 1) / BT * BT;
+    sp.nchunks = (a.Lk + sp.chunk - 1) / sp.chunk;
+    const int64_t R = (a.Hq / a.Hkv) * a.Lq;
+    std::vector<float> part(size_t(BHk * sp.nchunks * R) * (D + 2));
+    sp.part = part.data();
+    parallel_for(BHk * sp.nchunks, 1, [&](int64_t i0, int64_t i1) {
+      Tile tl;
+      tl.init(D, nw, true);
+      for (int64_t i = i0; i < i1; ++i) {
+        switch (nw) {
+          case 1: run_split<1>(a, sp, i, tl); break;
+          case 2: run_split<2>(a, sp, i, tl); break;
+          case 4: run_split<4>(a, sp, i, tl); break;
+          case 8: run_split<8>(a, sp, i, tl); break;
+          default: run_split<0>(a, sp, i, tl);
+        }
+      }
+    });
+    detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, a.Lq, D, sp.nchunks, a.v_dtype, a.out);
+    return;
+  }
   Prep pr;
   pr.nw = nw;
   pr.nblk = (a.Lk + BT - 1) / BT;
-  pr.kt.assign(size_t(BHk) * pr.nblk * nw * BT, 0u);
-  pr.bd.assign(size_t(BHk) * pr.nblk * BT, 0.f);
-  pr.bm2.assign(size_t(BHk) * pr.nblk * BT, 0.f);
-  pr.bmax.assign(size_t(BHk) * pr.nblk, 0.f);
+  pr.kt.resize(size_t(BHk) * pr.nblk * nw * BT);
+  pr.bd.resize(size_t(BHk) * pr.nblk * BT);
+  pr.bm2.resize(size_t(BHk) * pr.nblk * BT);
+  pr.bmax.resize(size_t(BHk) * pr.nblk);
   pr.vp.resize(size_t(BHk) * pr.nblk * BT * D);  // not zeroed: keys past Lk are never read
   parallel_for(BHk, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> row(D);
     for (int64_t bh = h0; bh < h1; ++bh) {
-      const uint32_t* kb = a.k_bits + bh * a.Lk * nw;
-      uint32_t* kt = pr.kt.data() + bh * pr.nblk * nw * BT;
-      for (int64_t j = 0; j < a.Lk; ++j)
-        for (int64_t w = 0; w < nw; ++w) kt[((j / BT) * nw + w) * BT + j % BT] = kb[j * nw + w];
-      const float* beta = a.k_scale + bh * a.Lk;
-      for (int64_t j = 0; j < a.Lk; ++j) {
-        pr.bd[bh * pr.nblk * BT + j] = float(D) * beta[j];
-        pr.bm2[bh * pr.nblk * BT + j] = -2.f * beta[j];
-        float& mx = pr.bmax[bh * pr.nblk + j / BT];
-        const float v = float(D) * beta[j];
-        mx = (std::isnan(mx) || std::isnan(v)) ? v + mx : std::max(mx, v);  // NaN stays (the two-pass path)
-      }
-      const int64_t b = bh / a.Hkv, h = bh % a.Hkv;
-      const int ves = dtype_size(a.v_dtype);
-      const char* vb = static_cast<const char*>(a.v) + (b * a.v_stride_b + h * a.v_stride_h) * ves;
-      std::vector<float> row(D);
-      for (int64_t j = 0; j < a.Lk; ++j) {
-        const float* src = row.data();
-        if (a.v_dtype == DType::F32)
-          src = reinterpret_cast<const float*>(vb + j * a.v_stride_t * ves);
-        else
-          detail::load_row(vb + j * a.v_stride_t * ves, a.v_dtype, D, nullptr, row.data());
-        float* blk = pr.vp.data() + (bh * pr.nblk + j / BT) * BT * D;
-        const int64_t t = j % BT;
-        int64_t c0 = 0;
-        for (; c0 + kChunk <= D; c0 += kChunk)  // a fixed-size copy (inlined), not a memmove call per chunk
-          std::memcpy(blk + c0 * BT + t * kChunk, src + c0, size_t(kChunk) * sizeof(float));
-        if (c0 < D)  // the narrower last chunk (AVX-512, D % 64 == 32)
-          std::memcpy(blk + c0 * BT + t * (D - c0), src + c0, size_t(D - c0) * sizeof(float));
+      for (int64_t blk = 0; blk < pr.nblk; ++blk) {
+        const int64_t j0 = blk * BT;
+        const int nt = int(std::min<int64_t>(BT, a.Lk - j0));
+        pr.bmax[bh * pr.nblk + blk] =
+            block_keys(a.k_bits + (bh * a.Lk + j0) * nw, a.k_scale + bh * a.Lk + j0, nt, nw, D,
+                       pr.kt.data() + (bh * pr.nblk + blk) * nw * BT, pr.bd.data() + bh * pr.nblk * BT + j0,
+                       pr.bm2.data() + bh * pr.nblk * BT + j0);
+        block_values(a, bh / a.Hkv, bh % a.Hkv, j0, nt, row.data(), pr.vp.data() + (bh * pr.nblk + blk) * BT * D);
       }
     }
   });
-  if (a.rel_bias) {
-    pr.rel.resize(size_t(a.Hq) * a.rel_len);
-    for (int64_t h = 0; h < a.Hq; ++h)
-      for (int64_t u = 0; u < a.rel_len; ++u)
-        pr.rel[h * a.rel_len + u] = a.rel_bias[h * a.rel_len + (a.rel_len - 1 - u)] * kLog2e;
-  }
   const int64_t nitems = a.B * a.Hq * ((a.Lq + RQ - 1) / RQ);
   parallel_for(nitems, 1, [&](int64_t i0, int64_t i1) {
     Tile tl;
-    tl.init(D, nw);
+    tl.init(D, nw, false);
     for (int64_t i = i0; i < i1; ++i) {
       switch (nw) {
-        case 1: run_item<1>(a, pr, i, tl); break;
-        case 2: run_item<2>(a, pr, i, tl); break;
-        case 4: run_item<4>(a, pr, i, tl); break;
-        case 8: run_item<8>(a, pr, i, tl); break;
-        default: run_item<0>(a, pr, i, tl);
+        case 1: run_tile<1>(a, pr, i, tl); break;
+        case 2: run_tile<2>(a, pr, i, tl); break;
+        case 4: run_tile<4>(a, pr, i, tl); break;
+        case 8: run_tile<8>(a, pr, i, tl); break;
+        default: run_tile<0>(a, pr, i, tl);
       }
     }
   });

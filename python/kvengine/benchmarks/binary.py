@@ -4,7 +4,14 @@ the tensor-core kernel (KVENGINE_BINARY_MMA=1: b1 AND+popc MMA for QK, bf16 MMA 
 mma_4warp_ms, 4-warp ones) with its deviation from the CUDA-core kernel; SDPA is forced to the flash backend there
 (sdpa_ms, the issue's baseline) and also timed with torch's own backend choice (sdpa_default_ms).  On the CPU the
 three calls are timed in interleaved rounds and speedup_vs_sdpa is the median of the per-round ratios (shared machines
-are noisy)."""
+are noisy).
+
+Decode rows (``mode`` decode): one new query token per step over a cache of 1-bit keys (``binary_attention_packed``,
+the keys packed once as a cache holds them) and full-precision values, GQA 32 query / 8 KV heads, vs SDPA on the
+same fp32 (GPU: bf16) K/V with the group's query heads as query rows (no K/V copy; torch's ``enable_gqa`` is timed
+too). On the CPU also the tile path forced (``KVENGINE_BINARY_CPU_SPLIT=0``: one work item per query head, K / V laid
+out by a pre-pass), which every call took before the split path existed.  ``GBps``: bytes of V, key bits and key
+scales over the binary time (decode reads each once)."""
 from __future__ import annotations
 
 import contextlib
@@ -88,12 +95,59 @@ def run(device: str, lengths=(1024, 4096), dims=(64, 128), B=1, H=32, quick=Fals
     return rows
 
 
+def run_decode(device: str, contexts=(4096, 32768), dims=(128,), B=1, Hq=32, Hkv=8, quick=False,
+               rows: list[dict] | None = None) -> list[dict]:
+    """Decode rows, appended to ``rows`` (default: a fresh list from rows_list())."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rows = rows_list() if rows is None else rows
+    mine = []
+    g = Hq // Hkv
+    for L in contexts:
+        for D in dims:
+            q = randn(B, Hq, 1, D, device=device, dtype=dtype, seed=L + D)
+            k, v = (randn(B, Hkv, L, D, device=device, dtype=dtype, seed=L + D + i) for i in (1, 2))
+            kb, ks = ops.sign_pack(k, center=True)
+            qg = q.view(B, Hkv, g, D)  # the group's query heads as query rows: no K/V copy
+            fns = [lambda: F.scaled_dot_product_attention(qg, k, v),
+                   lambda: ops.binary_attention_packed(q, kb, ks, v),
+                   lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)]
+            if device == "cpu":
+                fns.append(_with_env(lambda: ops.binary_attention_packed(q, kb, ks, v), "KVENGINE_BINARY_CPU_SPLIT", "0"))
+                (t_sdpa, t_bin, t_gqa, t_tile), (_, speedup, _, _) = timeit_paired(fns, device, repeat=5 if quick else 15)
+            else:
+                t_sdpa, t_bin, t_gqa = (timeit(f, device, repeat=5 if quick else 15, min_time=0.0) for f in fns)
+                t_tile, speedup = None, t_sdpa / t_bin
+            nbytes = v.numel() * v.element_size() + kb.numel() * 4 + ks.numel() * 4
+            mine.append({
+                "mode": "decode", "B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""),
+                "binary_packed_ms": t_bin * 1e3, "tile_path_ms": None if t_tile is None else t_tile * 1e3,
+                "sdpa_ms": t_sdpa * 1e3, "sdpa_gqa_ms": t_gqa * 1e3, "speedup_vs_sdpa": speedup,
+                "split_vs_tile": None if t_tile is None else t_tile / t_bin, "GBps": nbytes / t_bin / 1e9,
+            })
+            rows.append(mine[-1])
+            del q, k, v, kb, ks, qg
+    print_table(f"binary attention decode on {device}: binary_attention_packed (1-bit key cache, {dtype} V) vs SDPA "
+                f"({dtype} K/V), {Hq}/{Hkv} heads, one query token; speedup = SDPA time / binary time", mine,
+                ["L", "D", "binary_packed_ms", "sdpa_ms", "sdpa_gqa_ms", "speedup_vs_sdpa", "GBps"]
+                + (["tile_path_ms", "split_vs_tile"] if device == "cpu" else []))
+    return mine
+
+
+def _with_env(fn, name: str, value: str):
+    def call():
+        with _env(name, value):
+            return fn()
+    return call
+
+
 def _body(device: str, quick: bool) -> list[dict]:
     if device == "cpu":
         lengths = (1024,) if quick else (1024, 4096)
     else:
         lengths = (1024, 4096) if quick else (1024, 4096, 16384)
-    return run(device, lengths=lengths, quick=quick)
+    rows = run(device, lengths=lengths, quick=quick)
+    run_decode(device, contexts=(4096,) if quick else (4096, 32768), quick=quick, rows=rows)  # appended: a stop keeps both
+    return rows
 
 
 def main(argv=None):
