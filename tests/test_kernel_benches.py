@@ -1,0 +1,46 @@
+"""The kernel benchmarks' baselines and rows: the SDPA forms they time must be the same attention, and the decode
+rows of `bench binary` must time what they say."""
+import pytest
+import torch
+
+from kvengine import benchmarks
+from kvengine.benchmarks import binary
+
+from conftest import assert_rows_close, outlier_randn
+
+
+@pytest.mark.parametrize("B,Hkv,g,N,D", [(1, 2, 4, 37, 64), (3, 1, 7, 300, 32), (2, 8, 1, 5, 128)])
+def test_sdpa_grouped_is_the_gqa_attention(B, Hkv, g, N, D, gen):
+    q = outlier_randn(B, Hkv * g, 1, D, generator=gen)
+    k, v = (outlier_randn(B, Hkv, N, D, generator=gen) for _ in range(2))
+    got = benchmarks.sdpa_grouped(q, k, v)
+    assert got.shape == q.shape
+    # the same attention as enable_gqa and as the explicit per-head reference
+    assert_rows_close(got, benchmarks.sdpa_gqa(q, k, v), 1e-5)
+    kk, vv = (t.repeat_interleave(g, dim=1) for t in (k, v))
+    w = torch.softmax(q.double() @ kk.double().transpose(-1, -2) / D ** 0.5, -1)
+    assert_rows_close(got, w @ vv.double(), 1e-5)
+    with pytest.raises(AssertionError, match="one query token"):
+        benchmarks.sdpa_grouped(torch.randn(B, Hkv * g, 2, D), k, v)
+
+
+def test_best_sdpa_decode_reports_the_faster_form(gen):
+    q, k, v = torch.randn(1, 8, 1, 64, generator=gen), torch.randn(1, 2, 64, 64, generator=gen), torch.randn(1, 2, 64, 64, generator=gen)
+    r = benchmarks.best_sdpa_decode(q, k, v, "cpu", repeat=3, min_time=0.0)
+    assert r["sdpa_s"] * 1e6 == pytest.approx(min(r["sdpa_grouped_us"], r["sdpa_enable_gqa_us"]))
+    assert r["sdpa_form"] == ("grouped" if r["sdpa_grouped_us"] <= r["sdpa_enable_gqa_us"] else "enable_gqa")
+
+
+def test_binary_decode_rows():
+    rows = binary.rows_list()
+    rows.append({"mode": "prefill-row"})  # decode rows go after the rows already there (a stop keeps both)
+    out = binary.run_decode("cpu", contexts=(300, 700), dims=(64,), Hq=8, Hkv=2, quick=True, rows=rows)
+    assert len(out) == 2 and rows[1:] == out and rows[0] == {"mode": "prefill-row"}
+    for r, L in zip(out, (300, 700)):
+        assert r["mode"] == "decode" and r["L"] == L and r["D"] == 64 and (r["Hq"], r["Hkv"]) == (8, 2)
+        for key in ("binary_packed_ms", "tile_path_ms", "sdpa_ms", "sdpa_gqa_ms", "speedup_vs_sdpa", "split_vs_tile",
+                    "GBps"):
+            assert r[key] > 0, key
+        # bytes: fp32 V, one bit per key channel, one fp32 scale per key
+        nbytes = 2 * L * 64 * 4 + 2 * L * 64 // 8 + 2 * L * 4
+        assert r["GBps"] == pytest.approx(nbytes / (r["binary_packed_ms"] * 1e-3) / 1e9)
