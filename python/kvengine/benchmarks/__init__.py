@@ -86,7 +86,7 @@ def randn(*shape: int, device: str, dtype: torch.dtype, seed: int) -> torch.Tens
 def sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Decode attention (one query token, no mask) with GQA as one SDPA call whose query rows are the group's query
     heads: q [B, Hq, 1, D] viewed as [B, Hkv, Hq / Hkv, D] against k, v [B, Hkv, N, D]. The same attention as
-    ``enable_gqa=True`` without any copy of K/V; on the CPU ``enable_gqa`` measured 2-3.5x slower (it expands K/V to
+    ``enable_gqa=True`` without any copy of K/V; on the CPU ``enable_gqa`` measured 1.7-3.5x slower (it expands K/V to
     every query head), so speed-ups against it alone were inflated."""
     B, Hq, T, D = q.shape
     assert T == 1, "sdpa_grouped: one query token"

@@ -1,6 +1,6 @@
 """Decode step over a quantized cache: kvengine INT2/INT4 fused attention vs (a) torch SDPA over full-precision K/V
 (the faster of two exact forms, timed side by side: the GQA group's query heads as query rows, or ``enable_gqa=True``,
-which on the CPU copies K/V per query head and ran 2-3.5x slower; ``sdpa_form`` says which) and (b)
+which on the CPU copies K/V per query head and ran 1.7-3.5x slower; ``sdpa_form`` says which) and (b)
 dequantize-then-SDPA (what an unfused quantized cache does), side by side, GQA 4:1, D=128; plus the same
 cache with keys quantized per token (``k_mode="per_token"``, same bytes) against the per-channel (KIVI) layout."""
 from __future__ import annotations
