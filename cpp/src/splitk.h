@@ -82,7 +82,8 @@ void attend_block_nv(BlockState& st, int64_t p0, int nt, int64_t n_ctx, int64_t 
     const float bm = hmaxn(bmv);
     if (bm == NEG) continue;  // every token of the block is masked for this row
     const float mn = std::max(st.m[r], bm);
-    const float alpha = std::exp(st.m[r] - mn);  // 0 when m was -inf
+    // 0 when m was -inf; the running max rarely moves after the first blocks: no libm call when it does not
+    const float alpha = st.m[r] == mn ? 1.f : std::exp(st.m[r] - mn);
     vn sum = {};
     for (int t = 0; t < BT; t += WN) {
       const vn e = vexpn(ldn(s + t) - splatn(mn));
