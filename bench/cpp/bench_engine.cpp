@@ -1,14 +1,17 @@
 // kvengine — C++ microbenchmarks of the torch-free engine (CPU): fwht vs memcpy, quantize_pack,
-// quant_decode_attention vs a plain fp32 attention over the same tokens.  Runs on std::thread workers
-// (kvengine's default parallel-for), so numbers are comparable with each other, not with torch's pool.
+// quant_decode_attention vs a plain fp32 attention over the same tokens, binary attention at decode (split path vs
+// the tile path).  Runs on std::thread workers (kvengine's default parallel-for), so numbers are comparable with
+// each other, not with torch's pool.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
 
 #include "kvengine/attention.h"
+#include "kvengine/binary_attention.h"
 #include "kvengine/fwht.h"
 #include "kvengine/quant.h"
 
@@ -157,5 +160,42 @@ static void BM_fp32_decode_attention(benchmark::State& st) {
       benchmark::Counter(double(N * s.H), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 BENCHMARK(BM_fp32_decode_attention)->Arg(4096)->Arg(32768)->UseRealTime();
+
+// binary attention decode over a cache of 1-bit keys: one query token, 32 query / 8 KV heads, D = 128, fp32 V;
+// path 1 = the split path (the default for decode), 0 = the tile path forced (KVENGINE_BINARY_CPU_SPLIT=0)
+static void BM_binary_attention_decode(benchmark::State& st) {
+  const int64_t N = st.range(0), H = 8, g = 4, D = 128;
+  auto k = randn(size_t(H * N * D), 8), v = randn(size_t(H * N * D), 9), q = randn(size_t(H * g * D), 10);
+  std::vector<uint32_t> bits(size_t(H * N * D / 32));
+  std::vector<float> scale(size_t(H * N)), out(q.size());
+  sign_pack_cpu(k.data(), DType::F32, H, N, D, N * D, D, true, bits.data(), scale.data());
+  BinaryAttentionArgs a;
+  a.q = q.data();
+  a.q_stride_b = H * g * D;
+  a.q_stride_h = D;
+  a.q_stride_t = D;
+  a.k_bits = bits.data();
+  a.k_scale = scale.data();
+  a.v = v.data();
+  a.v_stride_b = H * N * D;
+  a.v_stride_h = N * D;
+  a.v_stride_t = D;
+  a.out = out.data();
+  a.B = 1;
+  a.Hq = H * g;
+  a.Hkv = H;
+  a.Lq = 1;
+  a.Lk = N;
+  a.D = D;
+  a.softmax_scale = 1.0f / std::sqrt(float(D));
+  setenv("KVENGINE_BINARY_CPU_SPLIT", st.range(1) ? "1" : "0", 1);
+  for (auto _ : st) {
+    binary_attention_cpu(a);
+    benchmark::ClobberMemory();
+  }
+  unsetenv("KVENGINE_BINARY_CPU_SPLIT");
+  st.SetBytesProcessed(st.iterations() * (int64_t(v.size()) * 4 + int64_t(bits.size()) * 4 + int64_t(scale.size()) * 4));
+}
+BENCHMARK(BM_binary_attention_decode)->Args({4096, 1})->Args({4096, 0})->Args({32768, 1})->Args({32768, 0})->UseRealTime();
 
 BENCHMARK_MAIN();
