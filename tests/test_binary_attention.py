@@ -203,42 +203,47 @@ def test_strided_inputs(gen):
     assert torch.equal(out, ops.binary_attention(q.contiguous(), k.contiguous(), v.contiguous()))
 
 
-# ---- CPU: split path (decode-shaped calls) vs tile path ------------------------------------------------------------
-# g·Lq <= 128 rows per GQA group take the split path (one work item per (b, KV head, chunk of keys) with the rows of
-# every head of the group, chunks merged by log-sum-exp); KVENGINE_BINARY_CPU_SPLIT=0 / 1 forces either path.
+# ---- split path (decode-shaped calls) vs one work item per query head -------------------------------------------
+# CPU: g·Lq <= 128 rows per GQA group take the split path (one work item per (b, KV head, chunk of keys) with the rows
+# of every head of the group, chunks merged by log-sum-exp); KVENGINE_BINARY_CPU_SPLIT=0 / 1 forces either path.
+# CUDA: the same when g·Lq <= 32 (D = 256: 16) rows (one CTA per (b, KV head, row tile, key chunk), a merge kernel);
+# KVENGINE_BINARY_CUDA_SPLIT=0 forces one CTA per query head.
 SPLIT_CASES = [
     # B, Hkv, g, Lq, Lk, D: Lk long enough for several key chunks on every block size (AVX-512 64, AVX2 256 keys)
     (1, 2, 4, 1, 2600, 128),   # decode, GQA 4
     (2, 3, 2, 3, 1100, 64),    # 3 new tokens per step (causal rows end at different keys)
-    (1, 1, 8, 16, 777, 32),    # MQA, 128 rows: the largest split item
+    (1, 1, 8, 16, 777, 32),    # MQA, 128 rows: the largest CPU split item (CUDA: per query head)
     (3, 1, 1, 1, 40, 256),     # one partial block; D = 256 (the generic popcount loop)
 ]
+SPLIT_ENV = {"cpu": "KVENGINE_BINARY_CPU_SPLIT"}
 
 
-def _forced(monkeypatch, path):
-    monkeypatch.setenv("KVENGINE_BINARY_CPU_SPLIT", {"split": "1", "tile": "0"}[path])
+def _forced(monkeypatch, device, path):
+    monkeypatch.setenv(SPLIT_ENV.get(device, "KVENGINE_BINARY_CUDA_SPLIT"), {"split": "1", "tile": "0"}[path])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SPLIT_CASES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_split_path_matches_reference(case, causal, dtype, gen, monkeypatch):
-    args, _ = _inputs(*case, dtype, gen, "cpu")
+def test_split_path_matches_reference(device, case, causal, dtype, gen, monkeypatch):
+    args, _ = _inputs(*case, dtype, gen, device)
     expect = _ref_out(ref.binary_attention, args, dict(causal=causal, softmax_scale=0.05))
     outs = {}
     for path in ("split", "tile"):
-        _forced(monkeypatch, path)
+        _forced(monkeypatch, device, path)
         outs[path] = ops.binary_attention(*args, causal=causal, softmax_scale=0.05)
         assert outs[path].dtype == dtype
         assert_rows_close(outs[path].float(), expect, TOL[dtype])
-    monkeypatch.delenv("KVENGINE_BINARY_CPU_SPLIT")
+    monkeypatch.delenv(SPLIT_ENV.get(device, "KVENGINE_BINARY_CUDA_SPLIT"))
     assert torch.equal(ops.binary_attention(*args, causal=causal, softmax_scale=0.05), outs["split"])  # the default
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias_kind,rel", [("dense", False), (None, True), ("batch", True)])
-def test_cpu_split_path_biases(bias_kind, rel, gen, monkeypatch):
-    _forced(monkeypatch, "split")
-    args, kw = _inputs(2, 2, 3, 2, 1500, 64, torch.float32, gen, "cpu", bias_kind, rel)
+def test_split_path_biases(device, bias_kind, rel, gen, monkeypatch):
+    _forced(monkeypatch, device, "split")
+    args, kw = _inputs(2, 2, 3, 2, 1500, 64, torch.float32, gen, device, bias_kind, rel)
     if bias_kind == "dense":  # every key of the first chunks masked for head 0: chunks with nothing visible
         kw["bias"][0, :, :1200] = float("-inf")
     for causal in (False, True):
@@ -247,16 +252,18 @@ def test_cpu_split_path_biases(bias_kind, rel, gen, monkeypatch):
         assert_rows_close(out, expect, TOL[torch.float32])
 
 
-def test_cpu_split_path_rows_without_keys_and_late_large_keys(gen, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_path_rows_without_keys_and_late_large_keys(device, gen, monkeypatch):
     """Causal with Lq > Lk (the first rows see nothing: 0), and keys far above the running max in a late chunk (the
     merge must rescale the earlier chunks, a mistake overflows)."""
-    _forced(monkeypatch, "split")
-    args, _ = _inputs(1, 1, 2, 40, 24, 64, torch.float32, gen, "cpu")
+    _forced(monkeypatch, device, "split")
+    args, _ = _inputs(1, 1, 2, 40, 24, 64, torch.float32, gen, device)
     out = ops.binary_attention(*args, causal=True)
     assert (out[:, :, :16] == 0).all()
     assert_rows_close(out[:, :, 16:], _ref_out(ref.binary_attention, args, dict(causal=True))[:, :, 16:], TOL[torch.float32])
     q, k, v = (torch.randn(1, 2, n, 64, generator=gen) for n in (2, 3000, 3000))
     k[:, :, 2500:2600] *= 16
+    q, k, v = (t.to(device) for t in (q, k, v))
     for causal in (False, True):
         out = ops.binary_attention(q, k, v, causal=causal, softmax_scale=0.5)
         assert torch.isfinite(out).all()
@@ -264,35 +271,39 @@ def test_cpu_split_path_rows_without_keys_and_late_large_keys(gen, monkeypatch):
                           TOL[torch.float32])
 
 
-def test_cpu_split_path_packed_and_strided(gen, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_path_packed_and_strided(device, gen, monkeypatch):
     """A cache of 1-bit keys attended at decode (binary_attention_packed, Lq = 1), V a strided view of a [B, L, H, D]
     buffer; both paths agree with the reference."""
-    x = outlier_randn(2, 900, 4, 64, generator=gen)
+    x = outlier_randn(2, 900, 4, 64, generator=gen).to(device)
     v = x.transpose(1, 2)  # [2, 4, 900, 64], non-contiguous
     k = (x * 0.5 + 0.3).transpose(1, 2).contiguous()
-    q = outlier_randn(2, 8, 1, 64, generator=gen)
+    q = outlier_randn(2, 8, 1, 64, generator=gen).to(device)
     bits, scale = ops.sign_pack(k, center=True)
     expect = _ref_out(ref.binary_attention_packed, [q, bits, scale, v], {})
     for path in ("split", "tile"):
-        _forced(monkeypatch, path)
+        _forced(monkeypatch, device, path)
         out = ops.binary_attention_packed(q, bits, scale, v)
         assert_rows_close(out, expect, TOL[torch.float32])
         assert torch.equal(out, ops.binary_attention_packed(q, bits, scale, v.contiguous()))
 
 
-def test_cpu_path_selection(gen, monkeypatch):
-    """The default is the split path iff g·Lq <= 128; forcing the split path where the rows do not fit one item
-    falls back to the tile path."""
-    for g, Lq, path in ((4, 32, "split"), (4, 33, "tile"), (1, 128, "split"), (1, 129, "tile")):
-        args, _ = _inputs(1, 1, g, Lq, 2100, 32, torch.float32, gen, "cpu")  # several key chunks
+@pytest.mark.parametrize("device", DEVICES)
+def test_path_selection(device, gen, monkeypatch):
+    """The default is the split path iff g·Lq fits one item (CPU 128 rows, CUDA 32 at D = 32); forcing the split path
+    where the rows do not fit falls back to one item per query head."""
+    limit = 128 if device == "cpu" else 32
+    for g, Lq, path in ((4, limit // 4, "split"), (4, limit // 4 + 1, "tile"), (1, limit, "split"),
+                        (1, limit + 1, "tile")):
+        args, _ = _inputs(1, 1, g, Lq, 2100, 32, torch.float32, gen, device)  # several key chunks
         default = ops.binary_attention(*args)
-        _forced(monkeypatch, path)
+        _forced(monkeypatch, device, path)
         assert torch.equal(default, ops.binary_attention(*args)), (g, Lq, path)
         other = "tile" if path == "split" else "split"
-        _forced(monkeypatch, other)
+        _forced(monkeypatch, device, other)
         forced = ops.binary_attention(*args)
         assert torch.equal(default, forced) == (path == "tile"), (g, Lq, other)  # split forced where it cannot run
-        monkeypatch.delenv("KVENGINE_BINARY_CPU_SPLIT")
+        monkeypatch.delenv(SPLIT_ENV.get(device, "KVENGINE_BINARY_CUDA_SPLIT"))
 
 
 # ---- opcheck / autograd ------------------------------------------------------------------------------------------------

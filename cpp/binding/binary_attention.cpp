@@ -140,7 +140,9 @@ void run_attention(const at::Tensor& q, BinaryAttentionArgs& a) {
 #ifdef KVENGINE_WITH_CUDA
   if (on_cuda(q)) {
     c10::cuda::CUDAGuard guard(q.device());
-    cuda::binary_attention(a, stream_of(q));
+    const size_t wsb = cuda::binary_attention_workspace_bytes(a);  // the split of decode-shaped calls
+    at::Tensor ws = wsb ? at::empty({int64_t(wsb)}, q.options().dtype(at::kByte)) : at::Tensor();
+    cuda::binary_attention(a, wsb ? ws.data_ptr() : nullptr, stream_of(q));
     return;
   }
 #endif

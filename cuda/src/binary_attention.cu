@@ -133,6 +133,12 @@ struct AttnParams {
   bool causal;
   bool v_vec;  // V's rows are 16-byte aligned (pointer and strides): the tensor-core kernel stages them by cp.async
   float qmul;  // softmax_scale · log2 e / D
+  // grouped (split) mode of binary_attn_kernel: rows = the g·Lq query rows of a KV head's GQA group, keys split in
+  // nchunks chunks of `chunk` keys; with part, each chunk leaves (m, l, acc) there for merge_kernel
+  int rows;     // g·Lq
+  int ntiles;   // row tiles per group
+  int chunk, nchunks;
+  float* part;  // [B·Hkv][nchunks][rows][D + 2] or null (nchunks == 1: the kernel writes out itself)
 };
 
 // one warp packs query row at element offset `off` (zeros when !valid): lane 0 stores its NW sign words at qw;
@@ -153,7 +159,10 @@ __device__ __forceinline__ float pack_query_row(const AttnParams& p, int64_t off
   return warp_sum(s);
 }
 
-template <int D, int RW>
+// GROUPED: one CTA per (b, KV head, tile of BQ rows of the group, chunk of keys) — decode-shaped calls (g·Lq small),
+// where one CTA per query head would hold a single valid row and every query head would read its KV head's V again.
+// Row ρ of the group is query head hk·g + ρ / Lq, query i = ρ % Lq.
+template <int D, int RW, bool GROUPED>
 __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) {
   constexpr int NW = D / 32;   // sign words per row
   constexpr int CPL = D / 32;  // channels per lane in P·V
@@ -167,11 +176,16 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
   uint32_t* qws = reinterpret_cast<uint32_t*>(rowst + kWarps * 4 * RW);  // [kWarps][RW][NW]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.Hq / p.Hkv);
+  const int b = blockIdx.z, g = p.Hq / p.Hkv;
+  const int hk = GROUPED ? static_cast<int>(blockIdx.y) : static_cast<int>(blockIdx.y) / g;
   const int64_t bhk = static_cast<int64_t>(b) * p.Hkv + hk;
-  const int q0 = blockIdx.x * BQ;
+  const int ck = GROUPED ? static_cast<int>(blockIdx.x) % p.nchunks : 0;
+  const int q0 = (GROUPED ? static_cast<int>(blockIdx.x) / p.nchunks : static_cast<int>(blockIdx.x)) * BQ;
   const int rbase = q0 + warp * RW;
+  const int nrows = GROUPED ? p.rows : p.Lq;
+  // row ρ of this CTA's row space -> query head and query index
+  auto head_of = [&](int rho) { return GROUPED ? hk * g + rho / p.Lq : static_cast<int>(blockIdx.y); };
+  auto query_of = [&](int rho) { return GROUPED ? rho % p.Lq : rho; };
   const int shift = p.Lk - p.Lq;
   float* sa = rowst + warp * 4 * RW;  // per-row state of this warp (uniform across its lanes)
   float* sm = sa + RW;
@@ -182,10 +196,11 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
   // pack this warp's query rows: sign words by ballot, a = mean|q| · scale · log2 e
 #pragma unroll 1
   for (int r = 0; r < RW; ++r) {
-    const int i = rbase + r;
-    const bool valid = i < p.Lq;
+    const int rho = rbase + r;
+    const bool valid = rho < nrows;
+    const int h = valid ? head_of(rho) : 0, i = valid ? query_of(rho) : 0;
     const int64_t off = static_cast<int64_t>(b) * p.q_sb + static_cast<int64_t>(h) * p.q_sh +
-                        static_cast<int64_t>(valid ? i : 0) * p.q_st;
+                        static_cast<int64_t>(i) * p.q_st;
     int pc;
     const float s = pack_query_row<NW>(p, off, valid, lane, qw + r * NW, pc);
     if (lane == 0) {
@@ -200,14 +215,19 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc[r][c] = 0.f;
 
-  int kend = p.Lk;
-  if (p.causal) kend = min(p.Lk, q0 + BQ + shift);
+  int kbeg = 0, kend = p.Lk;
+  if constexpr (GROUPED) {
+    kbeg = ck * p.chunk;
+    kend = min(p.Lk, kbeg + p.chunk);
+  } else if (p.causal) {
+    kend = min(p.Lk, q0 + BQ + shift);
+  }
   float* pw = ps + warp * RW * BK;
   const int64_t kbase = bhk * p.Lk;
   const int64_t vbase = static_cast<int64_t>(b) * p.v_sb + static_cast<int64_t>(hk) * p.v_sh;
   const int64_t relc = (p.rel_len - 1) / 2;
 
-  for (int j0 = 0; j0 < kend; j0 += BK) {
+  for (int j0 = kbeg; j0 < kend; j0 += BK) {
     __syncthreads();  // the previous tile is consumed (and, first time, the row state is written)
     for (int idx = tid; idx < NW * BK; idx += kThreads) {
       const int w = idx / BK, t = idx % BK, j = j0 + t;
@@ -233,7 +253,9 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
       }
 #pragma unroll 1
       for (int r = 0; r < RW; ++r) {
-        const int i = rbase + r;
+        const int rho = rbase + r;
+        const bool valid = rho < nrows;
+        const int h = head_of(rho), i = query_of(rho);
         int pc0 = 0, pc1 = 0;
 #pragma unroll
         for (int w = 0; w < NW; ++w) {
@@ -245,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
         float s0 = ar * b0 * static_cast<float>(D - 2 * pc0);
         float s1 = ar * b1 * static_cast<float>(D - 2 * pc1);
         const int pos = i + shift;
-        const int lim = i < p.Lq ? min(kend - 1, p.causal ? pos : p.Lk - 1) : -1;
+        const int lim = valid ? min(kend - 1, p.causal ? pos : p.Lk - 1) : -1;
         if (j0a <= lim) {
           if (p.bias) s0 += kLog2e * p.bias[b * p.bias_sb + h * p.bias_sh + static_cast<int64_t>(i) * p.bias_si + j0a];
           if (p.rel) s0 += kLog2e * p.rel[h * p.rel_len + relc + pos - j0a];
@@ -314,29 +336,122 @@ __global__ void __launch_bounds__(kThreads, 4) binary_attn_kernel(AttnParams p) 
 
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
-    const int i = rbase + r;
-    if (i >= p.Lq) continue;
+    const int rho = rbase + r;
+    if (rho >= nrows) continue;
+    if (GROUPED && p.part != nullptr) {  // this chunk's state, merged by merge_kernel
+      float* o = p.part + ((bhk * p.nchunks + ck) * p.rows + rho) * (D + 2);
+      if (lane == 0) {
+        o[0] = sm[r];
+        o[1] = sl[r];
+      }
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) o[2 + c * 32 + lane] = acc[r][c];
+      continue;
+    }
     const float lr = sl[r];
     const float inv = lr > 0.f ? 1.f / lr : 0.f;
-    const int64_t o = ((static_cast<int64_t>(b) * p.Hq + h) * p.Lq + i) * D;
+    const int64_t o = ((static_cast<int64_t>(b) * p.Hq + head_of(rho)) * p.Lq + query_of(rho)) * D;
 #pragma unroll
     for (int c = 0; c < CPL; ++c) store_f(p.out, o + c * 32 + lane, p.vdt, acc[r][c] * inv);
   }
 }
 
-template <int D, int RW>
+// the split chunks of every (b, KV head, group row) -> out: one warp per row; weights 2^(m_c − M) (base-2 maxima);
+// a row with nothing visible in any chunk is 0
+template <int D>
+__global__ void __launch_bounds__(kThreads) merge_kernel(AttnParams p, int64_t nrows_total) {
+  constexpr int CPL = D / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= nrows_total) return;
+  const int64_t bhk = row / p.rows;
+  const int rho = static_cast<int>(row % p.rows), g = p.Hq / p.Hkv;
+  const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+  const float* base = p.part + bhk * p.nchunks * p.rows * (D + 2);
+  float M = -INFINITY;
+  for (int c = lane; c < p.nchunks; c += 32) M = fmaxf(M, base[(static_cast<int64_t>(c) * p.rows + rho) * (D + 2)]);
+  M = warp_max(M);
+  float acc[CPL];
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) acc[c] = 0.f;
+  float L = 0.f;
+  if (M != -INFINITY) {
+    for (int ck = 0; ck < p.nchunks; ++ck) {
+      const float* o = base + (static_cast<int64_t>(ck) * p.rows + rho) * (D + 2);
+      const float l = o[1];
+      if (l == 0.f) continue;  // nothing visible in this chunk
+      const float w = exp2f(o[0] - M);
+      L += l * w;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) acc[c] += o[2 + c * 32 + lane] * w;
+    }
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  const int64_t out = ((b * p.Hq + hk * g + rho / p.Lq) * p.Lq + rho % p.Lq) * D;
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) store_f(p.out, out + c * 32 + lane, p.vdt, acc[c] * inv);
+}
+
+template <int D, int RW, bool GROUPED>
 void launch(const AttnParams& p, int B, int Hq, int Lq, cudaStream_t stream) {
   constexpr int BQ = kWarps * RW;
   const size_t smem = static_cast<size_t>(D / 32) * BK * 4 + BK * 4 + static_cast<size_t>(BK) * D * 4 +
                       static_cast<size_t>(kWarps) * RW * BK * 4 + static_cast<size_t>(kWarps) * 4 * RW * 4 +
                       static_cast<size_t>(kWarps) * RW * (D / 32) * 4;
-  auto fn = binary_attn_kernel<D, RW>;
+  auto fn = binary_attn_kernel<D, RW, GROUPED>;
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
           "shared memory opt-in");
-  const dim3 grid(static_cast<unsigned>((Lq + BQ - 1) / BQ), static_cast<unsigned>(Hq), static_cast<unsigned>(B));
-  fn<<<grid, kThreads, smem, stream>>>(p);
-  check(cudaGetLastError(), "kernel launch");
+  if constexpr (GROUPED) {
+    const dim3 grid(static_cast<unsigned>(p.ntiles * p.nchunks), static_cast<unsigned>(p.Hkv), static_cast<unsigned>(B));
+    fn<<<grid, kThreads, smem, stream>>>(p);
+    check(cudaGetLastError(), "kernel launch (grouped)");
+    if (p.part != nullptr) {
+      const int64_t rows = static_cast<int64_t>(B) * p.Hkv * p.rows;
+      merge_kernel<D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p, rows);
+      check(cudaGetLastError(), "merge launch");
+    }
+  } else {
+    const dim3 grid(static_cast<unsigned>((Lq + BQ - 1) / BQ), static_cast<unsigned>(Hq), static_cast<unsigned>(B));
+    fn<<<grid, kThreads, smem, stream>>>(p);
+    check(cudaGetLastError(), "kernel launch");
+  }
+}
+
+template <int D, int RW>
+void launch_core(const AttnParams& p, bool grouped, int B, int Hq, int Lq, cudaStream_t stream) {
+  if (grouped) launch<D, RW, true>(p, B, Hq, Lq, stream);
+  else launch<D, RW, false>(p, B, Hq, Lq, stream);
+}
+
+// The grouped split: taken when the g·Lq rows of a group fit one CTA's rows (4 warps × RW); KVENGINE_BINARY_CUDA_SPLIT
+// = 0 forces the per-query-head kernel (tests, benchmarks). The key chunks aim at >= kSplitCtas CTAs, >= 4 tiles each.
+constexpr int kSplitCtas = 256;
+int rows_per_cta(int64_t D) { return kWarps * (D == 256 ? 4 : 8); }
+
+struct Split {
+  bool grouped = false;
+  int chunk = 0, nchunks = 1;
+};
+
+Split split_plan(const BinaryAttentionArgs& a) {
+  Split s;
+  const int64_t g = a.Hkv > 0 ? a.Hq / a.Hkv : 0, rows = g * a.Lq;
+  if (a.B <= 0 || a.Hkv <= 0 || a.Lk <= 0 || rows <= 0 || rows > rows_per_cta(a.D)) return s;
+  s.grouped = true;
+  const int64_t ctas = a.B * a.Hkv, want = (kSplitCtas + ctas - 1) / ctas;
+  const int64_t most = (a.Lk + 4 * BK - 1) / (4 * BK);
+  int64_t n = want < most ? want : most;
+  if (n < 1) n = 1;
+  int64_t chunk = ((a.Lk + n - 1) / n + BK - 1) / BK * BK;
+  s.chunk = static_cast<int>(chunk);
+  s.nchunks = static_cast<int>((a.Lk + chunk - 1) / chunk);
+  return s;
+}
+
+bool split_forced_off() {
+  const char* e = std::getenv("KVENGINE_BINARY_CUDA_SPLIT");
+  return e != nullptr && e[0] == '0';
 }
 
 // ---- tensor-core path (sm_80+): QK as mma b1 AND + popc, P·V as fp16/bf16 mma ------------------------------------
@@ -773,6 +888,12 @@ bool mma_requested() {
 
 }  // namespace
 
+size_t binary_attention_workspace_bytes(const BinaryAttentionArgs& a) {
+  const Split s = split_plan(a);
+  if (!s.grouped || s.nchunks <= 1) return 0;
+  return static_cast<size_t>(a.B * a.Hkv) * s.nchunks * (a.Hq / a.Hkv) * a.Lq * (a.D + 2) * sizeof(float);
+}
+
 bool binary_attention_mma_applies(const BinaryAttentionArgs& a) {
   if (!(a.D == 32 || a.D == 64 || a.D == 128)) return false;
   if (!(a.v_dtype == DType::F16 || a.v_dtype == DType::BF16)) return false;
@@ -812,7 +933,9 @@ void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, 
   check(cudaGetLastError(), "sign_pack launch");
 }
 
-void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream) {
+void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream) { binary_attention(a, nullptr, stream); }
+
+void binary_attention(const BinaryAttentionArgs& a, void* workspace, cudaStream_t stream) {
   if (a.B <= 0 || a.Hq <= 0 || a.Lq <= 0 || a.Lk <= 0) return;
   if (!(a.D == 32 || a.D == 64 || a.D == 128 || a.D == 256))
     throw std::runtime_error(std::string(kErr) + "head dim must be 32, 64, 128 or 256");
@@ -854,11 +977,24 @@ void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream) {
                                               : try_mma<__nv_bfloat16>(p, static_cast<int>(a.D), B, Hq, Lq, stream);
     if (done) return;
   }
+  Split sp = split_plan(a);
+  if (split_forced_off()) sp.grouped = false;
+  if (sp.grouped) {
+    p.rows = static_cast<int>((a.Hq / a.Hkv) * a.Lq);
+    p.ntiles = (p.rows + rows_per_cta(a.D) - 1) / rows_per_cta(a.D);
+    p.chunk = sp.chunk;
+    p.nchunks = sp.nchunks;
+    if (sp.nchunks > 1 && workspace == nullptr) {  // no workspace: one chunk per CTA, written out directly
+      p.chunk = static_cast<int>(a.Lk);
+      p.nchunks = 1;
+    }
+    p.part = p.nchunks > 1 ? static_cast<float*>(workspace) : nullptr;
+  }
   switch (a.D) {
-    case 32: launch<32, 8>(p, B, Hq, Lq, stream); break;
-    case 64: launch<64, 8>(p, B, Hq, Lq, stream); break;
-    case 128: launch<128, 8>(p, B, Hq, Lq, stream); break;
-    default: launch<256, 4>(p, B, Hq, Lq, stream); break;
+    case 32: launch_core<32, 8>(p, sp.grouped, B, Hq, Lq, stream); break;
+    case 64: launch_core<64, 8>(p, sp.grouped, B, Hq, Lq, stream); break;
+    case 128: launch_core<128, 8>(p, sp.grouped, B, Hq, Lq, stream); break;
+    default: launch_core<256, 4>(p, sp.grouped, B, Hq, Lq, stream); break;
   }
 }
 

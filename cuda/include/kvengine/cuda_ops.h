@@ -49,10 +49,17 @@ void quant_decode_attention(const DecodeAttentionArgs& a, void* workspace, cudaS
 void sign_pack(const void* x, DType dtype, int64_t batch, int64_t L, int64_t D, int64_t x_stride_b,
                int64_t x_stride_t, bool center, uint32_t* bits, float* scale, float* mean_ws, cudaStream_t stream);
 // Fused binary attention over packed keys (all pointers in `a` device pointers); D in {32, 64, 128, 256};
-// q and v rows 4-byte aligned; B, Hq <= 65535 (grid y / z); Lq, Lk <= 2^30.  One kernel, no workspace.
+// q and v rows 4-byte aligned; B, Hq <= 65535 (grid y / z); Lq, Lk <= 2^30.
+// Decode-shaped calls (the g·Lq query rows of a GQA group fit one CTA: <= 32, D = 256: <= 16) run one CTA per (b,
+// KV head, chunk of keys) with the rows of the whole group, the chunks merged by a second kernel in `workspace`
+// (binary_attention_workspace_bytes(a) bytes, device memory; 0 when none is needed; it depends on the shapes only).
+// Without a workspace such calls run one CTA per (b, KV head), no split. KVENGINE_BINARY_CUDA_SPLIT=0 (read per
+// call) forces one CTA per query head instead. Other calls: one kernel.
 // With KVENGINE_BINARY_MMA=1 (read per call) and binary_attention_mma_applies(a) (D <= 128, fp16/bf16 V, sm_80+) the
 // tensor-core kernel runs (b1 AND+popc MMA for QK, fp16/bf16 MMA for P·V with P rounded to V's type).
-void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream);
+size_t binary_attention_workspace_bytes(const BinaryAttentionArgs& a);
+void binary_attention(const BinaryAttentionArgs& a, void* workspace, cudaStream_t stream);
+void binary_attention(const BinaryAttentionArgs& a, cudaStream_t stream);  // no workspace
 bool binary_attention_mma_applies(const BinaryAttentionArgs& a);
 
 // ---- hash-based top-k KV retrieval (semantics: kvengine/retrieval.h) ----------------------------------------------

@@ -9,8 +9,9 @@ are noisy).
 Decode rows (``mode`` decode): one new query token per step over a cache of 1-bit keys (``binary_attention_packed``,
 the keys packed once as a cache holds them) and full-precision values, GQA 32 query / 8 KV heads, vs SDPA on the
 same fp32 (GPU: bf16) K/V with the group's query heads as query rows (no K/V copy; torch's ``enable_gqa`` is timed
-too). On the CPU also the tile path forced (``KVENGINE_BINARY_CPU_SPLIT=0``: one work item per query head, K / V laid
-out by a pre-pass), which every call took before the split path existed.  ``GBps``: bytes of V, key bits and key
+too). Also the path every such call took before the split path existed, forced (``tile_path_ms``; CPU:
+``KVENGINE_BINARY_CPU_SPLIT=0``, one work item per query head, K / V laid out by a pre-pass; CUDA:
+``KVENGINE_BINARY_CUDA_SPLIT=0``, one CTA per query head, a single valid row in each).  ``GBps``: bytes of V, key bits and key
 scales over the binary time (decode reads each once)."""
 from __future__ import annotations
 
@@ -113,23 +114,24 @@ def run_decode(device: str, contexts=(4096, 32768), dims=(128,), B=1, Hq=32, Hkv
                 fns.append(_with_env(lambda: ops.binary_attention_packed(q, kb, ks, v), "KVENGINE_BINARY_CPU_SPLIT", "0"))
                 (t_sdpa, t_bin, t_gqa, t_tile), (_, speedup, _, _) = timeit_paired(fns, device, repeat=5 if quick else 15)
             else:
-                t_sdpa, t_bin, t_gqa = (timeit(f, device, repeat=5 if quick else 15, min_time=0.0) for f in fns)
-                t_tile, speedup = None, t_sdpa / t_bin
+                fns.append(_with_env(lambda: ops.binary_attention_packed(q, kb, ks, v), "KVENGINE_BINARY_CUDA_SPLIT", "0"))
+                t_sdpa, t_bin, t_gqa, t_tile = (timeit(f, device, repeat=5 if quick else 15, min_time=0.0) for f in fns)
+                speedup = t_sdpa / t_bin
             if t_gqa < t_sdpa:  # the baseline is the faster SDPA form
                 speedup = t_gqa / t_bin
             nbytes = v.numel() * v.element_size() + kb.numel() * 4 + ks.numel() * 4
             mine.append({
                 "mode": "decode", "B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "D": D, "dtype": str(dtype).replace("torch.", ""),
-                "binary_packed_ms": t_bin * 1e3, "tile_path_ms": None if t_tile is None else t_tile * 1e3,
+                "binary_packed_ms": t_bin * 1e3, "tile_path_ms": t_tile * 1e3,
                 "sdpa_ms": t_sdpa * 1e3, "sdpa_gqa_ms": t_gqa * 1e3, "speedup_vs_sdpa": speedup,
-                "split_vs_tile": None if t_tile is None else t_tile / t_bin, "GBps": nbytes / t_bin / 1e9,
+                "split_vs_tile": t_tile / t_bin, "GBps": nbytes / t_bin / 1e9,
             })
             rows.append(mine[-1])
             del q, k, v, kb, ks
     print_table(f"binary attention decode on {device}: binary_attention_packed (1-bit key cache, {dtype} V) vs SDPA "
                 f"({dtype} K/V), {Hq}/{Hkv} heads, one query token; speedup = SDPA time / binary time", mine,
-                ["L", "D", "binary_packed_ms", "sdpa_ms", "sdpa_gqa_ms", "speedup_vs_sdpa", "GBps"]
-                + (["tile_path_ms", "split_vs_tile"] if device == "cpu" else []))
+                ["L", "D", "binary_packed_ms", "sdpa_ms", "sdpa_gqa_ms", "speedup_vs_sdpa", "GBps", "tile_path_ms",
+                 "split_vs_tile"])
     return mine
 
 
