@@ -36,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -553,6 +554,25 @@ void sign_pack_cpu(const void* x, DType dtype, int64_t batch, int64_t L, int64_t
   });
 }
 
+// f(item, tile, std::integral_constant<int, NW>{}) for every item in [0, nitems) on the pool, one Tile per thread;
+// NW = D / 32 when it is 1, 2, 4 or 8 (the unrolled popcount loops), else 0
+template <class F>
+void for_items(int64_t nitems, int64_t D, bool split, F&& f) {
+  parallel_for(nitems, 1, [&](int64_t i0, int64_t i1) {
+    Tile tl;
+    tl.init(D, D / 32, split);
+    for (int64_t i = i0; i < i1; ++i) {
+      switch (D / 32) {
+        case 1: f(i, tl, std::integral_constant<int, 1>{}); break;
+        case 2: f(i, tl, std::integral_constant<int, 2>{}); break;
+        case 4: f(i, tl, std::integral_constant<int, 4>{}); break;
+        case 8: f(i, tl, std::integral_constant<int, 8>{}); break;
+        default: f(i, tl, std::integral_constant<int, 0>{});
+      }
+    }
+  });
+}
+
 // Which path a call takes: the split path when the rows of a GQA group fit one work item (g·Lq <= RQ: decode and
 // short queries), else the tile path. KVENGINE_BINARY_CPU_SPLIT=0 / 1 forces the tile / split path (1 only where
 // g·Lq <= RQ) — for tests and benchmarks.
@@ -589,19 +609,8 @@ void binary_attention_cpu(const BinaryAttentionArgs& args) {
     const int64_t R = (a.Hq / a.Hkv) * a.Lq;
     std::vector<float> part(size_t(BHk * sp.nchunks * R) * (D + 2));
     sp.part = part.data();
-    parallel_for(BHk * sp.nchunks, 1, [&](int64_t i0, int64_t i1) {
-      Tile tl;
-      tl.init(D, nw, true);
-      for (int64_t i = i0; i < i1; ++i) {
-        switch (nw) {
-          case 1: run_split<1>(a, sp, i, tl); break;
-          case 2: run_split<2>(a, sp, i, tl); break;
-          case 4: run_split<4>(a, sp, i, tl); break;
-          case 8: run_split<8>(a, sp, i, tl); break;
-          default: run_split<0>(a, sp, i, tl);
-        }
-      }
-    });
+    for_items(BHk * sp.nchunks, D, true,
+              [&](int64_t i, Tile& tl, auto nwc) { run_split<decltype(nwc)::value>(a, sp, i, tl); });
     detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, a.Lq, D, sp.nchunks, a.v_dtype, a.out);
     return;
   }
@@ -628,19 +637,7 @@ void binary_attention_cpu(const BinaryAttentionArgs& args) {
     }
   });
   const int64_t nitems = a.B * a.Hq * ((a.Lq + RQ - 1) / RQ);
-  parallel_for(nitems, 1, [&](int64_t i0, int64_t i1) {
-    Tile tl;
-    tl.init(D, nw, false);
-    for (int64_t i = i0; i < i1; ++i) {
-      switch (nw) {
-        case 1: run_tile<1>(a, pr, i, tl); break;
-        case 2: run_tile<2>(a, pr, i, tl); break;
-        case 4: run_tile<4>(a, pr, i, tl); break;
-        case 8: run_tile<8>(a, pr, i, tl); break;
-        default: run_tile<0>(a, pr, i, tl);
-      }
-    }
-  });
+  for_items(nitems, D, false, [&](int64_t i, Tile& tl, auto nwc) { run_tile<decltype(nwc)::value>(a, pr, i, tl); });
 }
 
 }  // namespace kvengine
