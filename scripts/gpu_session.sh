@@ -89,7 +89,7 @@ fi
 # bench_one NAME CAP [ARGS]: one benchmark, its JSON into $OUT, its table (the last lines of its output) into the summary
 bench_one() {
   run_stage "bench $1" "$2" "$LOG/bench_$1.log" python3 "bench/bench_$1.py" ${3:-} --json "$OUT/bench_$1.json"
-  grep -vE '^(wrote |Traceback|  File )' "$LOG/bench_$1.log" | tail -12 | cut -c1-240 >> "$SUMMARY"
+  grep -vE '^(wrote |Traceback|  File )' "$LOG/bench_$1.log" | tail -24 | cut -c1-240 >> "$SUMMARY"  # binary: two tables
 }
 
 # the open issues' targets right after the smoke check (which shows every kernel agreeing with the CPU), at their
