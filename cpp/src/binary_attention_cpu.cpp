@@ -319,6 +319,18 @@ void begin_rows(const BinaryAttentionArgs& a, int64_t b, int R, Tile& tl) {
   std::fill(tl.p.begin(), tl.p.end(), 0.f);  // rows >= R stay 0
 }
 
+// the item's R finished rows, normalized, into out[b, tl.rh[r], tl.ri[r], :] (0 for a row that saw no key)
+void end_rows(const BinaryAttentionArgs& a, int64_t b, int R, Tile& tl) {
+  const int64_t D = a.D;
+  const int oes = dtype_size(a.v_dtype);
+  for (int r = 0; r < R; ++r) {
+    const float l = hsumn(ldn(tl.lv.data() + r * W));
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    char* dst = static_cast<char*>(a.out) + (((b * a.Hq + tl.rh[r]) * a.Lq + tl.ri[r]) * D) * oes;
+    detail::store_row(tl.acc.data() + r * D, inv, a.v_dtype, D, dst);
+  }
+}
+
 // one key block for the item's R rows: scores, online softmax, P·V. Keys at or past kend (the end of the item's
 // key range) are invisible.
 // NW: D/32 when it is 1, 2, 4 or 8 (the popcount loop unrolled, the query words broadcast once per row), else 0
@@ -467,13 +479,7 @@ void run_tile(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& 
   begin_rows(a, b, R, tl);
   const int64_t kend = a.causal ? std::min<int64_t>(a.Lk, i0 + R + a.Lk - a.Lq) : a.Lk;
   for (int64_t j0 = 0; j0 < kend; j0 += BT) attend_block<NW>(a, b, pr.block(bhk, j0, a.Lk), kend, R, tl);
-  const int oes = dtype_size(a.v_dtype);
-  for (int r = 0; r < R; ++r) {
-    const float l = hsumn(ldn(tl.lv.data() + r * W));
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    char* dst = static_cast<char*>(a.out) + (((b * a.Hq + h) * a.Lq + i0 + r) * D) * oes;
-    detail::store_row(tl.acc.data() + r * D, inv, a.v_dtype, D, dst);
-  }
+  end_rows(a, b, R, tl);
 }
 
 // split path (decode-shaped calls, g·Lq <= RQ): work item (b, KV head, chunk of keys) with the query rows of every
@@ -509,6 +515,7 @@ void run_split(const BinaryAttentionArgs& a, const Split& sp, int64_t item, Tile
     kb.vp = tl.vp.data();
     attend_block<NW>(a, b, kb, c1, R, tl);
   }
+  if (sp.nchunks == 1) return end_rows(a, b, R, tl);  // the whole key range: no merge
   constexpr float kLn2 = 0.6931471805599453f;
   for (int r = 0; r < R; ++r) {
     float* o = sp.part + ((bhk * sp.nchunks + ck) * R + r) * (D + 2);
@@ -607,11 +614,11 @@ void binary_attention_cpu(const BinaryAttentionArgs& args) {
     sp.chunk = ((a.Lk + sp.nchunks - 1) / sp.nchunks + BT - 1) / BT * BT;
     sp.nchunks = (a.Lk + sp.chunk - 1) / sp.chunk;
     const int64_t R = (a.Hq / a.Hkv) * a.Lq;
-    std::vector<float> part(size_t(BHk * sp.nchunks * R) * (D + 2));
+    std::vector<float> part(sp.nchunks > 1 ? size_t(BHk * sp.nchunks * R) * (D + 2) : 0);
     sp.part = part.data();
     for_items(BHk * sp.nchunks, D, true,
               [&](int64_t i, Tile& tl, auto nwc) { run_split<decltype(nwc)::value>(a, sp, i, tl); });
-    detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, a.Lq, D, sp.nchunks, a.v_dtype, a.out);
+    if (sp.nchunks > 1) detail::merge_splits(part.data(), a.B, a.Hkv, a.Hq, a.Lq, D, sp.nchunks, a.v_dtype, a.out);
     return;
   }
   Prep pr;
