@@ -216,6 +216,66 @@ def test_oracle_attends_the_true_top_tokens():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("selector", ["hash", "oracle"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dense_layers_attend_the_whole_context(selector, batch):
+    """dense_layers: those layers skip the selection.  Every layer dense with a tiny top_k is full attention (decode
+    chunks of 13, both batch paths); one dense layer of two attends everything there and top_k in the other."""
+    model = tiny_llama()
+    ids = torch.cat([_ids(140, 20 + b) for b in range(batch)])
+    ref = model(ids).logits
+    kw = dict(top_k=16, sinks=2, recent=4, selector=selector)
+    every = RetrievalCache(model.config, dense_layers=[1, 0], **kw)
+    assert every.dense_layers == (0, 1) and all(l.dense for l in every.layers)
+    torch.testing.assert_close(run_chunks(model, ids, every, 30, 13), ref, atol=2e-5, rtol=1e-5)
+    assert every.attended_fraction == 1.0
+    one = RetrievalCache(model.config, dense_layers=(0,), **kw)
+    got = run_chunks(model, ids, one, 30, 13)
+    sel = run_chunks(model, ids, RetrievalCache(model.config, **kw), 30, 13)
+    n = torch.arange(31, 141)  # decoded queries see 31..140 tokens
+    l0, l1 = one.layers
+    assert l0.selected_tokens == l0.context_tokens == batch * n.sum()
+    assert l1.selected_tokens == batch * n.clamp(max=16).sum() and l1.context_tokens == batch * n.sum()
+    assert one.attended_fraction == pytest.approx(((n + n.clamp(max=16)).sum() / (2 * n.sum())).item())
+    # layer 0 is full attention, so layer 1's inputs differ from both other runs: the result lies between them
+    assert (got - ref).abs().max() > 1e-3 and (got - sel).abs().max() > 1e-3
+    assert "dense" in repr(l0) and "top_k=16" in repr(l1)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("packed", [False, True])
+def test_dense_layer_left_padded_and_packed(packed):
+    """A dense layer over a left-padded batch (the per-row path: each row sees only its own real tokens, none of
+    its chunk's later tokens) and over a packed cache (every position through quant_decode_attention's indices)
+    gives each row what full attention over its own prompt gives (8-bit K/V: close)."""
+    model = tiny_llama(layers=1)
+    lens = [60, 41, 30]
+    prompts = [_ids(n, 50 + n)[0] for n in lens]
+    q = dict(bits_k=8, bits_v=8, group_size=16, residual=16, sinks=4) if packed else None
+    cache = RetrievalCache(model.config, top_k=12, sinks=2, recent=4, quant=q, dense_layers=[0])
+    rows, nxt = padded_logits(model, cache, prompts, 24, 5)
+    for b, p in enumerate(prompts):
+        full = model(torch.cat([p, nxt[b]])[None]).logits[0]
+        assert_rows_close(rows[b], full, 0.01 if packed else 1e-4)
+    assert cache.attended_fraction == 1.0
+
+
+def test_dense_layers_bad_inputs_and_hashes():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"dense_layers \[2\] must be layer indices in \[0, 2\)"):
+        RetrievalCache(model.config, dense_layers=[2])
+    with pytest.raises(ValueError, match="dense_layers"):
+        RetrievalCache(model.config, dense_layers=[-1])
+    # a dense layer needs no hash; the others still do
+    c = RetrievalCache(model.config, hashes={1: SpotlightHash.random(2, 32, 64)}, nbits=64, dense_layers=[0])
+    assert c.layers[0].dense and c.layers[0].hasher.nbits == 64
+    with pytest.raises(ValueError, match="no hash for layers \\[1\\]"):
+        RetrievalCache(model.config, hashes={0: SpotlightHash.random(2, 32, 64)}, dense_layers=[0])
+    rows = retrieval_eval_rows(top_ks=(24,), lsh=True, oracle=True, sinks=4, recent=8, dense_layers=(1,))
+    assert "dense_layers" not in rows[0] and all(r["dense_layers"] == [1] for r in rows[1:])
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     model = tiny_llama()
     with pytest.raises(ValueError, match="sinks \\+ recent"):

