@@ -440,3 +440,54 @@ def test_retrieval_eval_rows_with_packed_kv():
     res = run_retrieval_eval(SimpleNamespace(model=model), _ids(120, 5), rows, prefill=32, chunk=8, progress=False)
     assert all(r["tokens"] == 119 for r in res)
     assert res[1]["ppl"] != res[2]["ppl"] and abs(res[2]["ppl_ratio"] / res[1]["ppl_ratio"] - 1) < 0.05
+
+
+def test_retrieval_eval_paired_errors_and_dense_rows():
+    """Each row's ratio to full attention carries its paired standard error; paired_notes compares every hash row
+    with the oracle of its k (the ratio of their PPLs, with its own paired se); dense_layers reach the caches."""
+    from types import SimpleNamespace
+
+    from kvengine.integrations.retrieval import paired_notes
+
+    rows = retrieval_eval_rows(top_ks=(20,), lsh=True, oracle=True, sinks=2, recent=4, dense_layers=(0,))
+    model = tiny_llama()
+    res = run_retrieval_eval(SimpleNamespace(model=model), _ids(100, 8), rows, prefill=24, chunk=8, progress=False)
+    full, lsh, oracle = res
+    assert full["ppl_ratio"] == 1.0 and full["ppl_ratio_se"] == 0.0
+    for r in (lsh, oracle):
+        d = r["_token_nll"] - full["_token_nll"]
+        assert r["ppl_ratio_se"] == pytest.approx(float(d.std()) / d.numel() ** 0.5) and r["ppl_ratio_se"] > 0
+        # one dense layer of two: half the decoded queries' attention is over the whole context
+        n = torch.arange(25, 101)
+        assert r["attended_fraction"] == pytest.approx(((n + n.clamp(max=20)).sum() / (2 * n.sum())).item())
+    (note,) = paired_notes(res)
+    assert note.startswith("LSH 128b / oracle at k=20: PPL ratio ")
+    assert float(note.split("PPL ratio ")[1].split()[0]) == pytest.approx(lsh["ppl"] / oracle["ppl"], abs=6e-5)
+
+
+@pytest.mark.model
+def test_cli_retrieval_eval_json_dense_layers(smollm2, tmp_path, capsys):
+    """`kvengine retrieval-eval --dense-layers 0 --json`: a tiny real run; rows carry ppl_ratio_se (no per-token
+    arrays in the JSON), the notes compare the hash with the oracle; a layer the model lacks is a clear error."""
+    import json
+
+    from kvengine import cli
+
+    out = tmp_path / "r.json"
+    rc = cli.main(["retrieval-eval", "--windows", "1", "--window-len", "192", "--prefill", "96", "--chunk", "96",
+                   "--top-k", "64", "--dense-layers", "0", "--quiet", "--threads", "2", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "dense layers 0;" in text and "± se" in text and "LSH 128b / oracle at k=64: PPL ratio" in text
+    d = json.loads(out.read_text())
+    assert d["dense_layers"] == [0]
+    full, lsh, oracle = d["rows"]
+    assert full["ppl_ratio_se"] == 0.0 and lsh["ppl_ratio_se"] > 0 and oracle["ppl_ratio_se"] > 0
+    assert lsh["dense_layers"] == oracle["dense_layers"] == [0]
+    assert not any(k.startswith("_") for r in d["rows"] for k in r)
+    # 30 layers, 1 dense: the decoded queries at 96..191 see 97..192 tokens, top-64 of them in 29 layers
+    n = torch.arange(97, 193)
+    want = ((n + 29 * n.clamp(max=64)).sum() / (30 * n.sum())).item()
+    assert lsh["attended_fraction"] == pytest.approx(want)
+    assert cli.main(["retrieval-eval", "--dense-layers", "30", "--quiet"]) == 2
+    assert "--dense-layers [30]: " in capsys.readouterr().err

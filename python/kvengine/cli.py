@@ -656,7 +656,8 @@ def cmd_retrieval_eval(args) -> int:
               f"{results[0]['tokens']} predicted tokens "
               f"per config; CPU threads {torch.get_num_threads()}")
     cols = [("config", "config", "{}"), ("k", "top_k", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
-            ("attended", "attended_fraction", "{:.3f}"), ("time s", "time_s", "{:.1f}")]
+            ("± se", "ppl_ratio_se", "{:.4f}"), ("attended", "attended_fraction", "{:.3f}"),
+            ("time s", "time_s", "{:.1f}")]
     cells = [[(f.format(r[k]) if r.get(k) is not None else "-") for _, k, f in cols] for r in results]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
     print(f"\n{header}")
@@ -664,8 +665,12 @@ def cmd_retrieval_eval(args) -> int:
     print("  ".join("-" * w for w in widths))
     for c in cells:
         print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
-    notes.append("attended = tokens attended / tokens visible, averaged over the decoded queries (prefill tokens "
-                 "use full attention; PPL counts every predicted token of the window)")
+    notes.append("attended = tokens attended / tokens visible, averaged over the decoded queries of all layers "
+                 "(prefill tokens use full attention; PPL counts every predicted token of the window); ± se = "
+                 "standard error of the ratio (log space) from the paired per-token NLL differences, tokens taken "
+                 "as independent")
+    notes += R.paired_notes(results)
+    results = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     for n in notes:
         print(f"note: {n}")
     if args.json:

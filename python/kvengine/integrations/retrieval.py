@@ -657,22 +657,40 @@ def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: b
     return rows
 
 
+def paired_notes(results: list[dict]) -> list[str]:
+    """Per top_k, each hash row against the oracle row of that k: the PPL ratio and its paired standard error (log
+    space), e.g. whether "trained beats oracle" is more than noise.  ``results`` from ``run_retrieval_eval``."""
+    from ..cli import paired_ratio
+
+    notes = []
+    for r in results:
+        if r["kind"] != "hash" or r.get("quant"):
+            continue
+        o = next((x for x in results if x["kind"] == "oracle" and x["top_k"] == r["top_k"]), None)
+        if o is not None:
+            ratio, se = paired_ratio(r["_token_nll"], o["_token_nll"])
+            notes.append(f"{r['config']} / oracle at k={r['top_k']}: PPL ratio {ratio:.4f} ± {se:.4f} (paired se)")
+    return notes
+
+
 def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512, chunk: int = 32,
                        trained_hashes=None, seed: int = 0, progress: bool = True,
                        full_attn: str = "eager") -> list[dict]:
     """Teacher-forced PPL (``kvengine.cli.teacher_forced_nll``) of each row over ``windows`` [N, L]: prefill with full
     attention, then decode through a ``RetrievalCache``.  The "full" row uses a ``DynamicCache`` and transformers'
-    ``full_attn`` implementation.  Fills ppl, ppl_ratio (to the full-attention row), attended_fraction (decoded
-    queries: tokens attended / tokens visible) and time_s."""
+    ``full_attn`` implementation.  Fills ppl, ppl_ratio (to the full-attention row) and ppl_ratio_se (its standard
+    error in log space from the paired per-token NLL differences, ``kvengine.cli.paired_ratio``), attended_fraction
+    (decoded queries of all layers: tokens attended / tokens visible) and time_s; ``_token_nll`` holds each row's
+    per-token NLL for further paired comparisons (``paired_ratio``)."""
     from transformers import DynamicCache
 
-    from ..cli import teacher_forced_nll
+    from ..cli import paired_ratio, teacher_forced_nll
 
     model = lm.model if hasattr(lm, "model") else lm
     model.set_attn_implementation(ATTN_NAME)
     with torch.inference_mode():  # warm-up (first-call kernel setup), so that the first row's time is comparable
         model(windows[:1, : min(prefill, 64)].to(model.device), **cache_kwargs(model, DynamicCache()), use_cache=True)
-    out, full_ppl = [], None
+    out, full_ppl, full_tok = [], None, None
     for row in rows:
         r = dict(row)
         caches = []
@@ -699,12 +717,13 @@ def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512
         model.set_attn_implementation(full_attn if row["kind"] == "full" else ATTN_NAME)
         try:
             res = teacher_forced_nll(model, windows, make, prefill, chunk, progress=progress,
-                                     desc=f"{row['config']} k={row.get('top_k', '-')}")
+                                     desc=f"{row['config']} k={row.get('top_k', '-')}", token_nll=True)
         finally:
             model.set_attn_implementation(ATTN_NAME)
-        r.update(ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"], time_s=res["time_s"])
+        r.update(ppl=res["ppl"], nll=res["nll"], tokens=res["tokens"], time_s=res["time_s"],
+                 _token_nll=res["token_nll"])
         if row["kind"] == "full":
-            full_ppl = res["ppl"]
+            full_ppl, full_tok = res["ppl"], res["token_nll"]
             r["attended_fraction"] = 1.0
         else:
             sel_n = sum(l.selected_tokens for c in caches for l in c.layers)
@@ -713,6 +732,7 @@ def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512
         out.append(r)
     for r in out:
         r["ppl_ratio"] = r["ppl"] / full_ppl if full_ppl else None
+        r["ppl_ratio_se"] = paired_ratio(r["_token_nll"], full_tok)[1] if full_ppl else None
     return out
 
 
