@@ -41,7 +41,7 @@ def _ids(n, seed):
 
 # ---- tiny model ---------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-@pytest.mark.parametrize("selector", ["hash", "oracle"])
+@pytest.mark.parametrize("selector", ["hash", "oracle", "oracle_logit"])
 def test_k_covering_context_equals_full_attention_tiny(selector):
     model = tiny_llama()
     ids = _ids(150, 1)
@@ -55,7 +55,7 @@ def test_k_covering_context_equals_full_attention_tiny(selector):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("selector", ["hash", "oracle"])
+@pytest.mark.parametrize("selector", ["hash", "oracle", "oracle_logit"])
 def test_chunked_decode_equals_token_by_token(selector):
     """Small top_k (a real selection): chunks of 13 give every query what a token-by-token decode gives; and the
     result is not full attention (the selection is applied)."""
@@ -116,7 +116,7 @@ def test_packed_cache_retrieval(k_mode):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("selector", ["hash", "oracle"])
+@pytest.mark.parametrize("selector", ["hash", "oracle", "oracle_logit"])
 def test_batch_of_two_equals_each_sequence(selector):
     """Batch size 2 (the per-query loop path) gives each sequence what it gets alone (the batched B=1 path)."""
     model = tiny_llama()
@@ -185,8 +185,9 @@ def test_left_padded_batch_equals_each_sequence_alone(packed, chunk):
     full = model(torch.cat([prompts[0], nxt[0]])[None]).logits[0]  # the selection is really applied
     assert ((rows[0] - full).norm(dim=-1) / full.norm(dim=-1)).max() > 0.1
     if not packed:
-        with pytest.raises(NotImplementedError, match="oracle"):
-            padded_logits(model, RetrievalCache(model.config, selector="oracle", **kw), prompts, 2)
+        for sel in ("oracle", "oracle_logit"):
+            with pytest.raises(NotImplementedError, match=f"selector='{sel}' does not support padded batches"):
+                padded_logits(model, RetrievalCache(model.config, selector=sel, **kw), prompts, 2)
 
 
 @torch.inference_mode()
@@ -217,7 +218,40 @@ def test_oracle_attends_the_true_top_tokens():
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("selector", ["hash", "oracle"])
+def test_oracles_rank_by_group_mass_or_group_logits():
+    """GQA (2 query heads per KV head): "oracle" keeps the tokens of most softmax weight summed over the group,
+    "oracle_logit" those of largest summed logit — each checked against a dense masked softmax computed here; on
+    these inputs (one head peaked on a few tokens) the two selections differ."""
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16)
+    cfg._attn_implementation = ATTN_NAME
+    n, kk = 60, 12
+    k = torch.randn(1, 2, n, 16)
+    v = torch.randn(1, 2, n, 16)
+    q = torch.randn(1, 4, 1, 16)
+    q[:, 0] *= 4  # a peaked head: its mass dominates the group sum, not the logit sum
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2))[:, :, 0] / 16 ** 0.5  # [1, 4, n]
+    picks = {}
+    for sel, rank in (("oracle", torch.softmax(s, -1)), ("oracle_logit", s)):
+        cache = RetrievalCache(cfg, top_k=kk, sinks=2, recent=3, selector=sel)
+        layer = cache.layers[0]
+        layer.update(k[:, :, : n - 1], v[:, :, : n - 1])
+        layer.update(k[:, :, n - 1 :], v[:, :, n - 1 :])
+        got = layer.attend_pending(q, None)
+        r = rank.view(1, 2, 2, n).sum(2)
+        r[..., :2] = float("inf")
+        r[..., -3:] = float("inf")
+        idx = r.topk(kk, -1).indices  # [1, 2, kk]
+        picks[sel] = set(map(tuple, idx.sort(-1).values[0].tolist()))
+        mask = torch.full((1, 2, n), float("-inf")).scatter(-1, idx, 0.0).repeat_interleave(2, 1)
+        ref = torch.softmax(s + mask, -1).unsqueeze(2) @ v.repeat_interleave(2, 1)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert picks["oracle"] != picks["oracle_logit"]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("selector", ["hash", "oracle", "oracle_logit"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_dense_layers_attend_the_whole_context(selector, batch):
     """dense_layers: those layers skip the selection.  Every layer dense with a tiny top_k is full attention (decode
@@ -449,10 +483,13 @@ def test_retrieval_eval_paired_errors_and_dense_rows():
 
     from kvengine.integrations.retrieval import paired_notes
 
-    rows = retrieval_eval_rows(top_ks=(20,), lsh=True, oracle=True, sinks=2, recent=4, dense_layers=(0,))
+    rows = retrieval_eval_rows(top_ks=(20,), lsh=True, oracle=True, sinks=2, recent=4, dense_layers=(0,),
+                               oracle_logit=True)
+    assert [r["config"] for r in rows] == ["full attention", "LSH 128b", "oracle top-k", "oracle (logits)"]
     model = tiny_llama()
     res = run_retrieval_eval(SimpleNamespace(model=model), _ids(100, 8), rows, prefill=24, chunk=8, progress=False)
-    full, lsh, oracle = res
+    full, lsh, oracle, logit = res
+    assert logit["ppl"] != oracle["ppl"]  # a different selection really ran
     assert full["ppl_ratio"] == 1.0 and full["ppl_ratio_se"] == 0.0
     for r in (lsh, oracle):
         d = r["_token_nll"] - full["_token_nll"]
@@ -460,9 +497,10 @@ def test_retrieval_eval_paired_errors_and_dense_rows():
         # one dense layer of two: half the decoded queries' attention is over the whole context
         n = torch.arange(25, 101)
         assert r["attended_fraction"] == pytest.approx(((n + n.clamp(max=20)).sum() / (2 * n.sum())).item())
-    (note,) = paired_notes(res)
-    assert note.startswith("LSH 128b / oracle at k=20: PPL ratio ")
-    assert float(note.split("PPL ratio ")[1].split()[0]) == pytest.approx(lsh["ppl"] / oracle["ppl"], abs=6e-5)
+    notes = paired_notes(res)  # the mass oracle is the reference, not compared with itself
+    assert [x.split(": ")[0] for x in notes] == ["LSH 128b / oracle at k=20", "oracle (logits) / oracle at k=20"]
+    for note, r in zip(notes, (lsh, logit)):
+        assert float(note.split("PPL ratio ")[1].split()[0]) == pytest.approx(r["ppl"] / oracle["ppl"], abs=6e-5)
 
 
 @pytest.mark.model

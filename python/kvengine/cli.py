@@ -645,7 +645,8 @@ def cmd_retrieval_eval(args) -> int:
     win = models.windows(lm.tokenizer, args.windows, args.window_len, args.text)
     rows = R.retrieval_eval_rows(args.top_k, lsh=not args.no_lsh, oracle=not args.no_oracle,
                                  trained=trained is not None, sinks=args.sinks, recent=args.recent, nbits=args.nbits,
-                                 kv_bits=args.kv_bits, kv_group=args.kv_group, dense_layers=args.dense_layers)
+                                 kv_bits=args.kv_bits, kv_group=args.kv_group, dense_layers=args.dense_layers,
+                                 oracle_logit=args.oracle_logit)
     load_s = time.perf_counter() - t_load
     results = R.run_retrieval_eval(lm, win, rows, args.prefill, args.chunk, trained_hashes=trained, seed=args.seed,
                                    progress=not args.quiet)
@@ -814,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="LSH seed (layer i uses seed + i)")
     r.add_argument("--no-lsh", action="store_true", help="skip the random-hyperplane LSH rows")
     r.add_argument("--no-oracle", action="store_true", help="skip the oracle rows (true attention top-k)")
+    r.add_argument("--oracle-logit", action="store_true",
+                   help="also the oracle ranking by logits summed over each GQA group (selector='oracle_logit')")
     r.add_argument("--train", action="store_true",
                    help="train per-layer MLP hashes on held-out text first (seconds per layer on CPU)")
     r.add_argument("--train-tokens", type=int, default=2048)

@@ -20,8 +20,10 @@ How a layer runs with ``attn_implementation="kvengine_retrieval"`` and a ``Retri
   tokens up to its own position, so every query sees exactly what a token-by-token decode would.
 
 ``selector="oracle"`` replaces the hash ranking by the true attention weights (softmax of q·k summed over the
-query heads of each KV head's group, the same sinks/recent rule, the same sparse attention): the ceiling a hash can
-reach at that ``top_k``.
+query heads of each KV head's group, the same sinks/recent rule, the same sparse attention): the most attention mass
+a shared selection of ``top_k`` tokens can keep.  ``selector="oracle_logit"`` ranks by the true logits q·k summed
+over the group instead (a product of the heads' weights).  Neither is a perplexity ceiling: on SmolLM2 the trained
+hash beats both, and the logit oracle beats the mass oracle although it keeps less mass (README, docs/design.md).
 
 Hashes: ``hashes=None`` (random-hyperplane LSH of ``nbits`` bits, seeded per layer), a list / dict ``{layer:
 SpotlightHash}`` (e.g. trained with ``train_layer_hashes``), or a path written by ``save_hashes``.
@@ -58,7 +60,7 @@ ATTN_NAME = "kvengine_retrieval"
 HASH_FILE_FORMAT = "kvengine-retrieval-hashes"
 _TAG = "_kvengine_retrieval_layer"
 _VALID_NBITS = (32, 64, 128, 256)
-SELECTORS = ("hash", "oracle")
+SELECTORS = ("hash", "oracle", "oracle_logit")
 _capture: Optional[dict] = None  # set by capture_qk_all: layer_idx -> (q, k) of the last forward
 
 
@@ -210,9 +212,9 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         return key_states, value_states
 
     def _oracle_scores(self, q: Tensor, n0: int, scale: float) -> Tensor:
-        """True attention weight of every cached token for each new query, summed over each KV head's query group:
-        q [B, Hq, T, D] (the queries at positions n0 .. n0+T-1) -> [B, Hkv, T, n0+T] (0 beyond a query's causal
-        context)."""
+        """True attention weight (``oracle``) or logit (``oracle_logit``) of every cached token for each new query,
+        summed over each KV head's query group: q [B, Hq, T, D] (the queries at positions n0 .. n0+T-1) ->
+        [B, Hkv, T, n0+T] (0 / -inf beyond a query's causal context)."""
         B, Hq, T, D = q.shape
         n = n0 + T
         k = self.ra.k[:, :, :n].float()  # [B, Hkv, n, D]
@@ -220,7 +222,8 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         qg = q.float().reshape(B, Hkv, Hq // Hkv * T, D)
         s = (qg @ k.transpose(-1, -2) * scale).reshape(B, Hkv, Hq // Hkv, T, n)
         future = torch.arange(n, device=q.device)[None, :] > torch.arange(n0, n, device=q.device)[:, None]
-        return torch.softmax(s.masked_fill(future, float("-inf")), -1).sum(2)
+        s = s.masked_fill(future, float("-inf"))
+        return s.sum(2) if self.selector == "oracle_logit" else torch.softmax(s, -1).sum(2)
 
     def _oracle_select(self, p: Tensor, n0: int, kk: int, sinks: int, recent: int) -> Tensor:
         """Top-kk positions by ``p`` [B, Hkv, T, n] with the first ``sinks`` and each query's last ``recent``
@@ -295,7 +298,7 @@ class RetrievalLayer(EditableLayerMixin, CacheLayerMixin):
         """attend_pending when the rows hold different lengths (a left-padded prompt): query t of row b sees that
         row's first row_lens[b] - T + t + 1 tokens (the ops' per-row ``seq_lens``)."""
         if self.selector != "hash" and not self.dense:
-            raise NotImplementedError("RetrievalCache: selector='oracle' does not support padded batches")
+            raise NotImplementedError(f"RetrievalCache: selector='{self.selector}' does not support padded batches")
         T = q.shape[2]
         ctx = torch.tensor(row_lens, dtype=torch.int32, device=q.device)[:, None] - T + 1 + \
             torch.arange(T, dtype=torch.int32, device=q.device)  # [B, T]
@@ -429,7 +432,9 @@ class RetrievalCache(Cache):
         recent: last tokens always attended (the query's own token included).
         hashes: None (LSH of ``nbits`` bits, seeded ``seed + layer``), a list / dict ``{layer: SpotlightHash}`` for
             every layer, or a path written by ``save_hashes``.
-        selector: "hash" (default) or "oracle" (true attention top-k: the ceiling; ``hashes`` unused).
+        selector: "hash" (default), "oracle" (the top_k tokens of most attention weight summed over each KV head's
+            query group) or "oracle_logit" (of largest logit summed over the group); oracles ignore ``hashes`` and
+            are references, not perplexity ceilings (README).
         quant: None (K/V in the model's dtype) or ``QuantizedKVCache`` keyword arguments (e.g. ``dict(bits_k=2,
             bits_v=2, group_size=64, residual=128)``): K/V held packed (INT2/INT4 ...) and the selected tokens
             attended in packed form (``quant_decode_attention(indices=...)``); hash selector only.
@@ -633,11 +638,12 @@ def train_layer_hashes(model, ids: Tensor, nbits: int = 128, steps: int = 300, l
 # ---- perplexity evaluation --------------------------------------------------------------------------------------------------
 def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: bool = False, sinks: int = 4,
                         recent: int = 32, nbits: int = 128, kv_bits=(), kv_group: int = 32,
-                        kv_residual: int = 128, dense_layers=()) -> list[dict]:
+                        kv_residual: int = 128, dense_layers=(), oracle_logit: bool = False) -> list[dict]:
     """The rows ``kvengine retrieval-eval`` runs: full attention, then per top_k LSH / trained hash / oracle; with
     ``kv_bits`` each hash row again over a packed K/V cache of those bits (``RetrievalCache(quant=...)``: group
     ``kv_group``, ``kv_residual`` recent tokens in full precision, ``sinks`` sinks, default rotation/clip);
-    ``dense_layers``: layers that attend their whole context in every top-k row (``RetrievalCache(dense_layers=)``)."""
+    ``dense_layers``: layers that attend their whole context in every top-k row (``RetrievalCache(dense_layers=)``);
+    ``oracle_logit``: also the ``selector="oracle_logit"`` rows."""
     rows = [{"config": "full attention", "kind": "full"}]
     for k in top_ks:
         for name, kind, on in (("LSH", "lsh", lsh), ("trained MLP", "trained", trained)):
@@ -649,7 +655,9 @@ def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: b
                              "top_k": k, "quant": dict(bits_k=b, bits_v=b, group_size=kv_group,
                                                        residual=kv_residual, sinks=sinks)})
         if oracle:
-            rows.append({"config": "oracle top-k", "kind": "oracle", "top_k": k})
+            rows.append({"config": "oracle top-k", "kind": "oracle", "selector": "oracle", "top_k": k})
+        if oracle_logit:
+            rows.append({"config": "oracle (logits)", "kind": "oracle", "selector": "oracle_logit", "top_k": k})
     for r in rows:
         r.update(sinks=sinks, recent=recent, nbits=nbits)
         if r["kind"] != "full":
@@ -658,15 +666,16 @@ def retrieval_eval_rows(top_ks=(64, 128, 256), lsh=True, oracle=True, trained: b
 
 
 def paired_notes(results: list[dict]) -> list[str]:
-    """Per top_k, each hash row against the oracle row of that k: the PPL ratio and its paired standard error (log
-    space), e.g. whether "trained beats oracle" is more than noise.  ``results`` from ``run_retrieval_eval``."""
+    """Per top_k, each hash row (and the logit oracle's) against the mass oracle's row of that k: the PPL ratio and
+    its paired standard error (log space), e.g. whether "trained beats oracle" is more than noise.  ``results`` from
+    ``run_retrieval_eval``."""
     from ..cli import paired_ratio
 
     notes = []
     for r in results:
-        if r["kind"] != "hash" or r.get("quant"):
+        if r["kind"] == "full" or r.get("quant") or r.get("selector") == "oracle":
             continue
-        o = next((x for x in results if x["kind"] == "oracle" and x["top_k"] == r["top_k"]), None)
+        o = next((x for x in results if x.get("selector") == "oracle" and x["top_k"] == r["top_k"]), None)
         if o is not None:
             ratio, se = paired_ratio(r["_token_nll"], o["_token_nll"])
             notes.append(f"{r['config']} / oracle at k={r['top_k']}: PPL ratio {ratio:.4f} ± {se:.4f} (paired se)")
@@ -704,7 +713,7 @@ def run_retrieval_eval(lm, windows: Tensor, rows: list[dict], prefill: int = 512
                 hs = trained_hashes
             else:
                 hs = None
-            sel = "oracle" if row["kind"] == "oracle" else "hash"
+            sel = row.get("selector", "oracle") if row["kind"] == "oracle" else "hash"
 
             def make(row=row, hs=hs, sel=sel):
                 c = RetrievalCache(model.config, top_k=row["top_k"], sinks=row["sinks"], recent=row["recent"],
