@@ -559,7 +559,7 @@ def model_recall_report(layers=(4, 12, 20), n_tokens: int = 2048, bits=(32, 64, 
         oracle_full = p.topk(top_k, -1).values.sum(-1).mean().item()
         free = _free_mask(pe, n_tokens, sinks, recent)
         forced = (p * (~free & (torch.arange(n_tokens)[None, :] <= pe[:, None]))).sum(-1).mean().item()
-        # the ceiling under the run-time rule: forced tokens + the best free tokens by the group's mean weight
+        # the most mass a shared selection keeps under the run-time rule: forced + the best free tokens by mean weight
         pf = p.mean(1) * free  # [H, n, T]
         best_free = pf.topk(top_k - sinks - recent, -1).indices[:, None].expand(-1, G, -1, -1)
         oracle_keep = forced + (p * free).gather(-1, best_free).sum(-1).mean().item()
