@@ -66,6 +66,10 @@ def main():
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--layers", action="store_true", help="ppl: top-k in one layer at a time")
+    ap.add_argument("--tail", default="none",
+                    help="ppl: comma list of what stands in for the unselected keys (the tail): none | exact (the "
+                         "true tail term: must give ratio 1) | mass (the true tail mass on the tail's mean value) | "
+                         "summary (one pseudo-token: the tail's mean key with logit + log n_tail, its mean value)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -108,8 +112,33 @@ def main():
                 keep = (keep | (j[:, None] < args.prefill)) & ~causal  # prompt queries: full attention
                 if keep.shape[1] != Hq:
                     keep = keep.repeat_interleave(g, 1)
+                tail_mode = state.get("tail", "none")
+                if tail_mode != "none":
+                    return tail_attention(tail_mode, query, key, value, s, keep, ~causal, scaling)
                 s = s.masked_fill(~keep, float("-inf"))
             o = torch.softmax(s, -1) @ value.float().repeat_interleave(g, 1)
+            return o.to(query.dtype).transpose(1, 2).contiguous(), None
+
+        def tail_attention(mode, query, key, value, s, keep, visible, scaling):
+            """Attention over the kept keys plus a stand-in for the visible keys that were not kept (the tail)."""
+            vv, kf = value.float().repeat_interleave(g, 1), key.float().repeat_interleave(g, 1)
+            tail = (visible & ~keep).float()  # [B, Hq, T, T]
+            nt = tail.sum(-1, keepdim=True)
+            has = nt > 0
+            vbar = (tail @ vv) / nt.clamp(min=1)  # the tail's mean value
+            if mode == "exact":
+                o = torch.softmax(s, -1) @ vv  # = kept part + tail part with the true weights
+            elif mode == "mass":
+                m_tail = (torch.softmax(s, -1) * tail).sum(-1, keepdim=True)
+                o = (1 - m_tail) * (torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vv) + m_tail * vbar
+            elif mode == "summary":
+                kbar = (tail @ kf) / nt.clamp(min=1)
+                lt = ((query.float() * kbar).sum(-1, keepdim=True) * scaling + nt.clamp(min=1).log())
+                lt = lt.masked_fill(~has, float("-inf"))
+                w = torch.softmax(torch.cat([s.masked_fill(~keep, float("-inf")), lt], -1), -1)
+                o = w[..., :-1] @ vv + w[..., -1:] * vbar
+            else:
+                raise SystemExit(f"--tail: unknown mode {mode!r}")
             return o.to(query.dtype).transpose(1, 2).contiguous(), None
 
         AttentionInterface.register("kvengine_study", attn)
@@ -129,14 +158,16 @@ def main():
 
         full = nll({})
         print(f"full attention PPL {math.exp(float(full.mean())):.3f} ({full.numel()} tokens)", flush=True)
-        for name in rankers:
-            for layers in ([[i] for i in range(L)] if args.layers else [list(range(L))]):
-                d = nll({i: name for i in layers}) - full
-                row = {"ranker": name, "layers": layers if args.layers else "all", "top_k": kk,
-                       "ppl_ratio": math.exp(float(d.mean())), "se": float(d.std()) / math.sqrt(d.numel())}
-                print(f"{name:8s} layers {str(row['layers']):5s} k={kk}: PPL ratio {row['ppl_ratio']:.4f} "
-                      f"± {row['se']:.4f}", flush=True)
-                out["rows"].append(row)
+        for tail_mode in args.tail.split(","):
+            for name in rankers:
+                for layers in ([[i] for i in range(L)] if args.layers else [list(range(L))]):
+                    d = nll({"tail": tail_mode, **{i: name for i in layers}}) - full
+                    row = {"ranker": name, "tail": tail_mode, "layers": layers if args.layers else "all",
+                           "top_k": kk, "ppl_ratio": math.exp(float(d.mean())),
+                           "se": float(d.std()) / math.sqrt(d.numel())}
+                    print(f"{name:8s} tail {tail_mode:7s} layers {str(row['layers']):5s} k={kk}: PPL ratio "
+                          f"{row['ppl_ratio']:.4f} ± {row['se']:.4f}", flush=True)
+                    out["rows"].append(row)
     else:
         N = 2048
         ids = models.token_ids(tok, N).view(-1)[:N]

@@ -405,6 +405,39 @@ def test_topk_recall_keep_rule(sinks, recent):
     assert 0 < retrieval.topk_recall(lsh, qg, k, sg, 48, **kw) <= 1
 
 
+def _grouped_synthetic():
+    """Two query heads per KV head that disagree: head 1 is head 0's queries plus a sharp bump toward a few keys."""
+    q, k, scores = _synthetic(seed=2)
+    g = torch.Generator().manual_seed(11)
+    peak = k[:, torch.randperm(k.shape[1], generator=g)[:3]].mean(1, keepdim=True)  # [H, 1, D]
+    q2 = q + 4.0 * peak / peak.norm(dim=-1, keepdim=True) * 32 ** 0.5 / 4
+    qg = torch.stack([q, q2], 1)  # [H, 2, Nq, D]
+    return qg, k, qg @ k.transpose(-1, -2)[:, None] / 32 ** 0.5
+
+
+def test_train_hash_target_logit():
+    qg, k, sg = _grouped_synthetic()
+    # the two targets: the group's mean of weights, and the softmax of its mean logits (the oracle_logit ranking)
+    pm, pl = retrieval._group_probs(sg, "mass"), retrieval._group_probs(sg, "logit")
+    assert torch.allclose(pm, torch.softmax(sg, -1).mean(1)) and torch.allclose(pl, torch.softmax(sg.mean(1), -1))
+    assert torch.equal(pl.argsort(-1, descending=True)[..., :8], sg.sum(1).argsort(-1, descending=True)[..., :8])
+    top_m, top_l = (p.topk(16, -1).indices.sort(-1).values for p in (pm, pl))
+    assert (top_m != top_l).any(-1).float().mean() > 0.5  # the peaked head decides "mass" more than "logit"
+    # the validation metric follows the target: at step 0 (the LSH) the same picks capture different masses
+    kw = dict(nbits=32, steps=0, seed=0, return_info=True, top=16)
+    r0 = {t: retrieval.train_hash(qg, k, sg, target=t, **kw)[1]["lsh_val_recall"] for t in ("mass", "logit")}
+    assert abs(r0["mass"] - r0["logit"]) > 1e-3, r0
+    # training on the logit target beats its LSH start on held-out queries (measured on that target)
+    gv = torch.Generator().manual_seed(8)
+    qv = qg[:, :, :16] + 0.05 * torch.randn(qg[:, :, :16].shape, generator=gv)
+    h, info = retrieval.train_hash(qg, k, sg, nbits=32, steps=80, lr=3e-2, queries_per_step=16, seed=0, top=16,
+                                   val=(qv, k, qv @ k.transpose(-1, -2)[:, None] / 32 ** 0.5), target="logit",
+                                   return_info=True)
+    assert info["best_step"] > 0 and info["val_recall"] > info["lsh_val_recall"], info["curve"]
+    with pytest.raises(ValueError, match="target must be 'mass' or 'logit'"):
+        retrieval.train_hash(qg, k, sg, nbits=32, steps=1, target="weights")
+
+
 def test_train_hash_ignores_sinks():
     # sink-dominated attention: trained with the sinks excluded, the hash must rank the OTHER keys better than LSH
     q, k, scores = _synthetic(sink_logit=12.0, seed=1)

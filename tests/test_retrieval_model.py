@@ -463,6 +463,16 @@ def test_cli_retrieval_eval_rejects_k_below_kept_tokens(capsys):
     assert "smaller than --sinks + --recent" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--train-target", "logit"], ["--save-hashes", "h.pt"],
+                                   ["--train", "--hashes", "h.pt", "--train-target", "logit"]])
+def test_cli_retrieval_eval_rejects_train_options_without_train(flags, capsys):
+    from kvengine import cli
+
+    assert cli.build_parser().parse_args(["retrieval-eval"]).train_target == "mass"
+    assert cli.main(["retrieval-eval", *flags]) == 2
+    assert "only apply to --train (without --hashes)" in capsys.readouterr().err
+
+
 def test_retrieval_eval_rows_with_packed_kv():
     """--kv-bits: every hash row again over a packed K/V cache; the runner builds RetrievalCache(quant=...)."""
     rows = retrieval_eval_rows(top_ks=(24,), lsh=True, oracle=False, sinks=4, recent=8, kv_bits=(4,), kv_group=16)

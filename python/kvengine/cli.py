@@ -620,6 +620,11 @@ def cmd_retrieval_eval(args) -> int:
     if bad:
         raise CLIError(f"--top-k {bad} smaller than --sinks + --recent ({args.sinks} + {args.recent}): the always-kept "
                        "tokens count toward top-k")
+    if not args.train or args.hashes:
+        only = [f for f, on in (("--train-target", args.train_target != "mass"),
+                                ("--save-hashes", args.save_hashes is not None)) if on]
+        if only:
+            raise CLIError(f"{', '.join(only)} only apply to --train (without --hashes)")
     t_load = time.perf_counter()
     lm = _load(args)
     n_layers = R._head_dims(lm.model.config)[0]
@@ -635,8 +640,9 @@ def cmd_retrieval_eval(args) -> int:
         ids = models.token_ids(lm.tokenizer, args.train_tokens, args.text, reverse=True)
         t0 = time.perf_counter()
         trained = R.train_layer_hashes(lm.model, ids, nbits=args.nbits, steps=args.train_steps, sinks=args.sinks,
-                                       recent=args.recent, verbose=not args.quiet)
-        notes.append(f"trained MLP hashes of {len(trained)} layers on {ids.numel()} held-out tokens (the last 25% "
+                                       recent=args.recent, verbose=not args.quiet, target=args.train_target)
+        notes.append(f"trained MLP hashes of {len(trained)} layers on {ids.numel()} held-out tokens, target "
+                     f"{args.train_target!r} (the last 25% "
                      f"choose the best step, LSH = step 0), up to {args.train_steps} steps each, in "
                      f"{time.perf_counter() - t0:.0f}s")
         if args.save_hashes:
@@ -821,6 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train per-layer MLP hashes on held-out text first (seconds per layer on CPU)")
     r.add_argument("--train-tokens", type=int, default=2048)
     r.add_argument("--train-steps", type=int, default=300)
+    r.add_argument("--train-target", default="mass", choices=("mass", "logit"),
+                   help="what the hashes learn to rank by: the attention weights averaged over each GQA group (mass, "
+                        "the oracle's ranking) or the logits averaged over it (logit, oracle_logit's)")
     r.add_argument("--hashes", default=None, help="trained hashes file (save_hashes / --save-hashes) to evaluate")
     r.add_argument("--save-hashes", default=None, help="with --train: write the trained hashes here")
     r.add_argument("--kv-bits", type=_int_list, default=[],

@@ -6,8 +6,8 @@
 * ``HashCodeCache``: packed key codes, appended with one ``hash_encode`` call per step (old keys never re-hashed).
 * ``RetrievalAttention``: codes + full-precision K/V; ``attend(q)`` = encode q → ``hamming_topk`` →
   ``sparse_decode_attention``.
-* ``train_hash``: trains the query/key MLPs with a Bradley–Terry ranking loss against true attention scores, the sign
-  relaxed to ``tanh(f / τ)``; ``topk_recall`` measures the attention mass a hash's top-k captures;
+* ``train_hash``: trains the query/key MLPs with a listwise cross-entropy against the true attention weights, the
+  sign relaxed to ``tanh(f / τ)``; ``topk_recall`` measures the attention mass a hash's top-k captures;
   ``model_recall_report`` runs the comparison on q/k captured from SmolLM2 (``kvengine.models``).
 """
 from __future__ import annotations
@@ -309,16 +309,22 @@ def _free_mask(q_pos: Tensor, nk: int, sinks: int, recent: int) -> Tensor:
     return (j < end) & (j >= sinks) & (j < end - recent)
 
 
-def _group_probs(scores: Tensor) -> Tensor:
-    """scores [H, g, Nq, Nk] (-inf = invisible) -> true attention weights averaged over each group [H, Nq, Nk]."""
-    return torch.softmax(scores.float(), -1).nan_to_num_(0.0).mean(1)
+def _group_probs(scores: Tensor, target: str = "mass") -> Tensor:
+    """scores [H, g, Nq, Nk] (-inf = invisible) -> the group's target distribution [H, Nq, Nk]: ``"mass"`` the true
+    attention weights averaged over the group's heads; ``"logit"`` the softmax of the logits averaged over the heads
+    (the normalised geometric mean of the heads' weights: the ranking of ``selector="oracle_logit"``)."""
+    if target == "mass":
+        return torch.softmax(scores.float(), -1).nan_to_num_(0.0).mean(1)
+    if target == "logit":
+        return torch.softmax(scores.float().mean(1), -1).nan_to_num_(0.0)
+    raise ValueError(f"train_hash: target must be 'mass' or 'logit', got {target!r}")
 
 
 def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits: int = 128, steps: int = 300,
                lr: float = 1e-2, tau: float = 1.0, top: int = 32, queries_per_step: int = 64, shared: bool = False,
                seed: int = 0, verbose: bool = False, q_pos: Optional[Tensor] = None, sinks: int = 0,
                recent: int = 0, val_frac: float = 0.25, eval_every: int = 10, return_info: bool = False,
-               val: Optional[tuple] = None):
+               val: Optional[tuple] = None, target: str = "mass"):
     """Train per-KV-head query/key MLP hashes for top-k selection, starting from (and never returning worse than)
     random-hyperplane LSH on a held-out split.
 
@@ -330,13 +336,14 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
 
     Objective (listwise, attention-mass weighted): the selection scores a key by the Hamming similarity summed over
     the group's query heads, relaxed to ``S = Σ_heads Σ_bits tanh(fq/τ)·tanh(fk/τ) / √nbits``; loss per query =
-    cross-entropy of the group's true attention weights P (mean over the g heads of softmax(attn_scores)) on the free
-    keys against ``softmax(β·S)`` over the free keys (β learned per head) — un-normalised P, so queries whose free
-    keys hold little mass weigh little.  Initialised at LSH (w1 Gaussian / scale, b = 0, w2 = 0: the codes of
+    cross-entropy of the group's target distribution P on the free keys against ``softmax(β·S)`` over the free keys
+    (β learned per head) — un-normalised P, so queries whose free keys hold little mass weigh little.  ``target``:
+    ``"mass"`` P = the true attention weights averaged over the g heads (the ``selector="oracle"`` ranking);
+    ``"logit"`` P = softmax of the logits averaged over the g heads (the ``"oracle_logit"`` ranking).  Initialised at LSH (w1 Gaussian / scale, b = 0, w2 = 0: the codes of
     ``SpotlightHash.random(H, D, nbits, generator=torch.Generator().manual_seed(seed))``), Adam.  A ``val_frac``
     split of the queries (the last positions) is held out — or, better (the split shares its keys with training),
     ``val = (q, k, attn_scores, q_pos)`` from another sequence; every ``eval_every`` steps (and at step 0 = LSH)
-    the free attention mass the sign codes' top-``top`` free keys capture is measured there and the best weights
+    the free mass of P the sign codes' top-``top`` free keys capture is measured there and the best weights
     are returned (LSH's when training never beats it).  ``return_info=True`` returns ``(hash, info)`` with the
     validation curve.
     """
@@ -348,7 +355,7 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
     if q_pos is None:
         q_pos = torch.full((Nq,), Nk - 1, dtype=torch.long)
     q_pos = q_pos.long().cpu()
-    P = _group_probs(a)  # [H, Nq, Nk]
+    P = _group_probs(a, target)  # [H, Nq, Nk]
     free = _free_mask(q_pos, Nk, sinks, recent)[None]  # [1, Nq, Nk]
     P = P * free
     n_val = 0 if val is not None else (int(round(Nq * val_frac)) if Nq >= 8 else 0)
@@ -359,7 +366,7 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
         vpos = (torch.full((vq.shape[2],), vk.shape[1] - 1, dtype=torch.long) if len(val) < 4 or val[3] is None
                 else val[3].long().cpu())
         vfree = _free_mask(vpos, vk.shape[1], sinks, recent)[None]
-        vP = _group_probs(vs) * vfree
+        vP = _group_probs(vs, target) * vfree
         n_val = vq.shape[2]
     else:
         va = torch.arange(Nq - n_val, Nq)
