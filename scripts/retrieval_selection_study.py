@@ -69,7 +69,12 @@ def main():
     ap.add_argument("--tail", default="none",
                     help="ppl: comma list of what stands in for the unselected keys (the tail): none | exact (the "
                          "true tail term: must give ratio 1) | mass (the true tail mass on the tail's mean value) | "
-                         "summary (one pseudo-token: the tail's mean key with logit + log n_tail, its mean value)")
+                         "summary (one pseudo-token: the tail's mean key with logit + log n_tail, its mean value) | "
+                         "sample:M (M tail keys drawn uniformly without replacement, attended with their true logits "
+                         "and weight n_tail/M: an unbiased estimate of the tail's numerator and denominator, as in "
+                         "MagicPIG; same cost as top-(k+M)) | isample:M (M draws with replacement, probability ∝ the ranker's "
+                         "estimate of the group's softmax weight, weight count/(M·probability))")
+    ap.add_argument("--seed", type=int, default=0, help="ppl: seed of the tail samples (--tail sample:M)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -114,12 +119,30 @@ def main():
                     keep = keep.repeat_interleave(g, 1)
                 tail_mode = state.get("tail", "none")
                 if tail_mode != "none":
-                    return tail_attention(tail_mode, query, key, value, s, keep, ~causal, scaling)
+                    return tail_attention(tail_mode, query, key, value, s, keep, ~causal, scaling, name, li)
                 s = s.masked_fill(~keep, float("-inf"))
             o = torch.softmax(s, -1) @ value.float().repeat_interleave(g, 1)
             return o.to(query.dtype).transpose(1, 2).contiguous(), None
 
-        def tail_attention(mode, query, key, value, s, keep, visible, scaling):
+        def proposal(name, query, key, s, li, scaling):
+            """Group-level sampling weights [B, Hkv, T, T] (unnormalised) for --tail isample: the ranker's estimate of
+            each key's softmax weight, summed over the group.  Oracles use the true weights; hash rankers the logit
+            each code implies, scaling·|q|·|k|·cos(π·hamming/nbits) (a kernel would keep |k| beside the codes)."""
+            B_, Hq_, T_, _ = s.shape
+            if name not in hashes:
+                return torch.softmax(s, -1).view(B_, Hq_ // g, g, T_, T_).sum(2)
+            h = hashes[name][li]
+            kc = unpack(h.encode_keys(key.float()))  # [B, Hkv, T, nb]
+            qc = unpack(h.encode_queries(query.float()))  # [B, Hq, T, nb]
+            nb = kc.shape[-1]
+            agree = (qc.view(B_, Hq_ // g, g, T_, nb) @ kc[:, :, None].transpose(-1, -2)) / nb  # cos of the angle
+            est = torch.cos(math.pi * (1 - agree) / 2) * scaling
+            est = est * query.float().norm(dim=-1).view(B_, Hq_ // g, g, T_, 1)
+            est = est * key.float().norm(dim=-1)[:, :, None, None, :]
+            causal_ = torch.arange(T_)[None, :] > torch.arange(T_)[:, None]
+            return torch.softmax(est.masked_fill(causal_, float("-inf")), -1).sum(2)
+
+        def tail_attention(mode, query, key, value, s, keep, visible, scaling, name, li):
             """Attention over the kept keys plus a stand-in for the visible keys that were not kept (the tail)."""
             vv, kf = value.float().repeat_interleave(g, 1), key.float().repeat_interleave(g, 1)
             tail = (visible & ~keep).float()  # [B, Hq, T, T]
@@ -137,6 +160,31 @@ def main():
                 lt = lt.masked_fill(~has, float("-inf"))
                 w = torch.softmax(torch.cat([s.masked_fill(~keep, float("-inf")), lt], -1), -1)
                 o = w[..., :-1] @ vv + w[..., -1:] * vbar
+            elif mode.startswith("sample:"):
+                M = int(mode.split(":", 1)[1])
+                B_, Hq_, T_, _ = s.shape
+                # one draw per query row and KV head (the group shares its selection, as a kernel would)
+                u = torch.rand((B_, Hq_ // g, T_, T_), generator=state["gen"]).repeat_interleave(g, 1)
+                u = u.masked_fill(tail == 0, -1.0)
+                pick = torch.zeros_like(keep).scatter_(-1, u.topk(min(M, T_), -1).indices, True) & (tail > 0)
+                w = nt / nt.clamp(max=M).clamp(min=1)  # 1 / inclusion probability
+                sl = torch.where(keep, s, torch.where(pick, s + w.log(), float("-inf")))
+                o = torch.softmax(sl, -1) @ vv
+            elif mode.startswith("isample:"):
+                M = int(mode.split(":", 1)[1])
+                B_, Hq_, T_, _ = s.shape
+                tg = tail.view(B_, Hq_ // g, g, T_, T_)[:, :, 0]  # the group's tail (shared selection)
+                pr = proposal(name, query, key, s, li, scaling) * tg
+                empty = pr.sum(-1, keepdim=True) <= 0
+                pr = torch.where(empty, torch.ones_like(pr), pr)
+                pr = pr / pr.sum(-1, keepdim=True)
+                # M draws with replacement; a key drawn c times gets weight c / (M·π): unbiased for the tail's sums
+                draws = torch.multinomial(pr.view(-1, T_), M, replacement=True, generator=state["gen"])
+                c = torch.zeros(draws.shape[0], T_).scatter_add_(-1, draws, torch.ones(draws.shape)).view(pr.shape)
+                c = (c * tg).masked_fill(empty, 0)
+                lw = torch.where(c > 0, (c / (M * pr)).log(), float("-inf")).repeat_interleave(g, 1)
+                sl = torch.where(keep, s, s + lw)
+                o = torch.softmax(sl, -1) @ vv
             else:
                 raise SystemExit(f"--tail: unknown mode {mode!r}")
             return o.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -150,6 +198,7 @@ def main():
         def nll(sel):
             state.clear()
             state.update(sel)
+            state["gen"] = torch.Generator().manual_seed(args.seed)
             tot = []
             for w in win:
                 lg = m(w[None], use_cache=False).logits[0, :-1].float()
