@@ -513,6 +513,25 @@ def test_retrieval_eval_paired_errors_and_dense_rows():
         assert float(note.split("PPL ratio ")[1].split()[0]) == pytest.approx(r["ppl"] / oracle["ppl"], abs=6e-5)
 
 
+def test_plot_retrieval_series(tmp_path):
+    """retrieval-eval --plot: one line per selection, points sorted by k with their se; full attention (no k) is
+    not a point; a PNG is written (into a folder that did not exist)."""
+    from kvengine.cli import _plot_retrieval
+
+    rows = [{"config": "full attention", "kind": "full", "ppl_ratio": 1.0, "ppl_ratio_se": 0.0},
+            {"config": "LSH 128b", "top_k": 128, "ppl_ratio": 1.03, "ppl_ratio_se": 0.004},
+            {"config": "oracle top-k", "top_k": 64, "ppl_ratio": 1.06, "ppl_ratio_se": 0.006},
+            {"config": "LSH 128b", "top_k": 64, "ppl_ratio": 1.058, "ppl_ratio_se": 0.007},
+            {"config": "oracle top-k", "top_k": 128, "ppl_ratio": 1.02},
+            {"config": "trained MLP 128b", "top_k": 256, "ppl_ratio": 1.006, "ppl_ratio_se": 0.002}]
+    out = tmp_path / "new" / "r.png"
+    series = _plot_retrieval(rows, str(out), "title " * 60)
+    assert series == {"LSH 128b": [(64, 1.058, 0.007), (128, 1.03, 0.004)],
+                      "oracle top-k": [(64, 1.06, 0.006), (128, 1.02, 0.0)],
+                      "trained MLP 128b": [(256, 1.006, 0.002)]}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.model
 def test_cli_retrieval_eval_json_dense_layers(smollm2, tmp_path, capsys):
     """`kvengine retrieval-eval --dense-layers 0 --json`: a tiny real run; rows carry ppl_ratio_se (no per-token
@@ -523,7 +542,8 @@ def test_cli_retrieval_eval_json_dense_layers(smollm2, tmp_path, capsys):
 
     out = tmp_path / "r.json"
     rc = cli.main(["retrieval-eval", "--windows", "1", "--window-len", "192", "--prefill", "96", "--chunk", "96",
-                   "--top-k", "64", "--dense-layers", "0", "--quiet", "--threads", "2", "--json", str(out)])
+                   "--top-k", "64", "--dense-layers", "0", "--quiet", "--threads", "2", "--json", str(out),
+                   "--plot", str(tmp_path / "r.png")])
     assert rc == 0
     text = capsys.readouterr().out
     assert "dense layers 0;" in text and "± se" in text and "LSH 128b / oracle at k=64: PPL ratio" in text
@@ -533,6 +553,7 @@ def test_cli_retrieval_eval_json_dense_layers(smollm2, tmp_path, capsys):
     assert full["ppl_ratio_se"] == 0.0 and lsh["ppl_ratio_se"] > 0 and oracle["ppl_ratio_se"] > 0
     assert lsh["dense_layers"] == oracle["dense_layers"] == [0]
     assert not any(k.startswith("_") for r in d["rows"] for k in r)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG" and f"wrote {tmp_path / 'r.png'}" in text
     # 30 layers, 1 dense: the decoded queries at 96..191 see 97..192 tokens, top-64 of them in 29 layers
     n = torch.arange(97, 193)
     want = ((n + 29 * n.clamp(max=64)).sum() / (30 * n.sum())).item()

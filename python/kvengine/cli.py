@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from typing import Callable, Optional
 
@@ -291,6 +292,41 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_retrieval(rows: list[dict], path: str, title: str) -> dict:
+    """``retrieval-eval --plot``: PPL ratio to full attention against top-k (log 2 axis), one line per selection
+    (config), ± its paired standard error.  Returns the series drawn, {config: [(k, ratio, se), ...]} sorted by k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict = {}
+    for r in rows:
+        if r.get("top_k") is not None and r.get("ppl_ratio") is not None:
+            series.setdefault(r["config"], []).append((r["top_k"], r["ppl_ratio"], r.get("ppl_ratio_se") or 0.0))
+    for pts in series.values():
+        pts.sort()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in series.items():
+        style = "--" if name.startswith("oracle") else "-"
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o" + style,
+                    capsize=3, label=name, markersize=5)
+    ax.set_xscale("log", base=2)
+    ks = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("top-k: tokens attended per query and KV head (incl. sinks + recent)")
+    ax.set_ylabel("PPL / PPL(full attention)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_title(textwrap.fill(title, 110), fontsize=7)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return series
 
 
 # ---- subcommands ------------------------------------------------------------------------------------------------------
@@ -680,6 +716,9 @@ def cmd_retrieval_eval(args) -> int:
     results = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     for n in notes:
         print(f"note: {n}")
+    if args.plot:
+        _plot_retrieval(results, args.plot, header)
+        print(f"wrote {args.plot}")
     if args.json:
         from .benchmarks import environment
 
@@ -838,6 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dense-layers", type=_int_list, default=[],
                    help="layers that attend their whole context in the top-k rows (comma list, e.g. 0)")
     r.add_argument("--json", default=None, help="write the results here")
+    r.add_argument("--plot", default=None, help="write a PNG: PPL ratio vs top-k per selection, ± se")
     r.set_defaults(fn=cmd_retrieval_eval)
 
     b = sub.add_parser("bench", help="kernel benchmarks (all), or decode: a real model's decode speed per cache")
