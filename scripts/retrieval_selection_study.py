@@ -75,6 +75,7 @@ def main():
                          "MagicPIG; same cost as top-(k+M)) | isample:M (M draws with replacement, probability ∝ the ranker's "
                          "estimate of the group's softmax weight, weight count/(M·probability))")
     ap.add_argument("--seed", type=int, default=0, help="ppl: seed of the tail samples (--tail sample:M)")
+    ap.add_argument("--text", default=None, help="plain-text file (default: Wikipedia summaries), as retrieval-eval")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -192,7 +193,7 @@ def main():
         AttentionInterface.register("kvengine_study", attn)
         AttentionMaskInterface.register("kvengine_study", sdpa_mask)
         m.set_attn_implementation("kvengine_study")
-        win = models.windows(tok, args.windows, 2048, None)
+        win = models.windows(tok, args.windows, 2048, args.text)
 
         @torch.inference_mode()
         def nll(sel):
@@ -219,7 +220,7 @@ def main():
                     out["rows"].append(row)
     else:
         N = 2048
-        ids = models.token_ids(tok, N).view(-1)[:N]
+        ids = models.token_ids(tok, N, args.text).view(-1)[:N]
         vcap = {}
         hooks = [l.self_attn.v_proj.register_forward_hook(lambda mod, a, o, i=i: vcap.__setitem__(i, o.detach()))
                  for i, l in enumerate(m.model.layers)]
