@@ -107,6 +107,11 @@ def test_parser_and_module_entry():
     rows = cli.eval_configs(bits=(2,), groups=(64,), k_mode="per_token", quanto=False)
     assert rows[1]["k_mode"] == "per_token" and "K/token" in rows[1]["config"]
     assert rows[2]["kind"] == "kivi" and "k_mode" not in rows[2]  # the KIVI baseline keeps per-channel keys
+    assert not a.qk_int8 and p.parse_args(["eval", "--qk-int8"]).qk_int8
+    assert p.parse_args(["generate", "hi", "--qk-int8"]).qk_int8
+    rows = cli.eval_configs(bits=(2,), groups=(32,), quanto=False, qk_int8=True)
+    assert rows[1]["qk_int8"] is True and rows[1]["config"].endswith(" qk8")
+    assert rows[2]["kind"] == "kivi" and "qk_int8" not in rows[2]  # the baseline keeps the exact kernel
     a = p.parse_args(["bench", "attention", "--quick", "--json", "out"])
     assert (a.name, a.quick, a.json) == ("attention", True, "out")
     r = subprocess.run([sys.executable, "-m", "kvengine", "--help"], capture_output=True, text=True, timeout=120)

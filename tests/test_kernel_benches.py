@@ -50,3 +50,17 @@ def test_binary_decode_rows():
         # bytes: fp32 V, one bit per key channel, one fp32 scale per key
         nbytes = 2 * L * 64 * 4 + 2 * L * 64 // 8 + 2 * L * 4
         assert r["GBps"] == pytest.approx(nbytes / (r["binary_packed_ms"] * 1e-3) / 1e9)
+
+
+def test_attention_rows_time_the_int8_path_too():
+    """`bench attention` rows (CPU): the exact kernel, SDPA, dequantize+SDPA, per-token keys, and the same cache with
+    qk_int8, each a positive time; the cache is left with qk_int8 off."""
+    from kvengine.benchmarks import attention
+
+    rows = attention.run("cpu", contexts=(300,), batches=(1,), bits=(2,), hkv=2, g=2, D=64, quick=True)
+    assert len(rows) == 1
+    r = rows[0]
+    for key in ("kvengine_us", "sdpa_us", "deq_sdpa_us", "ktok_us", "qk8_us"):
+        assert r[key] > 0, key
+    assert r["qk8_speedup"] == pytest.approx(r["kvengine_us"] / r["qk8_us"])
+    assert r["qk8_vs_sdpa"] == pytest.approx(r["sdpa_us"] / r["qk8_us"])

@@ -65,6 +65,22 @@ def test_kvengine_cache_tracks_fp(chunk, k_mode):
 
 
 @torch.inference_mode()
+def test_kvengine_cache_qk_int8():
+    """qk_int8 reaches every layer's cache (also through an auto plan's summary) and the logits stay within a small
+    distance of the exact kernel's on the same 4-bit cache (most tokens quantized)."""
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(4))
+    kw = dict(bits=4, group_size=16, residual=16, sinks=2)
+    exact = run_chunks(model, ids, KVEngineCache(model.config, **kw), 24, 8)
+    cache = KVEngineCache(model.config, qk_int8=True, **kw)
+    got = run_chunks(model, ids, cache, 24, 8)
+    assert cache.config_summary["qk_int8"] is True
+    assert all(l.qcache.qk_int8 for l in cache.layers) and cache.layers[0].qcache.n_quant >= 64
+    err = (got - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert 0 < err.max() < 0.02, err.max()
+
+
+@torch.inference_mode()
 def test_generate_with_kvengine_cache_tiny():
     model = tiny_llama()
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))

@@ -32,7 +32,8 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
                                   const at::Tensor& lens, int64_t bits_k, int64_t bits_v, int64_t k_group,
                                   int64_t v_group, std::optional<double> softmax_scale, bool rotate_k, bool rotate_v,
                                   const std::optional<at::Tensor>& k_perm, const std::optional<at::Tensor>& v_perm,
-                                  c10::string_view k_mode, const std::optional<at::Tensor>& indices) {
+                                  c10::string_view k_mode, const std::optional<at::Tensor>& indices,
+                                  bool qk_int8) {
   const char* op = "quant_decode_attention";
   check_supported_device(op, q);
   check_float(op, "q", q);
@@ -169,6 +170,7 @@ at::Tensor quant_decode_attention(const at::Tensor& q, const at::Tensor& k_codes
   a.v_fp = v_fp.data_ptr();
   a.f_cap = fcap;
   a.lens = lens.data_ptr<int32_t>();
+  a.qk_int8 = qk_int8;
   if (idx.defined()) {
     a.sparse = true;
     a.indices = idx.data_ptr<int32_t>();

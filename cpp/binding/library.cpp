@@ -19,7 +19,7 @@ KVE_TORCH_LIBRARY(kvengine, m) {
   m.def("quant_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
         "Tensor v_scale, Tensor v_zero, Tensor k_fp, Tensor v_fp, Tensor lens, int bits_k, int bits_v, int k_group, "
         "int v_group, float? softmax_scale=None, bool rotate_k=False, bool rotate_v=False, Tensor? k_perm=None, "
-        "Tensor? v_perm=None, str k_mode=\"per_channel\", Tensor? indices=None) -> Tensor");
+        "Tensor? v_perm=None, str k_mode=\"per_channel\", Tensor? indices=None, bool qk_int8=False) -> Tensor");
   // ---- 1-bit QK attention (BinaryAttention) ---------------------------------------------------------------------
   m.def("sign_pack(Tensor x, bool center=False) -> (Tensor bits, Tensor scale)");
   m.def("binary_attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, Tensor? rel_bias=None, bool causal=False, "

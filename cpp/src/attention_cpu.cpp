@@ -100,11 +100,164 @@ inline void dequant_row(const uint8_t* row, const float* s, const float* z, int 
   }
 }
 
+// ---- int8 QK (DecodeAttentionArgs::qk_int8) ---------------------------------------------------------------------
+// A packed key row holds channel PL·j + c (PL = 8 / BITS codes per byte) in bits BITS·c of byte j.  It is unpacked
+// into PL planes of P = D·BITS/8 bytes, plane c holding channels PL·j + c: a shift and a mask per plane, the same
+// instructions on every ISA.  The dot product does not care about the channel order as long as the int8 query row
+// uses the same one, so the query rows and the key group's scales / zeros are brought into it instead.  Plane c sits
+// at slot brev(c) (its log2(PL) bits reversed): that order is log2(PL) rounds of "evens first, then odds", which
+// vector shuffles do in a few instructions per 32 floats.
+constexpr int kPadBytes = 64;  // rows of codes / int8 queries padded with zeros to whole 64-byte vectors
+
+inline int plane_slot(int c, int bits) {  // brev(c) over log2(8 / bits) bits
+  int r = 0;
+  for (int pl = 8 / bits; pl > 1; pl >>= 1, c >>= 1) r = (r << 1) | (c & 1);
+  return r;
+}
+
+inline int plane_pos(int d, int D, int bits) {  // where channel d lands in the unpacked row
+  const int pl = 8 / bits;
+  return plane_slot(d % pl, bits) * (D * bits / 8) + d / pl;
+}
+
+template <int BITS>
+inline void unpack_planes(const uint8_t* row, int D, uint8_t* out) {
+  constexpr int PL = 8 / BITS;
+  constexpr uint8_t M = uint8_t((1u << BITS) - 1);
+  typedef uint8_t v32b __attribute__((vector_size(32)));
+  const int P = D * BITS / 8;
+#pragma GCC unroll 8
+  for (int c = 0; c < PL; ++c) {
+    uint8_t* o = out + plane_slot(c, BITS) * P;
+    int j = 0;
+    for (; j + 32 <= P; j += 32) {
+      v32b x;
+      std::memcpy(&x, row + j, 32);
+      x = (x >> uint8_t(BITS * c)) & M;
+      std::memcpy(o + j, &x, 32);
+    }
+    for (; j < P; ++j) o[j] = uint8_t((row[j] >> (BITS * c)) & M);
+  }
+}
+
+// out[i] = in[2i], out[n/2 + i] = in[2i + 1] (n a multiple of 2·WN)
+inline void deinterleave(const float* in, float* out, int n) {
+  for (int k = 0; 2 * k * WN < n; ++k) {
+    const vn a = ldn(in + 2 * k * WN), b = ldn(in + 2 * k * WN + WN);
+#if defined(__AVX512F__)
+    stn(out + k * WN, __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+    stn(out + n / 2 + k * WN,
+        __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+#else
+    stn(out + k * WN, __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14));
+    stn(out + n / 2 + k * WN, __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15));
+#endif
+  }
+}
+
+// x rounded to the nearest integer, ties to even (an instruction, so that no multiply is fused into it)
+inline vn round_even(vn x) {
+#if defined(__AVX512F__)
+  return (vn)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  return (vn)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+}
+
+// out = in (D floats) in plane order; tmp: D floats of scratch; pos: plane_pos of every channel
+inline void to_planes(const float* in, float* out, float* tmp, int D, int bits, const int* pos) {
+  int rounds = 0;
+  for (int pl = 8 / bits; pl > 1; pl >>= 1) ++rounds;
+  if ((D >> (rounds - 1)) % (2 * WN)) {  // segments too short for whole vectors
+    for (int d = 0; d < D; ++d) out[pos[d]] = in[d];
+    return;
+  }
+  // alternate between out and tmp so that the last round writes out
+  float* bufs[2] = {rounds % 2 ? out : tmp, rounds % 2 ? tmp : out};
+  const float* src = in;
+  for (int l = 0; l < rounds; ++l) {
+    float* dst = bufs[l % 2];
+    const int n = D >> l;
+    for (int s0 = 0; s0 < D; s0 += n) deinterleave(src + s0, dst + s0, n);
+    src = dst;
+  }
+}
+
+// out[i] = Σ_d k[i·ks + d] · q[d] (d < Dp, a multiple of 64; codes < 16, so vpmaddubsw's int16 pairs never
+// saturate), i < 4: exact integers, returned as floats
+inline void dot4_u8s8(const uint8_t* k, int64_t ks, const int8_t* q, int Dp, float* out) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (int i = 0; i < Dp; i += 64) {
+    const __m512i qv = _mm512_loadu_si512(q + i);
+    a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(k + i), qv);
+    a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(k + ks + i), qv);
+    a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(k + 2 * ks + i), qv);
+    a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(k + 3 * ks + i), qv);
+  }
+  hsum4n(__builtin_convertvector((vi)a0, vn), __builtin_convertvector((vi)a1, vn),
+         __builtin_convertvector((vi)a2, vn), __builtin_convertvector((vi)a3, vn), out);
+#elif defined(__AVX2__)
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  auto step = [&](__m256i acc, const uint8_t* kp, __m256i qv) {
+    const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(kv, qv), ones));
+  };
+  for (int i = 0; i < Dp; i += 32) {
+    const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i));
+    a0 = step(a0, k + i, qv);
+    a1 = step(a1, k + ks + i, qv);
+    a2 = step(a2, k + 2 * ks + i, qv);
+    a3 = step(a3, k + 3 * ks + i, qv);
+  }
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  typedef float v8f __attribute__((vector_size(32)));
+  const auto f = [](__m256i x) {
+    if constexpr (WN == 8) {
+      return __builtin_convertvector((v8i)x, vn);
+    } else {  // an AVX2 build never has WN = 16; keeps the other branch well-formed
+      const v8f h = __builtin_convertvector((v8i)x, v8f);
+      vn r = {};
+      std::memcpy(&r, &h, sizeof h);
+      return r;
+    }
+  };
+  hsum4n(f(a0), f(a1), f(a2), f(a3), out);
+#else
+  for (int i = 0; i < 4; ++i) {
+    int32_t x = 0;
+    for (int d = 0; d < Dp; ++d) x += int32_t(k[i * ks + d]) * int32_t(q[d]);
+    out[i] = float(x);
+  }
+#endif
+}
+
 struct State : detail::BlockState {  // + the dequantization metadata of one block
   simd::lvector<float> meta;
+  // int8 QK: query rows [R][Dp] (plane order), their scales σ and zero-point terms, the block's codes [BT][Dp]
+  simd::lvector<int8_t> q8;
+  simd::lvector<uint8_t> kc8;
+  simd::lvector<float> qsig, qoff, qbias, qp, perm;  // + the query rows and one key group's scale / zero in plane order
+  std::vector<int> pos;                        // channel d -> its place in plane order
+  int Dp = 0;
   void init(int rows, int d) {
     BlockState::init(rows, d);
     meta.resize(2 * size_t(d) + 4 * size_t(BT) * (d / 16));  // K rows | V per token | K per token
+  }
+  void init_int8(int rows, int d, int bits) {
+    Dp = (d + kPadBytes - 1) / kPadBytes * kPadBytes;
+    q8.assign(size_t(rows) * Dp, 0);
+    kc8.assign(size_t(BT) * Dp, 0);
+    qsig.assign(rows, 0.f);
+    qbias.assign(rows, 0.f);
+    qoff.assign(rows, 0.f);
+    pos.resize(d);
+    for (int i = 0; i < d; ++i) pos[i] = plane_pos(i, d, bits);
+    perm.resize(3 * size_t(d));
+    qp.resize(size_t(rows) * d);
+    for (int r = 0; r < rows; ++r)
+      to_planes(q.data() + size_t(r) * d, qp.data() + size_t(r) * d, perm.data(), d, bits, pos.data());
   }
 };
 
@@ -278,6 +431,45 @@ class Worker {
   // scores, causal mask, online-softmax update and P·V for every query row (splitk.h)
   void process_block(State& st, int64_t p0, int nt) { detail::attend_block(st, p0, nt, N_, a_.Tq); }
 
+  // int8 QK: per query row, q' = q·k_scale (q holds softmax_scale already) rounded to int8, its scale
+  // σ = max|q'| / 127 and the zero-point term Σ q·k_zero, for the key group whose scale / zero rows are ks / kz.
+  // Everything in plane order (st.qp: the query rows permuted once per work item).
+  void quantize_queries(State& st, const float* ks, const float* kz) const {
+    const int D = int(a_.D), nn = D / WN;
+    const float mid = float((1 << a_.bits_k) - 1) / 2;  // codes are centered: (code − mid) ∈ [−mid, mid]
+    float* ksp = st.perm.data();
+    float* kzp = ksp + D;
+    to_planes(ks, ksp, kzp + D, D, a_.bits_k, st.pos.data());
+    to_planes(kz, kzp, kzp + D, D, a_.bits_k, st.pos.data());
+    for (int r = 0; r < c_.R; ++r) {
+      const float* q = st.qp.data() + size_t(r) * D;
+      vn amax = {}, bias = {};
+      for (int i = 0; i < nn; ++i) {
+        const vn qv = ldn(q + i * WN), sv = ldn(ksp + i * WN), x = qv * sv;
+        const vn ax = x < 0 ? -x : x;
+        amax = ax > amax ? ax : amax;
+        bias += qv * (ldn(kzp + i * WN) + splatn(mid) * sv);
+      }
+      const float am = hmaxn(amax);
+      const float inv = am > 0.f ? 127.f / am : 0.f;
+      int8_t* q8 = st.q8.data() + size_t(r) * st.Dp;
+      vni isum = {};
+      for (int i = 0; i < nn; ++i) {
+        const vn x = (ldn(q + i * WN) * ldn(ksp + i * WN)) * splatn(inv);  // two roundings, as the reference
+        const vni v = __builtin_convertvector(round_even(x), vni);
+        isum += v;
+        typedef int8_t v8 __attribute__((vector_size(WN)));
+        const v8 b = __builtin_convertvector(v, v8);
+        std::memcpy(q8 + i * WN, &b, WN);
+      }
+      int32_t is = 0;
+      for (int i = 0; i < WN; ++i) is += isum[i];
+      st.qsig[r] = am / 127.f;
+      st.qoff[r] = mid * float(is);  // exact (a multiple of 1/2 below 2^24)
+      st.qbias[r] = hsumn(bias);
+    }
+  }
+
   // full-precision tokens at slots [s0, s0 + n) with logical positions starting at lp0, clipped to [c0, c1)
   void fp_range(State& st, const char* kf, const char* vfp, int64_t s0, int64_t n, int64_t lp0, int64_t c0,
                 int64_t c1) {
@@ -334,6 +526,8 @@ class Worker {
     float* ks = st.meta.data();
     float* kz = st.meta.data() + D;
     int64_t cur_group = -1;
+    const bool i8 = BK <= 4 && a.qk_int8 && !ktok;  // int8 QK on the packed keys
+    if (i8) st.init_int8(c_.R, D, BK);
     for (int64_t p0 = lo; p0 < hi;) {
       const int64_t j0 = p0 - ns;  // index in the quantized segment
       const int64_t gid = ktok ? 0 : j0 / G;
@@ -360,9 +554,27 @@ class Worker {
                          ks);
         detail::load_row(static_cast<const char*>(a.k_zero) + (kmeta0 + gid * D) * msz, a.meta_dtype, D, nullptr,
                          kz);
+        if (i8) quantize_queries(st, ks, kz);
       }
       // dequantize in registers, k̂ = code·scale + zero / v̂ likewise — the same fp32 operations as dequantize
+      if (i8) {
+        if constexpr (BK <= 4) {
+          for (int t = 0; t < nt; ++t)
+            unpack_planes<BK>(kc + (j0 + t) * krow_bytes, D, st.kc8.data() + size_t(t) * st.Dp);
+          for (int r = 0; r < c_.R; ++r) {  // scores σ·(q8 · (codes − mid)) + q·(zero + mid·scale)
+            float* sr = st.s.data() + size_t(r) * BT;
+            const int8_t* qr = st.q8.data() + size_t(r) * st.Dp;
+            for (int t = 0; t < nt; t += 4) dot4_u8s8(st.kc8.data() + size_t(t) * st.Dp, st.Dp, qr, st.Dp, sr + t);
+            const float sg = st.qsig[r], off = st.qoff[r], bs = st.qbias[r];
+            for (int t = 0; t < nt; ++t) sr[t] = (sr[t] - off) * sg + bs;  // sr − off: exact
+          }
+        }
+      }
       for (int t = 0; t < nt; ++t) {
+        const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
+        float* vd = st.vblk.data() + size_t(t) * D;
+        dequant_row<BV, NN>(vrow, vs + t * gpr, vz + t * gpr, D, VG, vgi, vd);
+        if (i8) continue;
         const uint8_t* krow = kc + (j0 + t) * krow_bytes;
         float* kd = st.kblk.data() + size_t(t) * D;
         if (ktok) {
@@ -372,11 +584,11 @@ class Worker {
           for (int i = 0; i < nn; ++i)
             stn(kd + i * WN, unpackn<BK>(krow, int64_t(i) * WN) * ldn(ks + i * WN) + ldn(kz + i * WN));
         }
-        const uint8_t* vrow = vc + (j0 + t) * vrow_bytes;
-        float* vd = st.vblk.data() + size_t(t) * D;
-        dequant_row<BV, NN>(vrow, vs + t * gpr, vz + t * gpr, D, VG, vgi, vd);
       }
-      process_block(st, p0, nt);
+      if (i8)
+        detail::attend_block<false>(st, p0, nt, N_, a_.Tq);
+      else
+        process_block(st, p0, nt);
       p0 += nt;
     }
   }

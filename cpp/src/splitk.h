@@ -43,7 +43,8 @@ struct BlockState {  // per work item: query rows, online softmax state, one blo
 
 // NV = D / 16 known at compile time (0: run time) so that query rows and accumulators live in registers.
 // Row r sees the block's tokens at positions p0 .. up to n_ctx − tq + (r % tq) (the causal limit of decode rows).
-template <int NV>
+// QK = false: the caller has already written the scores of tokens 0 .. nt − 1 to st.s (row r at r·32); kblk unused.
+template <int NV, bool QK = true>
 void attend_block_nv(BlockState& st, int64_t p0, int nt, int64_t n_ctx, int64_t tq) {
   using namespace simd;
   constexpr int BT = kBlockTokens;
@@ -52,11 +53,12 @@ void attend_block_nv(BlockState& st, int64_t p0, int nt, int64_t n_ctx, int64_t 
   const int nn = D / WN;
   constexpr float NEG = -std::numeric_limits<float>::infinity();
   alignas(64) float p[BT];
-  for (int t = nt; t < BT; ++t) std::memset(st.kblk.data() + size_t(t) * D, 0, D * sizeof(float));
+  if constexpr (QK)
+    for (int t = nt; t < BT; ++t) std::memset(st.kblk.data() + size_t(t) * D, 0, D * sizeof(float));
   for (int r = 0; r < st.R; ++r) {
     const float* q = st.q.data() + size_t(r) * D;
     float* s = st.s.data() + size_t(r) * BT;
-    for (int t = 0; t < nt; t += 4) {  // four tokens at a time: one combined horizontal reduction
+    for (int t = 0; QK && t < nt; t += 4) {  // four tokens at a time: one combined horizontal reduction
       const float* k = st.kblk.data() + size_t(t) * D;
       vn a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int i = 0; i < nn; ++i) {
@@ -116,13 +118,14 @@ void attend_block_nv(BlockState& st, int64_t p0, int nt, int64_t n_ctx, int64_t 
   }
 }
 
+template <bool QK = true>
 inline void attend_block(BlockState& st, int64_t p0, int nt, int64_t n_ctx, int64_t tq) {
   switch (st.D / simd::W) {
-    case 2: return attend_block_nv<2>(st, p0, nt, n_ctx, tq);
-    case 4: return attend_block_nv<4>(st, p0, nt, n_ctx, tq);
-    case 8: return attend_block_nv<8>(st, p0, nt, n_ctx, tq);
-    case 16: return attend_block_nv<16>(st, p0, nt, n_ctx, tq);
-    default: return attend_block_nv<0>(st, p0, nt, n_ctx, tq);
+    case 2: return attend_block_nv<2, QK>(st, p0, nt, n_ctx, tq);
+    case 4: return attend_block_nv<4, QK>(st, p0, nt, n_ctx, tq);
+    case 8: return attend_block_nv<8, QK>(st, p0, nt, n_ctx, tq);
+    case 16: return attend_block_nv<16, QK>(st, p0, nt, n_ctx, tq);
+    default: return attend_block_nv<0, QK>(st, p0, nt, n_ctx, tq);
   }
 }
 

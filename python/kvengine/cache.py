@@ -148,6 +148,7 @@ class QuantizedKVCache:
         clip: RotateSpec = "auto",
         k_mode: str = "per_channel",
         k_group: Optional[int] = None,
+        qk_int8: bool = False,
     ):
         if bits_k not in ops.BITS or bits_v not in ops.BITS:
             raise ValueError(f"QuantizedKVCache: bits_k/bits_v must be in {ops.BITS}, got {bits_k}/{bits_v}")
@@ -173,6 +174,10 @@ class QuantizedKVCache:
         if k_mode not in ("per_channel", "per_token"):
             raise ValueError(f"QuantizedKVCache: k_mode must be 'per_channel' or 'per_token', got {k_mode!r}")
         self.k_mode = k_mode
+        if not isinstance(qk_int8, bool):
+            raise ValueError(f"QuantizedKVCache: qk_int8 must be a bool, got {qk_int8!r}")
+        # int8 QK in attend(): the CPU kernel's integer scores over the packed keys (ops.quant_decode_attention)
+        self.qk_int8 = qk_int8
         # per-token keys: channels per key group (default like the values); per-channel keys: the token group G
         self.k_group = (k_group or min(group_size, head_dim)) if k_mode == "per_token" else group_size
         if k_mode == "per_token" and (self.k_group % 16 or head_dim % self.k_group):
@@ -579,7 +584,7 @@ class QuantizedKVCache:
         out = ops.quant_decode_attention(
             qq, self.q["k_codes"], self.q["k_scale"], self.q["k_zero"], self.q["v_codes"], self.q["v_scale"],
             self.q["v_zero"], self.k_fp, self.v_fp, self._lens, self.bits_k, self.bits_v, self.k_group, self.v_group,
-            scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm, self.k_mode, indices)
+            scale, self.rotate_k, self.rotate_v, self.k_perm, self.v_perm, self.k_mode, indices, self.qk_int8)
         return out.to(q.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:

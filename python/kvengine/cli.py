@@ -140,7 +140,7 @@ def paired_ratio(a, b) -> tuple[float, float]:
 
 
 def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, baseline=True, quanto=True,
-                 plan=None, clip="auto", k_mode="per_channel") -> list[dict]:
+                 plan=None, clip="auto", k_mode="per_channel", qk_int8=False) -> list[dict]:
     """The rows ``kvengine eval`` runs: fp, then per (bits, group) the kvengine config and the KIVI-style baseline
     (per-channel K / per-token V, same group/residual, no rotation, no sinks), then transformers' QuantizedCache
     (quanto backend) if requested."""
@@ -153,10 +153,10 @@ def eval_configs(bits=(4, 2), groups=(32,), residual=128, sinks=4, rotate=True, 
                       "v": " clipV"}[clip]
             kt_s = " K/token" if k_mode == "per_token" else ""
             name = (f"kvengine INT{b} G{g}{kt_s} R{residual} S{sinks} {rot_s}{clip_s}"
-                    + (" +plan" if plan is not None else ""))
+                    + (" +plan" if plan is not None else "") + (" qk8" if qk_int8 else ""))
             rows.append({"config": name, "kind": "kvengine", "bits": b, "group_size": g, "residual": residual,
                          "sinks": sinks, "rotate": rotate, "clip": clip, "k_mode": k_mode,
-                         "plan": plan is not None})
+                         "plan": plan is not None, "qk_int8": qk_int8})
             if baseline:
                 rows.append({"config": f"KIVI-style INT{b} G{g} R{residual}", "kind": "kivi", "bits": b,
                              "group_size": g, "residual": residual, "sinks": 0, "rotate": False, "clip": False,
@@ -196,7 +196,8 @@ def make_cache_factory(model, row: dict, plan=None) -> Callable:
         p = plan if row.get("plan") else None
         return lambda: KVEngineCache(model.config, bits=row["bits"], group_size=row["group_size"],
                                      residual=row["residual"], sinks=row["sinks"], rotate=row["rotate"], plan=p,
-                                     clip=row.get("clip", "auto"), k_mode=row.get("k_mode", "per_channel"))
+                                     clip=row.get("clip", "auto"), k_mode=row.get("k_mode", "per_channel"),
+                                     qk_int8=row.get("qk_int8", False))
     if kind == "quanto":
         from transformers import QuantizedCache
 
@@ -377,7 +378,7 @@ def cmd_eval(args) -> int:
             quanto = False
             notes.append(f"transformers QuantizedCache(quanto) skipped: {why}")
     rows = eval_configs(args.bits, args.group, args.residual, args.sinks, args.rotate, not args.no_baseline,
-                        quanto, plan, args.clip, args.k_mode)
+                        quanto, plan, args.clip, args.k_mode, args.qk_int8)
     load_s = time.perf_counter() - t_load
     results = run_eval(lm, win, rows, args.prefill, args.chunk, plan, progress=not args.quiet)
     header = (f"{lm.name}: {args.windows} windows x {args.window_len} tokens, prefill {args.prefill}, decode chunks "
@@ -594,10 +595,11 @@ def cmd_generate(args) -> int:
         return st
 
     if plan and _is_auto_plan_file(plan):  # a per-layer plan sets bits/group/rotation/residual/sinks itself
-        cache = KVEngineCache(model.config, plan=plan)
+        cache = KVEngineCache(model.config, plan=plan, qk_int8=args.qk_int8)
     else:
         cache = KVEngineCache(model.config, bits=args.bits, group_size=args.group, residual=args.residual,
-                              sinks=args.sinks, rotate=args.rotate, plan=plan, clip=args.clip, k_mode=args.k_mode)
+                              sinks=args.sinks, rotate=args.rotate, plan=plan, clip=args.clip, k_mode=args.k_mode,
+                              qk_int8=args.qk_int8)
     st = run(cache, f"kvengine INT{args.bits}")
     ratio = st["fp_nbytes"] / st["nbytes"] if st["nbytes"] else float("nan")
     print(f"KV memory: {st['nbytes'] / 1024:.1f} KiB for {st['seq_len']} tokens (effective {st['effective_bits']:.2f} "
@@ -775,6 +777,9 @@ def _add_cache_args(p, bits_list: bool):
     p.add_argument("--keys", dest="k_mode", default="per_channel", type=_keys_arg, metavar="{channel,token}",
                    help="key quantization groups: per channel over group-size tokens (KIVI, default) or per token "
                         "over min(group, head_dim) channels")
+    p.add_argument("--qk-int8", dest="qk_int8", action="store_true",
+                   help="score the packed keys with int8 queries (CPU VNNI; per-channel keys of <= 4 bits): faster "
+                        "decode, slightly different numerics")
     p.add_argument("--plan", default=None, help="calibration plan JSON from `kvengine calibrate`")
 
 

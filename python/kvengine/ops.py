@@ -204,6 +204,7 @@ def quant_decode_attention(
     v_perm: Optional[Tensor] = None,
     k_mode: str = "per_channel",
     indices: Optional[Tensor] = None,
+    qk_int8: bool = False,
 ) -> Tensor:
     """Exact softmax attention of q [B, Hq, Tq, D] over a quantized KV cache, in one fused pass over the packed data.
 
@@ -218,16 +219,20 @@ def quant_decode_attention(
     ``indices`` [B, Hkv, n] (int32/int64, Tq = 1; retrieval, e.g. from ``hamming_topk``): query head hq attends only
     the logical positions ``indices[b, hq // g]`` (entries < 0 or ≥ N skipped, duplicates count twice; a row with
     none gives 0), dequantized on the fly — sparse attention over the packed cache.
+    ``qk_int8`` (CPU; per-channel keys of ≤ 4 bits, no ``indices``): the packed keys' scores come from integer dot
+    products (VNNI) of the codes with the query rounded to int8 per key group, ``max|q'|/127 · Σ q8·code + q·zero``
+    with ``q' = q·softmax_scale·k_scale`` (``reference.int8_qk_scores``); sinks, recent tokens and every other case
+    stay exact, and CUDA ignores the flag.  The extra error is a small fraction of the keys' quantization error.
     """
     return _ops.quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
                                        bits_v, k_group, v_group, softmax_scale, rotate_k, rotate_v, k_perm, v_perm,
-                                       k_mode, indices)
+                                       k_mode, indices, qk_int8)
 
 
 @_fake("quant_decode_attention")
 def _quant_decode_attention_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k,
                                  bits_v, k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False,
-                                 k_perm=None, v_perm=None, k_mode="per_channel", indices=None):
+                                 k_perm=None, v_perm=None, k_mode="per_channel", indices=None, qk_int8=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -155,9 +155,38 @@ def _dequant_partial_k(k_codes, k_scale, k_zero, bits_k, k_group, b, nq, dtype):
     return full[:, :nq]
 
 
+def int8_qk_scores(q, k_codes, k_scale, k_zero, bits_k, k_group, b, nq, softmax_scale):
+    """The scores of sequence b's packed keys under ``qk_int8`` [Hq, Tq, nq] (float64): per key group and query row,
+    q' = (q·softmax_scale)·k_scale in fp32, q8 = round(q'·(127 / max|q'|)), and score = max|q'| / 127 ·
+    (q8 · (codes − m)) + (q·softmax_scale) · (k_zero + m·k_scale), m = (2^bits_k − 1) / 2.  q: the (rotated) queries of sequence b [Hq, Tq, D]; softmax_scale: an fp32
+    scalar tensor (the kernel's).  ``q`` is rounded to fp32 first, so with ``rotate_k`` the kernel's own fp32
+    rotation may round an element of q8 the other way."""
+    Hq, Tq, D = q.shape
+    Hkv = k_codes.shape[1]
+    g = Hq // Hkv
+    if nq == 0:
+        return torch.zeros(Hq, Tq, 0, dtype=torch.float64, device=q.device)
+    ng = -(-nq // k_group)
+    qs = q.float() * softmax_scale.float()
+    codes = unpack(k_codes[b, :, : ng * k_group], bits_k).double()  # [Hkv, ng·G, D]
+    codes = codes.reshape(Hkv, ng, k_group, D).repeat_interleave(g, 0)  # [Hq, ng, G, D]
+    ks = k_scale[b, :, :ng].float().repeat_interleave(g, 0)  # [Hq, ng, D]
+    kz = k_zero[b, :, :ng].float().repeat_interleave(g, 0)
+    qp = qs[:, None] * ks[:, :, None]  # [Hq, ng, Tq, D] fp32
+    amax = qp.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(amax))
+    q8 = torch.round(qp * inv).clamp(-127, 127).double()
+    mid = (2**bits_k - 1) / 2  # centered codes
+    dots = q8 @ (codes - mid).transpose(-1, -2)  # [Hq, ng, Tq, G]
+    kzm = kz.double() + mid * ks.double()
+    bias = (qs.double()[:, None] * kzm[:, :, None]).sum(-1, keepdim=True)  # [Hq, ng, Tq, 1]
+    s = (amax / 127).double() * dots + bias
+    return s.permute(0, 2, 1, 3).reshape(Hq, Tq, ng * k_group)[..., :nq]
+
+
 def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_fp, v_fp, lens, bits_k, bits_v,
                            k_group, v_group, softmax_scale=None, rotate_k=False, rotate_v=False, k_perm=None,
-                           v_perm=None, k_mode="per_channel", indices=None):
+                           v_perm=None, k_mode="per_channel", indices=None, qk_int8=False):
     B, Hq, Tq, D = q.shape
     Hkv = k_codes.shape[1]
     g = Hq // Hkv
@@ -185,6 +214,13 @@ def quant_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
         K = K.repeat_interleave(g, dim=0)
         V = V.repeat_interleave(g, dim=0)
         s = (qd[b] @ K.transpose(-1, -2)) * scale  # [Hq, Tq, N]
+        if qk_int8 and bits_k <= 4 and k_mode == "per_channel":  # the packed keys' scores from int8 queries
+            ns, nq = int(lens[b, 0]), int(lens[b, 1])
+            # the kernel's fp32 scale: 1 / sqrt(D) rounded as fp32 operations, or the given one rounded to fp32
+            s32 = (torch.tensor(1.0) / torch.tensor(float(D)).sqrt() if softmax_scale is None
+                   else torch.tensor(softmax_scale, dtype=torch.float32))
+            s[..., ns : ns + nq] = int8_qk_scores(qd[b].to(q.dtype), k_codes, k_scale, k_zero, bits_k, k_group, b,
+                                                  nq, s32)
         pos = torch.arange(N, device=q.device)
         lim = N - Tq + torch.arange(Tq, device=q.device)
         s = s.masked_fill(pos[None, None, :] > lim[None, :, None], float("-inf"))

@@ -40,6 +40,12 @@ struct DecodeAttentionArgs {
   int k_group = 32, v_group = 32;
   bool k_per_token = false;  // keys quantized like the values (per token, groups of k_group channels)
   int64_t q_cap = 0;
+  // int8 QK (CPU; per-channel keys of <= 4 bits, dense): per key group and query row, q'[d] = q[d]·scale·k_scale[d]
+  // is rounded to int8 (q8 = round(q' · 127 / max|q'|)) and the packed codes' scores are
+  // max|q'| / 127 · Σ q8[d]·(code[d] − m) + Σ q[d]·scale·(k_zero[d] + m·k_scale[d]), m = (2^bits − 1) / 2 (integer
+  // dot products: VNNI / vpmaddubsw; centering the codes halves the error q8's rounding adds).
+  // Sinks, recent tokens and the other cases stay exact.  Elsewhere (CUDA) the flag is ignored: exact scores.
+  bool qk_int8 = false;
 
   // full-precision segment [B, Hkv, f_cap, D] contiguous, `dtype`
   const void* k_fp = nullptr;

@@ -2,7 +2,8 @@
 (the faster of two exact forms, timed side by side: the GQA group's query heads as query rows, or ``enable_gqa=True``,
 which on the CPU copies K/V per query head and ran 1.7-3.5x slower; ``sdpa_form`` says which) and (b)
 dequantize-then-SDPA (what an unfused quantized cache does), side by side, GQA 4:1, D=128; plus the same
-cache with keys quantized per token (``k_mode="per_token"``, same bytes) against the per-channel (KIVI) layout."""
+cache with keys quantized per token (``k_mode="per_token"``, same bytes) against the per-channel (KIVI) layout, and
+(CPU) the per-channel cache with ``qk_int8`` (its packed keys scored with int8 queries) against the exact kernel."""
 from __future__ import annotations
 
 import torch
@@ -46,6 +47,11 @@ def run(device: str, contexts=(1024, 4096, 16384, 32768), batches=(1, 8), bits=(
                     return sdpa_grouped(ops.fwht(q), kk, vv)
 
                 t_k = timeit(lambda: cache.attend(q), device, repeat=rep)
+                t_i8 = None
+                if device == "cpu":  # int8 QK (qk_int8): the same cache, the packed keys scored with int8 queries
+                    cache.qk_int8 = True
+                    t_i8 = timeit(lambda: cache.attend(q), device, repeat=rep)
+                    cache.qk_int8 = False
                 t_deq = timeit(deq_sdpa, device, repeat=max(3, rep // 2))
                 ctok = QuantizedKVCache(hkv, D, bits_k=nb, bits_v=nb, group_size=group, residual=residual,
                                         sinks=sinks, rotate=True, batch_size=B, dtype=dtype, device=device,
@@ -58,15 +64,20 @@ def run(device: str, contexts=(1024, 4096, 16384, 32768), batches=(1, 8), bits=(
                     "kvengine_us": t_k * 1e6, "sdpa_us": t_sdpa * 1e6, "deq_sdpa_us": t_deq * 1e6,
                     "kvengine_GBps": cache.nbytes / t_k / 1e9, "sdpa_GBps": fp_bytes / t_sdpa / 1e9,
                     "speedup_vs_sdpa": t_sdpa / t_k, "speedup_vs_deq_sdpa": t_deq / t_k,
-                    "ktok_us": t_tok * 1e6, "ktok_vs_kchan": t_tok / t_k, **base,
+                    "ktok_us": t_tok * 1e6, "ktok_vs_kchan": t_tok / t_k,
+                    "qk8_us": None if t_i8 is None else t_i8 * 1e6,
+                    "qk8_speedup": None if t_i8 is None else t_k / t_i8,
+                    "qk8_vs_sdpa": None if t_i8 is None else t_sdpa / t_i8, **base,
                 })
                 del cache
             del k, v
     print_table(f"decode attention on {device} ({dtype}, Hkv={hkv}, GQA {g}:1, D={D}, G={group}, R={residual}, "
                 f"S={sinks}, rotated); speedups = baseline time / kvengine time; GB/s = bytes held / time; "
-                f"ktok = keys per token (time ratio to per-channel keys)", rows,
+                f"ktok = keys per token (time ratio to per-channel keys); qk8 = the same cache with qk_int8 (CPU; "
+                f"qk8_speedup = kvengine time / qk8 time)", rows,
                 ["B", "context", "bits", "eff_bits", "kvengine_us", "sdpa_us", "deq_sdpa_us", "kvengine_GBps",
-                 "sdpa_GBps", "sdpa_form", "speedup_vs_sdpa", "speedup_vs_deq_sdpa", "ktok_us", "ktok_vs_kchan"])
+                 "sdpa_GBps", "sdpa_form", "speedup_vs_sdpa", "speedup_vs_deq_sdpa", "ktok_us", "ktok_vs_kchan",
+                 "qk8_us", "qk8_speedup", "qk8_vs_sdpa"])
     return rows
 
 

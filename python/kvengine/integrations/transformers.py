@@ -270,13 +270,15 @@ class KVEngineCache(Cache):
         k_mode: "per_channel" (default, KIVI: key scale/zero per channel over groups of ``group_size`` tokens) or
             "per_token" (key scale/zero per token over groups of min(group_size, head_dim) channels, like the
             values).  An auto plan sets it per layer.
+        qk_int8: score the packed keys with int8 queries (CPU, per-channel keys of <= 4 bits; see
+            ``ops.quant_decode_attention``): faster decode, slightly different numerics.  Default False.
     """
 
     def __init__(self, config, bits: int = 2, bits_k: Optional[int] = None, bits_v: Optional[int] = None,
                  group_size: int = 32, residual: int = 128, sinks: int = 4, rotate: Union[bool, str] = "auto",
                  plan: Union[None, dict, str, Any] = None, sliding: str = "fp", fp_layers=(),
                  v_group: Optional[int] = None, meta_dtype: Optional[torch.dtype] = None,
-                 clip: Union[bool, str] = "auto", k_mode: str = "per_channel"):
+                 clip: Union[bool, str] = "auto", k_mode: str = "per_channel", qk_int8: bool = False):
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         self._config = text_config
         plan = _load_plan(plan)
@@ -312,18 +314,18 @@ class KVEngineCache(Cache):
         bk = bits if bits_k is None else bits_k
         bv = bits if bits_v is None else bits_v
         qkw = dict(bits_k=bk, bits_v=bv, group_size=group_size, residual=residual, sinks=sinks, rotate=rotate,
-                   v_group=v_group, meta_dtype=meta_dtype, clip=clip, k_mode=k_mode)
+                   v_group=v_group, meta_dtype=meta_dtype, clip=clip, k_mode=k_mode, qk_int8=qk_int8)
         # validate the arguments now (a throwaway tiny cache) rather than at the first forward
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         if auto is not None and auto.head_dim != head_dim:
             raise ValueError(f"KVEngineCache: the auto plan is for head_dim {auto.head_dim}, the model has {head_dim}")
         QuantizedKVCache(1, head_dim, **qkw)
         self.config_summary = dict(bits_k=bk, bits_v=bv, group_size=group_size, residual=residual, sinks=sinks,
-                                   rotate=rotate, clip=clip, k_mode=k_mode, plan=bool(plan))
+                                   rotate=rotate, clip=clip, k_mode=k_mode, plan=bool(plan), qk_int8=qk_int8)
         if auto is not None:
             self.config_summary = dict(auto_plan=True, budget_bits=auto.budget_bits,
                                        packed_bits=round(auto.effective_bits, 3), residual=auto.residual,
-                                       sinks=auto.sinks)
+                                       sinks=auto.sinks, qk_int8=qk_int8)
         self.auto_plan = auto
         from ..cache import _parse_rotate
 
@@ -341,8 +343,8 @@ class KVEngineCache(Cache):
                 full_idx += 1
                 kw = auto.cache_kwargs(j)
                 kp = kw.pop("k_perm", None)
-                layers.append(KVEngineLayer(self, i, dict(kw, v_group=v_group, meta_dtype=meta_dtype), kp, None,
-                                            None))
+                layers.append(KVEngineLayer(self, i, dict(kw, v_group=v_group, meta_dtype=meta_dtype,
+                                                          qk_int8=qk_int8), kp, None, None))
                 continue
             if lt == "full_attention":
                 kp = vp = None
