@@ -1,7 +1,7 @@
 // kvengine — C++ microbenchmarks of the torch-free engine (CPU): fwht vs memcpy, quantize_pack,
-// quant_decode_attention vs a plain fp32 attention over the same tokens, binary attention at decode (split path vs
-// the tile path).  Runs on std::thread workers (kvengine's default parallel-for), so numbers are comparable with
-// each other, not with torch's pool.
+// quant_decode_attention (exact, and with qk_int8) vs a plain fp32 attention over the same tokens, binary attention
+// at decode (split path vs the tile path).  Runs on std::thread workers (kvengine's default parallel-for), so numbers
+// are comparable with each other, not with torch's pool.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -130,8 +130,10 @@ struct DecodeSetup {
   }
 };
 
+// args: context, bits, qk_int8 (the packed keys scored with int8 queries)
 static void BM_quant_decode_attention(benchmark::State& st) {
   DecodeSetup s(st.range(0), int(st.range(1)));
+  s.a.qk_int8 = st.range(2) != 0;
   for (auto _ : st) {
     quant_decode_attention_cpu(s.a);
     benchmark::ClobberMemory();
@@ -139,7 +141,9 @@ static void BM_quant_decode_attention(benchmark::State& st) {
   st.counters["ns_per_token_head"] =
       benchmark::Counter(double(s.N * s.H), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
-BENCHMARK(BM_quant_decode_attention)->Args({4096, 2})->Args({32768, 2})->Args({32768, 4})->UseRealTime();
+BENCHMARK(BM_quant_decode_attention)
+    ->Args({4096, 2, 0})->Args({4096, 2, 1})->Args({32768, 2, 0})->Args({32768, 2, 1})->Args({32768, 4, 0})
+    ->Args({32768, 4, 1})->UseRealTime();
 
 // the same decode step over fp32 K/V held as the engine's full-precision segment (the fp baseline, same code path)
 static void BM_fp32_decode_attention(benchmark::State& st) {

@@ -158,7 +158,8 @@ inline void deinterleave(const float* in, float* out, int n) {
 // x rounded to the nearest integer, ties to even (an instruction, so that no multiply is fused into it)
 inline vn round_even(vn x) {
 #if defined(__AVX512F__)
-  return (vn)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // (the maskz form: the plain one reads an "undefined" register, which GCC 12 warns about)
+  return (vn)_mm512_maskz_roundscale_ps(__mmask16(0xFFFF), (__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
   return (vn)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif

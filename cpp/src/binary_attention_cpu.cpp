@@ -469,7 +469,7 @@ template <int NW>
 void run_tile(const BinaryAttentionArgs& a, const Prep& pr, int64_t item, Tile& tl) {
   const int64_t nqt = (a.Lq + RQ - 1) / RQ;
   const int64_t qt = item % nqt, bh = item / nqt, b = bh / a.Hq, h = bh % a.Hq;
-  const int64_t bhk = b * a.Hkv + h / (a.Hq / a.Hkv), D = a.D;
+  const int64_t bhk = b * a.Hkv + h / (a.Hq / a.Hkv);
   const int64_t i0 = qt * RQ;
   const int R = int(std::min<int64_t>(RQ, a.Lq - i0));
   for (int r = 0; r < R; ++r) {
