@@ -214,15 +214,11 @@ inline void dot4_u8s8(const uint8_t* k, int64_t ks, const int8_t* q, int Dp, flo
   }
   typedef int32_t v8i __attribute__((vector_size(32)));
   typedef float v8f __attribute__((vector_size(32)));
-  const auto f = [](__m256i x) {
-    if constexpr (WN == 8) {
-      return __builtin_convertvector((v8i)x, vn);
-    } else {  // an AVX2 build never has WN = 16; keeps the other branch well-formed
-      const v8f h = __builtin_convertvector((v8i)x, v8f);
-      vn r = {};
-      std::memcpy(&r, &h, sizeof h);
-      return r;
-    }
+  const auto f = [](__m256i x) {  // 8 sums as a native vector (AVX-512 without VNNI: the upper half 0)
+    const v8f h = __builtin_convertvector((v8i)x, v8f);
+    vn r = {};
+    std::memcpy(&r, &h, sizeof h);
+    return r;
   };
   hsum4n(f(a0), f(a1), f(a2), f(a3), out);
 #else
