@@ -64,3 +64,8 @@ def test_attention_rows_time_the_int8_path_too():
         assert r[key] > 0, key
     assert r["qk8_speedup"] == pytest.approx(r["kvengine_us"] / r["qk8_us"])
     assert r["qk8_vs_sdpa"] == pytest.approx(r["sdpa_us"] / r["qk8_us"])
+    assert (r["Hkv"], r["g"], r["D"]) == (2, 2, 64)
+    # a second shape (as the CPU run adds SmolLM2's) appends to the same list
+    both = attention.run("cpu", contexts=(200,), batches=(1,), bits=(4,), hkv=1, g=3, D=32, quick=True, rows=rows)
+    assert both is rows and len(rows) == 2 and rows[0] is r
+    assert (rows[1]["Hkv"], rows[1]["g"], rows[1]["D"], rows[1]["bits"]) == (1, 3, 32, 4)
