@@ -120,12 +120,16 @@ inline int plane_pos(int d, int D, int bits) {  // where channel d lands in the 
   return plane_slot(d % pl, bits) * (D * bits / 8) + d / pl;
 }
 
-template <int BITS>
-inline void unpack_planes(const uint8_t* row, int D, uint8_t* out) {
+// PB: plane bytes D·BITS/8 known at compile time (0: run time).  Inlined with it known, a short plane (D·BITS < 256,
+// e.g. head_dim 64 at 2 bits) takes one 16-byte operation; called per token with it unknown, the planes took a byte
+// loop behind a dozen branches, and qk_int8 ran at 0.66x the exact kernel at head_dim 64.
+template <int BITS, int PB = 0>
+inline __attribute__((always_inline)) void unpack_planes(const uint8_t* row, int D, uint8_t* out) {
   constexpr int PL = 8 / BITS;
   constexpr uint8_t M = uint8_t((1u << BITS) - 1);
   typedef uint8_t v32b __attribute__((vector_size(32)));
-  const int P = D * BITS / 8;
+  typedef uint8_t v16b __attribute__((vector_size(16)));
+  const int P = PB ? PB : D * BITS / 8;
 #pragma GCC unroll 8
   for (int c = 0; c < PL; ++c) {
     uint8_t* o = out + plane_slot(c, BITS) * P;
@@ -135,6 +139,12 @@ inline void unpack_planes(const uint8_t* row, int D, uint8_t* out) {
       std::memcpy(&x, row + j, 32);
       x = (x >> uint8_t(BITS * c)) & M;
       std::memcpy(o + j, &x, 32);
+    }
+    for (; j + 16 <= P; j += 16) {
+      v16b x;
+      std::memcpy(&x, row + j, 16);
+      x = (x >> uint8_t(BITS * c)) & M;
+      std::memcpy(o + j, &x, 16);
     }
     for (; j < P; ++j) o[j] = uint8_t((row[j] >> (BITS * c)) & M);
   }
@@ -435,17 +445,16 @@ class Worker {
     const int D = int(a_.D), nn = D / WN;
     const float mid = float((1 << a_.bits_k) - 1) / 2;  // codes are centered: (code − mid) ∈ [−mid, mid]
     float* ksp = st.perm.data();
-    float* kzp = ksp + D;
-    to_planes(ks, ksp, kzp + D, D, a_.bits_k, st.pos.data());
-    to_planes(kz, kzp, kzp + D, D, a_.bits_k, st.pos.data());
+    to_planes(ks, ksp, ksp + D, D, a_.bits_k, st.pos.data());
     for (int r = 0; r < c_.R; ++r) {
       const float* q = st.qp.data() + size_t(r) * D;
+      const float* qn = st.q.data() + size_t(r) * D;  // the zero-point term does not need the plane order
       vn amax = {}, bias = {};
       for (int i = 0; i < nn; ++i) {
-        const vn qv = ldn(q + i * WN), sv = ldn(ksp + i * WN), x = qv * sv;
+        const vn x = ldn(q + i * WN) * ldn(ksp + i * WN);
         const vn ax = x < 0 ? -x : x;
         amax = ax > amax ? ax : amax;
-        bias += qv * (ldn(kzp + i * WN) + splatn(mid) * sv);
+        bias += ldn(qn + i * WN) * (ldn(kz + i * WN) + splatn(mid) * ldn(ks + i * WN));
       }
       const float am = hmaxn(amax);
       const float inv = am > 0.f ? 127.f / am : 0.f;
@@ -459,10 +468,9 @@ class Worker {
         const v8 b = __builtin_convertvector(v, v8);
         std::memcpy(q8 + i * WN, &b, WN);
       }
-      int32_t is = 0;
-      for (int i = 0; i < WN; ++i) is += isum[i];
+      const float is = hsumn(__builtin_convertvector(isum, vn));  // exact: |Σ q8| <= 127·256
       st.qsig[r] = am / 127.f;
-      st.qoff[r] = mid * float(is);  // exact (a multiple of 1/2 below 2^24)
+      st.qoff[r] = mid * is;  // exact (a multiple of 1/2 below 2^24)
       st.qbias[r] = hsumn(bias);
     }
   }
@@ -557,7 +565,7 @@ class Worker {
       if (i8) {
         if constexpr (BK <= 4) {
           for (int t = 0; t < nt; ++t)
-            unpack_planes<BK>(kc + (j0 + t) * krow_bytes, D, st.kc8.data() + size_t(t) * st.Dp);
+            unpack_planes<BK, NN * WN * BK / 8>(kc + (j0 + t) * krow_bytes, D, st.kc8.data() + size_t(t) * st.Dp);
           for (int r = 0; r < c_.R; ++r) {  // scores σ·(q8 · (codes − mid)) + q·(zero + mid·scale)
             float* sr = st.s.data() + size_t(r) * BT;
             const int8_t* qr = st.q8.data() + size_t(r) * st.Dp;
