@@ -356,6 +356,8 @@ CASES_I8_CPU = [  # head sizes / groups only the CPU kernel takes
     (2, 1, 2, 1, 80, 1, 4, 16, 16, [(3, 48, 5), (0, 16, 1)], 64, 8),  # D=80, 1-bit keys, varlen
     (1, 2, 4, 1, 16, 2, 2, 32, 16, [(0, 96, 0)], 96, 4),            # D=16: one vector, quantized tokens only
     (1, 1, 4, 1, 128, 4, 4, 32, 32, [(4, 1024, 37)], 1024, 64),     # many groups and blocks
+    (1, 2, 3, 1, 64, 1, 2, 32, 32, [(4, 96, 5)], 96, 16),           # D=64 1-bit keys: 8-byte planes (byte tail)
+    (2, 2, 2, 2, 64, 4, 4, 32, 16, [(1, 64, 3), (4, 33, 2)], 64, 8),  # D=64 4-bit keys: 32-byte planes, varlen
 ]
 
 
