@@ -2,6 +2,7 @@
 RetrievalAttention and hash training."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kvengine
 from kvengine import ops
@@ -436,6 +437,56 @@ def test_train_hash_target_logit():
     assert info["best_step"] > 0 and info["val_recall"] > info["lsh_val_recall"], info["curve"]
     with pytest.raises(ValueError, match="target must be 'mass' or 'logit'"):
         retrieval.train_hash(qg, k, sg, nbits=32, steps=1, target="weights")
+
+
+def test_bradley_terry_loss_matches_pair_loop():
+    # the vectorised loss against an explicit loop over (winner, loser) pairs: winners = the `top` free keys of most
+    # target mass, losers = every other free key; softplus(S_l - S_w) averaged per query, weighted by free mass
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    H, Q, N, top = 2, 5, 23, 4
+    S = torch.randn(H, Q, N, generator=g) * 3
+    free = torch.rand(1, Q, N, generator=g) < 0.7
+    free[0, 0] = False
+    free[0, 0, :3] = True  # fewer free keys than winners: no losers, the query adds nothing
+    P = torch.softmax(torch.randn(H, Q, N, generator=g) * 2, -1) * free
+    for hard in (None, 5):  # every loser, or only the 5 of highest score (the mean still over every pair)
+        got = retrieval._bradley_terry(S, P, free, top, max_losers=hard)
+        want = torch.zeros(())
+        for h in range(H):
+            for q in range(Q):
+                f = free[0, q].nonzero().flatten().tolist()
+                win = sorted(f, key=lambda j: -P[h, q, j].item())[:top]
+                lose = [j for j in f if j not in win]
+                paired = sorted(lose, key=lambda j: -S[h, q, j].item())[:hard]
+                pairs = [F.softplus(S[h, q, l] - S[h, q, w]) for w in win for l in paired]
+                if pairs:
+                    want = want + P[h, q].sum() * torch.stack(pairs).sum() / (len(win) * len(lose))
+        torch.testing.assert_close(got, want / (H * Q), rtol=1e-5, atol=1e-6)
+    assert retrieval._bradley_terry(S, P, free, top, max_losers=5) < retrieval._bradley_terry(S, P, free, top, None)
+    # the gradient pushes winners up and losers down
+    S.requires_grad_()
+    retrieval._bradley_terry(S, P, free, top, max_losers=None).backward()
+    w = P.masked_fill(~free, -1).topk(top, -1).indices
+    lose = free.expand(H, -1, -1).clone().scatter_(-1, w, False)
+    assert (S.grad.gather(-1, w)[:, 1:] < 0).all() and (S.grad[lose] > 0).all()
+    assert (S.grad[~free.expand(H, -1, -1)] == 0).all()
+
+
+def test_train_hash_bradley_terry_improves_recall():
+    # Spotlight's pairwise loss: trained from the LSH it is compared with, it must beat it on held-out queries
+    q, k, scores = _synthetic(seed=3)
+    g = torch.Generator().manual_seed(9)
+    qv = q[:, :16] + 0.05 * torch.randn(q[:, :16].shape, generator=g)
+    sv = qv @ k.transpose(-1, -2) / k.shape[-1] ** 0.5
+    hasher, info = retrieval.train_hash(q, k, scores, nbits=32, steps=80, lr=3e-2, queries_per_step=16, seed=0,
+                                        val=(qv, k, sv), return_info=True, loss="bradley_terry", top=16)
+    lsh = retrieval.SpotlightHash.random(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    r_tr = retrieval.topk_recall(hasher, q, k, scores, top_k=32)
+    r_lsh = retrieval.topk_recall(lsh, q, k, scores, top_k=32)
+    assert r_tr > r_lsh + 0.05, (r_tr, r_lsh)
+    assert info["best_step"] > 0 and info["val_recall"] > info["lsh_val_recall"]
+    with pytest.raises(ValueError, match="loss must be one of"):
+        retrieval.train_hash(q, k, scores, nbits=32, steps=1, loss="hinge")
 
 
 def test_train_hash_ignores_sinks():

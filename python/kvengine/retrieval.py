@@ -6,9 +6,10 @@
 * ``HashCodeCache``: packed key codes, appended with one ``hash_encode`` call per step (old keys never re-hashed).
 * ``RetrievalAttention``: codes + full-precision K/V; ``attend(q)`` = encode q → ``hamming_topk`` →
   ``sparse_decode_attention``.
-* ``train_hash``: trains the query/key MLPs with a listwise cross-entropy against the true attention weights, the
-  sign relaxed to ``tanh(f / τ)``; ``topk_recall`` measures the attention mass a hash's top-k captures;
-  ``model_recall_report`` runs the comparison on q/k captured from SmolLM2 (``kvengine.models``).
+* ``train_hash``: trains the query/key MLPs with a listwise cross-entropy (default) or Spotlight's pairwise
+  Bradley–Terry loss against the true attention weights, the sign relaxed to ``tanh(f / τ)``; ``topk_recall``
+  measures the attention mass a hash's top-k captures; ``model_recall_report`` runs the comparison on q/k captured
+  from SmolLM2 (``kvengine.models``).
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from torch import Tensor
 from . import ops
 from .cache import left_padding, row_index
 
-__all__ = ["SpotlightHash", "HashCodeCache", "RetrievalAttention", "train_hash", "topk_recall", "layer_problem",
-           "sample_positions",
-           "capture_qk", "model_recall_report"]
+__all__ = ["SpotlightHash", "HashCodeCache", "RetrievalAttention", "train_hash", "LOSSES", "topk_recall",
+           "layer_problem", "sample_positions", "capture_qk", "model_recall_report"]
 
 
 def _dev(t: Optional[Tensor], device) -> Optional[Tensor]:
@@ -320,11 +320,39 @@ def _group_probs(scores: Tensor, target: str = "mass") -> Tensor:
     raise ValueError(f"train_hash: target must be 'mass' or 'logit', got {target!r}")
 
 
+LOSSES = ("listwise", "bradley_terry")
+
+
+def _bradley_terry(S: Tensor, P: Tensor, free: Tensor, top: int, max_losers: Optional[int] = 256) -> Tensor:
+    """Pairwise Bradley–Terry loss of relaxed scores S [H, Q, N] against target masses P [H, Q, N] (0 off ``free``,
+    [1 or H, Q, N] bool): the ``top`` free keys of most mass win against every other free key; the mean over a
+    query's pairs of ``softplus(S_l − S_w)`` (= −log σ(S_w − S_l)), queries weighted by their free mass.  With more
+    than ``max_losers`` losers only the ``max_losers`` of highest current score are paired (the others' pairs have the
+    smallest terms and gradients); the mean still divides by every pair."""
+    m = free.expand_as(S)
+    top = min(top, S.shape[-1])
+    win = P.masked_fill(~m, -1.0).topk(top, -1).indices  # [H, Q, top]
+    win_ok = m.gather(-1, win) & (P.gather(-1, win) > 0)
+    lose = m.clone()
+    lose.scatter_(-1, win, False)
+    n_pairs = win_ok.sum(-1) * lose.sum(-1)  # [H, Q]
+    if max_losers is not None and S.shape[-1] - top > max_losers:
+        hard = S.detach().masked_fill(~lose, float("-inf")).topk(max_losers, -1).indices  # [H, Q, max_losers]
+        S_l, l_ok = S.gather(-1, hard), lose.gather(-1, hard)
+    else:
+        S_l, l_ok = S, lose
+    diff = S_l[..., None, :] - S.gather(-1, win)[..., :, None]  # [H, Q, top, losers]: S_loser − S_winner
+    pairs = win_ok[..., :, None] & l_ok[..., None, :]
+    per_q = (F.softplus(diff) * pairs).sum((-1, -2)) / n_pairs.clamp_min(1)
+    return (P.sum(-1) * per_q).mean()
+
+
 def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits: int = 128, steps: int = 300,
                lr: float = 1e-2, tau: float = 1.0, top: int = 32, queries_per_step: int = 64, shared: bool = False,
                seed: int = 0, verbose: bool = False, q_pos: Optional[Tensor] = None, sinks: int = 0,
                recent: int = 0, val_frac: float = 0.25, eval_every: int = 10, return_info: bool = False,
-               val: Optional[tuple] = None, target: str = "mass"):
+               val: Optional[tuple] = None, target: str = "mass", loss: str = "listwise",
+               bt_losers: Optional[int] = 256):
     """Train per-KV-head query/key MLP hashes for top-k selection, starting from (and never returning worse than)
     random-hyperplane LSH on a held-out split.
 
@@ -339,7 +367,12 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
     cross-entropy of the group's target distribution P on the free keys against ``softmax(β·S)`` over the free keys
     (β learned per head) — un-normalised P, so queries whose free keys hold little mass weigh little.  ``target``:
     ``"mass"`` P = the true attention weights averaged over the g heads (the ``selector="oracle"`` ranking);
-    ``"logit"`` P = softmax of the logits averaged over the g heads (the ``"oracle_logit"`` ranking).  Initialised at LSH (w1 Gaussian / scale, b = 0, w2 = 0: the codes of
+    ``"logit"`` P = softmax of the logits averaged over the g heads (the ``"oracle_logit"`` ranking).
+    ``loss="bradley_terry"`` (Spotlight's pairwise form) instead: the ``top`` free keys with the most target mass are
+    the winners, every other free key a loser, and each (winner, loser) pair costs ``−log σ(β·(S_w − S_l))`` (the
+    Bradley–Terry probability that the winner outranks the loser); per query the mean over its pairs, weighted by
+    the query's free mass as above (``bt_losers``: pair each winner with only that many of the highest-scored
+    losers, ``None`` = all).  Initialised at LSH (w1 Gaussian / scale, b = 0, w2 = 0: the codes of
     ``SpotlightHash.random(H, D, nbits, generator=torch.Generator().manual_seed(seed))``), Adam.  A ``val_frac``
     split of the queries (the last positions) is held out — or, better (the split shares its keys with training),
     ``val = (q, k, attn_scores, q_pos)`` from another sequence; every ``eval_every`` steps (and at step 0 = LSH)
@@ -347,6 +380,8 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
     are returned (LSH's when training never beats it).  ``return_info=True`` returns ``(hash, info)`` with the
     validation curve.
     """
+    if loss not in LOSSES:
+        raise ValueError(f"train_hash: loss must be one of {LOSSES}, got {loss!r}")
     g = torch.Generator().manual_seed(seed)
     qs, a = _grouped(q_samples.float(), attn_scores)
     H, G, Nq, D = qs.shape
@@ -407,10 +442,13 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
         fk = torch.tanh(_project(ks, *pk) / tau)  # [H, Nk, nbits]
         S = (fq @ fk.transpose(-1, -2)) * (rs * log_beta.exp())  # [H, Qs, Nk]
         m = free[:, qi]
-        logp = torch.log_softmax(S.masked_fill(~m, float("-inf")), -1).masked_fill(~m, 0.0)
-        loss = -(P[:, qi] * logp).sum(-1).mean()
+        if loss == "listwise":
+            logp = torch.log_softmax(S.masked_fill(~m, float("-inf")), -1).masked_fill(~m, 0.0)
+            obj = -(P[:, qi] * logp).sum(-1).mean()
+        else:
+            obj = _bradley_terry(S, P[:, qi], m, ntop, bt_losers)
         opt.zero_grad()
-        loss.backward()
+        obj.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
             r = val_recall()
@@ -419,7 +457,7 @@ def train_hash(q_samples: Tensor, k_samples: Tensor, attn_scores: Tensor, nbits:
                 best_r, best_step = r, step
                 best = [t.detach().clone() for t in params]
             if verbose:
-                print(f"train_hash step {step}: loss {loss.item():.4f} val recall {r:.4f}", flush=True)
+                print(f"train_hash step {step}: loss {obj.item():.4f} val recall {r:.4f}", flush=True)
     if n_val == 0:  # nothing to select on: the final weights
         best = [t.detach().clone() for t in params]
         best_step = steps
@@ -533,6 +571,7 @@ def sample_positions(T: int, n: int, min_pos: int, seed: int = 0) -> Tensor:
 def model_recall_report(layers=(4, 12, 20), n_tokens: int = 2048, bits=(32, 64, 128), top_k: int = 64,
                         steps: int = 300, n_train_queries: int = 768, n_eval_queries: int = 256, sinks: int = 4,
                         recent: int = 32, min_pos: int = 256, model=None, verbose: bool = True,
+                        losses=("listwise",), progress=None, text: Optional[str] = None,
                         **train_kw) -> list[dict]:
     """Attention-mass recall of the run-time top-k selection (``hamming_topk`` with the first ``sinks`` and last
     ``recent`` tokens kept, ``top_k`` in all) by LSH vs a trained MLP hash on SmolLM2, on held-out text.
@@ -542,7 +581,10 @@ def model_recall_report(layers=(4, 12, 20), n_tokens: int = 2048, bits=(32, 64, 
     ``kvengine retrieval-eval --train`` uses), the best step chosen on the next ``n_tokens`` (also from the end);
     recall is measured on ``n_eval_queries`` positions (≥ ``min_pos``) of
     ``n_tokens`` tokens from the START of the text (disjoint), each query over its causal context.  One forward
-    pass per text captures every layer."""
+    pass per text captures every layer (``text``: a plain-text file instead of the Wikipedia summaries).  One row
+    per layer, code length and training ``loss`` (``losses``: any of
+    ``LOSSES``; the LSH columns are the same in the rows of one layer and code length).  ``progress(n)`` is called
+    after each trained hash."""
     import time
 
     from . import models
@@ -551,10 +593,10 @@ def model_recall_report(layers=(4, 12, 20), n_tokens: int = 2048, bits=(32, 64, 
     lm = model or models.load_model(verbose=False)
     tok = lm.tokenizer
     t0 = time.perf_counter()
-    rev = models.token_ids(tok, 2 * n_tokens, reverse=True)
+    rev = models.token_ids(tok, 2 * n_tokens, text, reverse=True)
     cap_tr = capture_qk_all(lm.model, rev[:n_tokens])
     cap_va = capture_qk_all(lm.model, rev[n_tokens:])
-    cap_ev = capture_qk_all(lm.model, models.token_ids(tok, n_tokens))
+    cap_ev = capture_qk_all(lm.model, models.token_ids(tok, n_tokens, text))
     capture_s = time.perf_counter() - t0
     rows = []
     for li in layers:
@@ -570,24 +612,30 @@ def model_recall_report(layers=(4, 12, 20), n_tokens: int = 2048, bits=(32, 64, 
         pf = p.mean(1) * free  # [H, n, T]
         best_free = pf.topk(top_k - sinks - recent, -1).indices[:, None].expand(-1, G, -1, -1)
         oracle_keep = forced + (p * free).gather(-1, best_free).sum(-1).mean().item()
+        kw = dict(q_pos=pe, sinks=sinks, recent=recent)
         for nb in bits:
             lsh = SpotlightHash.random(H, D, nb, generator=torch.Generator().manual_seed(li))
-            t1 = time.perf_counter()
-            trained, info = train_hash(qt, kt, st, nbits=nb, steps=steps, q_pos=pt, sinks=sinks, recent=recent,
-                                       top=top_k - sinks - recent, seed=li, return_info=True, val=va, **train_kw)
-            train_s = time.perf_counter() - t1
-            kw = dict(q_pos=pe, sinks=sinks, recent=recent)
-            r = {"layer": li, "bits": nb, "top_k": top_k, "sinks": sinks, "recent": recent,
-                 "oracle_top_k_mass": oracle_full, "oracle_mass": oracle_keep, "forced_mass": forced,
-                 "lsh_mass": topk_recall(lsh, qe, ke, se, top_k, **kw),
-                 "trained_mass": topk_recall(trained, qe, ke, se, top_k, **kw),
-                 "lsh_mass_no_keep": topk_recall(lsh, qe, ke, se, top_k),
-                 "trained_mass_no_keep": topk_recall(trained, qe, ke, se, top_k),
-                 "train_s": train_s, "best_step": info["best_step"], "val_lsh": info["lsh_val_recall"],
-                 "val_trained": info["val_recall"]}
-            rows.append(r)
-            if verbose:
-                print({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items()}, flush=True)
+            lsh_cols = {"lsh_mass": topk_recall(lsh, qe, ke, se, top_k, **kw),
+                        "lsh_mass_no_keep": topk_recall(lsh, qe, ke, se, top_k)}
+            for loss in losses:
+                t1 = time.perf_counter()
+                trained, info = train_hash(qt, kt, st, nbits=nb, steps=steps, q_pos=pt, sinks=sinks, recent=recent,
+                                           top=top_k - sinks - recent, seed=li, return_info=True, val=va, loss=loss,
+                                           **train_kw)
+                train_s = time.perf_counter() - t1
+                r = {"layer": li, "bits": nb, "loss": loss, "top_k": top_k, "sinks": sinks, "recent": recent,
+                     "oracle_top_k_mass": oracle_full, "oracle_mass": oracle_keep, "forced_mass": forced,
+                     "lsh_mass": lsh_cols["lsh_mass"],
+                     "trained_mass": topk_recall(trained, qe, ke, se, top_k, **kw),
+                     "lsh_mass_no_keep": lsh_cols["lsh_mass_no_keep"],
+                     "trained_mass_no_keep": topk_recall(trained, qe, ke, se, top_k),
+                     "train_s": train_s, "best_step": info["best_step"], "val_lsh": info["lsh_val_recall"],
+                     "val_trained": info["val_recall"]}
+                rows.append(r)
+                if progress is not None:
+                    progress(1)
+                if verbose:
+                    print({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items()}, flush=True)
     if rows:
         rows[0]["capture_s"] = capture_s
     return rows
