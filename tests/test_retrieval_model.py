@@ -598,3 +598,31 @@ def test_cli_retrieval_eval_json_dense_layers(smollm2, tmp_path, capsys):
     assert lsh["attended_fraction"] == pytest.approx(want)
     assert cli.main(["retrieval-eval", "--dense-layers", "30", "--quiet"]) == 2
     assert "--dense-layers [30]: " in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_e2e_finetune_script(smollm2, tmp_path):
+    """scripts/retrieval_e2e_finetune.py (the research script behind docs/design.md's end-to-end experiment): two
+    steps on a tiny window; the curve has every step, the saved hashes are the best step's (the start itself when
+    step 0 is best)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    start, out, curve_json = tmp_path / "lsh.pt", tmp_path / "e2e.pt", tmp_path / "curve.json"
+    save_hashes(lsh_hashes(smollm2.model.config, 64, seed=0), start)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "retrieval_e2e_finetune.py"), "--hashes", str(start),
+                        "--out", str(out), "--window", "192", "--prefill", "96", "--train-windows", "1", "--steps", "2",
+                        "--eval-every", "1", "--top-k", "40", "--recent", "16", "--lr", "3e-2", "--threads", "1",
+                        "--json", str(curve_json)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(curve_json.read_text())
+    assert [c["step"] for c in doc["curve"]] == [0, 1, 2]
+    vals = [c["val_kl_hard"] for c in doc["curve"]]
+    assert all(v > 0 for v in vals) and doc["best_step"] == vals.index(min(vals))
+    assert all(c["train_kl_soft"] > 0 for c in doc["curve"][1:])
+    h0, h1 = load_hashes(start), load_hashes(out)
+    assert sorted(h1) == sorted(h0) == list(range(smollm2.model.config.num_hidden_layers))
+    assert torch.equal(h1[5].k.w1, h0[5].k.w1) == (doc["best_step"] == 0)
+    assert h1[5].q is not h1[5].k and h1[5].k.w2.shape == (3, 64, 64)  # an MLP hash with its own query weights
