@@ -16,7 +16,7 @@ selection (sign codes, ties to the lower position, the run-time rule) is scored 
 window; the best step is saved (step 0 = the starting hashes).  Training and validation windows come from the end
 of the text (as `retrieval-eval --train`), so `kvengine retrieval-eval --hashes OUT` evaluates on unseen text.
 
-  .venv/bin/python scripts/retrieval_e2e_finetune.py --hashes h.pt --out h_e2e.pt
+  .venv/bin/python scripts/retrieval_e2e_finetune.py --hashes h.pt --out h_e2e.pt --checkpoint
   .venv/bin/kvengine retrieval-eval --hashes h_e2e.pt --no-lsh --no-oracle
 """
 import argparse
@@ -34,16 +34,16 @@ def main():
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
-    ap.add_argument("--window", type=int, default=1024, help="training window length (tokens)")
-    ap.add_argument("--prefill", type=int, default=256, help="queries before this position attend everything")
-    ap.add_argument("--train-windows", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--window", type=int, default=2048, help="training window length (tokens)")
+    ap.add_argument("--prefill", type=int, default=512, help="queries before this position attend everything")
+    ap.add_argument("--train-windows", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--tau", type=float, default=1.0, help="tanh temperature of the relaxed codes (train_hash's)")
     ap.add_argument("--tau-select", type=float, default=1.0, help="temperature of the soft top-k mask")
     ap.add_argument("--tau-select-end", type=float, default=None,
                     help="anneal the mask temperature geometrically to this value at the last step")
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--text", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", action="store_true",

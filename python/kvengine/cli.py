@@ -246,6 +246,13 @@ def run_eval(lm, windows, rows: list[dict], prefill: int = 256, chunk: int = 8, 
     return out
 
 
+def _write_json(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    print(f"wrote {path}")
+
+
 def _public(rows: list[dict]) -> list[dict]:
     """Rows without their private (``_``-prefixed, e.g. per-token NLL) entries, for JSON."""
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
@@ -409,10 +416,7 @@ def cmd_eval(args) -> int:
                "load_s": load_s, "notes": notes, "environment": environment("cpu"), "rows": _public(results)}
         if plan is not None:
             doc["plan"] = {k: plan[k] for k in ("sinks", "sink_positions", "k_err_gain", "v_err_gain") if k in plan}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        print(f"wrote {args.json}")
+        _write_json(args.json, doc)
     if args.plot:
         _plot(results, args.plot, header)
         print(f"wrote {args.plot}")
@@ -544,10 +548,7 @@ def _eval_auto(args, lm, win, notes: list, t_load: float) -> int:
                "residual": args.residual, "sinks": args.sinks, "calib_tokens": args.calib_tokens,
                "load_s": load_s, "summary": summary, "notes": notes, "environment": environment("cpu"),
                "rows": out_rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        print(f"wrote {args.json}")
+        _write_json(args.json, doc)
     if args.plot:
         _plot(results, args.plot, header)
         print(f"wrote {args.plot}")
@@ -737,10 +738,7 @@ def cmd_retrieval_eval(args) -> int:
                "sinks": args.sinks, "recent": args.recent, "nbits": args.nbits, "seed": args.seed,
                "dense_layers": args.dense_layers, "load_s": load_s,
                "notes": notes, "environment": environment("cpu"), "rows": results}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        print(f"wrote {args.json}")
+        _write_json(args.json, doc)
     return 0
 
 
@@ -812,10 +810,7 @@ def cmd_retrieval_recall(args) -> int:
                           "n_eval_queries": args.eval_queries, "sinks": args.sinks, "recent": args.recent,
                           "min_pos": args.min_pos, "n_tokens": args.tokens},
                "total_s": total_s, "environment": environment("cpu"), "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        print(f"wrote {args.json}")
+        _write_json(args.json, doc)
     return 0
 
 
